@@ -1,0 +1,1 @@
+"""Data: conversion of class folders to Arrow, transforms and loaders."""

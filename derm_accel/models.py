@@ -1,0 +1,209 @@
+"""Model creation, ImageNet weights and export in timm's Hub layout.
+
+Every model derm-accel writes is a plain timm checkpoint folder (``model.safetensors`` + ``config.json``), so
+``timm.create_model("local-dir:DIR", pretrained=True)`` or ``"hf-hub:ORG/NAME"`` loads it without derm-accel.
+Weights are only ever read with safetensors: nothing downloaded is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.data import resolve_data_config
+from timm.models import save_for_hf
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Raised when ImageNet weights do not fit the requested architecture."""
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    pretrained_file: str | os.PathLike | None = None,
+    drop_rate: float = 0.0,
+    drop_path_rate: float | None = None,
+    **kwargs: Any,
+) -> torch.nn.Module:
+    """Create a timm model with a fresh ``num_classes`` head, optionally on ImageNet weights.
+
+    ``pretrained=True`` downloads timm's default weights through the Hub (cached, safetensors).
+    ``pretrained_file`` is a local folder in timm's layout (or a single ``.safetensors`` file) for air-gapped
+    sites: the backbone must load completely, and only the classifier is re-initialised.
+    """
+    model_kwargs: dict[str, Any] = dict(kwargs, num_classes=num_classes, drop_rate=drop_rate)
+    if drop_path_rate:
+        model_kwargs["drop_path_rate"] = drop_path_rate
+    if pretrained_file is not None:
+        model = timm.create_model(name, pretrained=False, **model_kwargs)
+        load_backbone_weights(model, pretrained_file)
+        return model
+    return timm.create_model(name, pretrained=pretrained, **model_kwargs)
+
+
+def _weights_and_config(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    path = Path(path)
+    if path.is_dir():
+        weights = path / WEIGHTS_NAME
+        config_path = path / CONFIG_NAME
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    else:
+        weights, config = path, {}
+    if not weights.exists():
+        raise FileNotFoundError(
+            f"No weights at {weights}. Point pretrained_file at a folder holding {WEIGHTS_NAME} "
+            f"(timm's Hub layout) or at a .safetensors file."
+        )
+    if weights.suffix != ".safetensors":
+        raise PretrainedWeightsError(
+            f"{weights} is not a .safetensors file; derm-accel never unpickles weights. "
+            f"Convert it with safetensors.torch.save_file first."
+        )
+    return weights, config
+
+
+def load_backbone_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load ImageNet weights into ``model``, re-initialising only its classifier; fail loudly otherwise."""
+    weights, config = _weights_and_config(path)
+    arch = config.get("architecture")
+    model_arch = getattr(model, "pretrained_cfg", {}).get("architecture")
+    if arch and model_arch and arch != model_arch:
+        raise PretrainedWeightsError(
+            f"{weights.parent} holds weights for '{arch}', but the model is '{model_arch}'. "
+            f"Set model: {arch} in the recipe, or point pretrained_file at {model_arch} weights."
+        )
+    state = load_file(str(weights), device="cpu")
+    classifier = model.default_cfg.get("classifier", "classifier")
+    classifier_names = [classifier] if isinstance(classifier, str) else list(classifier)
+    own = model.state_dict()
+    head_keys = {k for k in own if any(k == c or k.startswith(c + ".") for c in classifier_names)}
+    # The ImageNet head never fits a new label set: drop it, keep everything else.
+    state = {k: v for k, v in state.items() if k not in head_keys}
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise PretrainedWeightsError(
+            f"{weights}: shapes differ for {len(mismatched)} tensors (first: {mismatched[0]}). "
+            f"The weights belong to another architecture than {model_arch or type(model).__name__}."
+        )
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in head_keys]
+    if missing or result.unexpected_keys:
+        raise PretrainedWeightsError(
+            f"{weights} does not fit {model_arch or type(model).__name__}: "
+            f"{len(missing)} missing backbone keys {missing[:5]}, "
+            f"{len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:5]}."
+        )
+    # Preprocessing must follow the weights (e.g. mean/std 0.5 for TF EfficientNet-Lite).
+    source_cfg = config.get("pretrained_cfg", {})
+    if source_cfg:
+        merged = dict(model.pretrained_cfg)
+        for key in ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std"):
+            if key in source_cfg:
+                merged[key] = source_cfg[key]
+        model.pretrained_cfg = merged
+        model.default_cfg = merged
+
+
+def data_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The preprocessing a model expects (input size, crop_pct, interpolation, mean, std)."""
+    return resolve_data_config({}, model=model)
+
+
+def export_model(
+    model: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    label_names: Sequence[str],
+    *,
+    extra_files: dict[str, str | bytes] | None = None,
+) -> Path:
+    """Write ``model`` in timm's Hub layout, atomically: a reader never sees half a folder."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    if len(label_names) != model.num_classes:
+        raise ValueError(f"{len(label_names)} label names for a model with {model.num_classes} classes")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_for_hf(
+            model,
+            tmp,
+            model_config={"label_names": list(label_names)},
+            safe_serialization=True,
+        )
+        cfg_path = tmp / CONFIG_NAME
+        config = json.loads(cfg_path.read_text())
+        # timm keeps pretrained_cfg keys it knows; make sure label names also live there for pipelines.
+        config.setdefault("pretrained_cfg", {})["num_classes"] = model.num_classes
+        config["pretrained_cfg"]["label_names"] = list(label_names)
+        cfg_path.write_text(json.dumps(config, indent=2) + "\n")
+        for name, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / name, mode) as f:
+                f.write(content)
+        if out_dir.exists():
+            old = out_dir.with_name(out_dir.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The timm ``config.json`` of an exported model folder."""
+    return json.loads((Path(model_dir) / CONFIG_NAME).read_text())
+
+
+def resolve_model_source(source: str) -> str:
+    """Turn a user's model argument into a timm model name.
+
+    A local folder becomes ``local-dir:PATH``; ``hf-hub:ORG/NAME`` and ``local-dir:`` pass through; any other
+    ``ORG/NAME`` is a Hub repo.
+    """
+    if source.startswith(("hf-hub:", "local-dir:")):
+        return source
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / CONFIG_NAME).exists():
+            raise FileNotFoundError(
+                f"{path} has no {CONFIG_NAME}; expected a model folder such as RUN/best written by `derm-accel train`."
+            )
+        return f"local-dir:{path.resolve()}"
+    if source.count("/") == 1 and not path.exists():
+        return f"hf-hub:{source}"
+    raise FileNotFoundError(
+        f"Model '{source}' is neither a model folder nor a Hub repo id (ORG/NAME)."
+    )
+
+
+def load_model(source: str, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[str]]:
+    """Load a trained classifier and its label names from a folder or the Hub, in eval mode.
+
+    Hub downloads go through timm's ``hf-hub:`` path, which reads safetensors and is cached (works with
+    ``HF_HUB_OFFLINE=1`` once cached).
+    """
+    name = resolve_model_source(source)
+    model = timm.create_model(name, pretrained=True)
+    label_names = list(getattr(model, "pretrained_cfg", {}).get("label_names") or [])
+    if not label_names:
+        label_names = [str(i) for i in range(model.num_classes)]
+    return model.to(device).eval(), label_names
