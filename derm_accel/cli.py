@@ -1,0 +1,245 @@
+"""The ``derm-accel`` command line: parse options, call one stage function, print. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="derm-accel",
+    help="Train, evaluate and publish skin-disease image classifiers: class folders -> Arrow dataset -> "
+    "timm model -> report -> Hugging Face Hub.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command(
+    epilog="**Examples**\n\n"
+    "derm-accel convert ~/kaggle/skin-diseases data/derm\n\n"
+    "derm-accel convert SRC data/derm --class-map classes.yaml --max-size 384 --num-proc 8 --overwrite",
+)
+def convert(
+    src: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class (images found recursively).")],
+    out: Annotated[Path, typer.Argument(help="Output folder for the DatasetDict (datasets.load_from_disk).")],
+    class_map: Annotated[
+        Path | None, typer.Option(help="YAML/JSON mapping folder -> class name; null drops a folder.")
+    ] = None,
+    val_frac: Annotated[float, typer.Option(help="Fraction of each class for validation.")] = 0.1,
+    test_frac: Annotated[float, typer.Option(help="Fraction of each class for test.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the stratified split.")] = 42,
+    max_size: Annotated[int, typer.Option(help="Shorter side of stored images in px (never upscaled; 0 = keep).")] = 320,
+    quality: Annotated[int, typer.Option(help="JPEG quality of stored images.")] = 95,
+    near_threshold: Annotated[int, typer.Option(help="Perceptual-hash distance (bits) for near duplicates.")] = 4,
+    conflicts: Annotated[str, typer.Option(help="Duplicates with different labels: drop | keep-majority.")] = "drop",
+    num_proc: Annotated[int, typer.Option(help="Worker processes for decoding and hashing.")] = 1,
+    license: Annotated[str | None, typer.Option(help="License of the images, recorded in the dataset card.")] = None,
+    push_to_hub: Annotated[str | None, typer.Option(help="Also push the dataset to this Hub repo (ORG/NAME).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+) -> None:
+    """Convert class folders into a stratified, leakage-free Hugging Face Arrow dataset (train/validation/test).
+
+    Every file ends up either as a row or in OUT/conversion_report.json with its reason.
+    """
+    from derm_accel.data.convert import convert_folders
+
+    try:
+        report = convert_folders(
+            src, out, class_map=class_map, val_frac=val_frac, test_frac=test_frac, seed=seed, max_size=max_size,
+            quality=quality, near_threshold=near_threshold, conflicts=conflicts, num_proc=num_proc,
+            overwrite=overwrite, license=license, push_to_hub=push_to_hub,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        _fail(e)
+    typer.echo(
+        f"wrote {report.get('rows_total')} images to {out} "
+        f"({len(report.get('skipped', []))} files skipped; see {out}/conversion_report.json)"
+    )
+
+
+@app.command(
+    epilog="**Examples**\n\n"
+    "derm-accel train --recipe recipes/smoke.yaml --set data.path=data/derm\n\n"
+    "accelerate launch --config_file accelerate_configs/4xa100.yaml -m derm_accel train --recipe recipes/effnet_b3.yaml\n\n"
+    "derm-accel train --recipe recipes/effnet_b3.yaml --resume latest",
+)
+def train(
+    recipe: Annotated[Path, typer.Option(help="YAML training recipe (see recipes/).")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a recipe value, e.g. --set optim.lr=3e-4 (repeatable).")
+    ] = None,
+    resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint folder to resume from.")] = None,
+) -> None:
+    """Train a timm classifier with a plain PyTorch loop driven by Accelerate (CPU, one GPU, or DDP)."""
+    from derm_accel.train import train as run_training
+
+    try:
+        run_dir = run_training(recipe, overrides=set_ or [], resume=resume)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(f"run folder: {run_dir}\nbest model: {Path(run_dir) / 'best'}")
+
+
+@app.command(
+    epilog="**Examples**\n\n"
+    "derm-accel evaluate --model runs/effnet_b3/best --data data/derm --split test --out reports/effnet_b3\n\n"
+    "derm-accel evaluate --model ORG/NAME --data data/derm --tta flip --calibrate\n\n"
+    "accelerate launch --config_file accelerate_configs/4xa100.yaml -m derm_accel evaluate --model runs/x/best "
+    "--data data/derm",
+)
+def evaluate(
+    model: Annotated[str, typer.Option(help="Model folder (RUN/best) or Hub repo id ORG/NAME.")],
+    data: Annotated[Path, typer.Option(help="Dataset folder written by `derm-accel convert`.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Report folder (default reports/<model>-<split>).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 2,
+    tta: Annotated[str | None, typer.Option(help="Test-time augmentation: flip.")] = None,
+    calibrate: Annotated[bool, typer.Option(help="Fit temperature scaling on the validation split.")] = False,
+) -> None:
+    """Evaluate a model: accuracy, macro-F1, per-class metrics, ROC-AUC, calibration, plots and a report."""
+    from derm_accel.evaluation.run import evaluate_model
+
+    try:
+        metrics = evaluate_model(
+            model, data, split=split, out_dir=out, batch_size=batch_size, num_workers=num_workers, tta=tta,
+            calibrate=calibrate,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    if metrics:  # only the main process returns the metrics
+        typer.echo(
+            f"{split}: accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
+            f"report: {metrics.get('report_dir', out)}"
+        )
+
+
+@app.command(
+    epilog="**Examples**\n\n"
+    "derm-accel push runs/effnet_b3/best --repo-id my-lab/effnet-b3-derm35 --report reports/effnet_b3\n\n"
+    "derm-accel push runs/effnet_b3/best --repo-id my-lab/effnet-b3-derm35 --dry-run --out staged/",
+)
+def push(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder written by training (RUN/best).")],
+    repo_id: Annotated[str, typer.Option(help="Hub repo id, ORG/NAME.")],
+    report: Annotated[Path | None, typer.Option(help="Evaluation report folder to publish with the model.")] = None,
+    private: Annotated[bool, typer.Option(help="Create the repo as private.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Branch to push to.")] = None,
+    commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
+    token: Annotated[
+        str | None, typer.Option(help="Hub token (default: HF_TOKEN or the saved login). Never printed or stored.")
+    ] = None,
+    license: Annotated[str | None, typer.Option(help="License of the weights (else from the recipe/dataset).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Stage the upload into --out instead of pushing.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Folder for --dry-run.")] = None,
+) -> None:
+    """Publish weights (safetensors), a timm config.json, the evaluation and a model card to the Hub."""
+    from derm_accel.hub import push_model
+
+    try:
+        where = push_model(
+            model_dir, repo_id, report_dir=report, private=private, revision=revision,
+            commit_message=commit_message, token=token, dry_run=dry_run, out=out, license=license,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(e)
+    typer.echo(f"{'staged' if dry_run else 'pushed'}: {where}")
+
+
+@app.command(
+    epilog="**Examples**\n\n"
+    "derm-accel predict lesion.jpg --model runs/effnet_b3/best\n\n"
+    "derm-accel predict photos/ --model my-lab/effnet-b3-derm35 --top-k 5 --json",
+)
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    model: Annotated[str, typer.Option(help="Model folder (RUN/best) or Hub repo id ORG/NAME.")],
+    top_k: Annotated[int, typer.Option(help="How many classes to list per image.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
+) -> None:
+    """Predict the class of images with a local or Hub model. Unreadable files get a per-file error."""
+    from derm_accel.predict import predict as run_predict
+
+    try:
+        results = run_predict([str(p) for p in images], model=model, top_k=top_k, batch_size=batch_size)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    failed = 0
+    for r in results:
+        if as_json:
+            typer.echo(json.dumps(r))
+        elif "error" in r:
+            typer.echo(f"{r['path']}\tERROR\t{r['error']}")
+        else:
+            others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"][1:])
+            typer.echo(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}\t{others}")
+        failed += "error" in r
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command(
+    epilog="**Examples**\n\n"
+    "derm-accel quickstart\n\n"
+    "derm-accel quickstart --data ../shared/data/derm-sample --model tf_efficientnet_lite0 "
+    "--pretrained-file ../shared/weights/efficientnet_lite0.in1k --epochs 3",
+)
+def quickstart(
+    workdir: Annotated[Path, typer.Option(help="Where every output of the run lands.")] = Path(
+        "derm-accel-quickstart"
+    ),
+    data: Annotated[Path | None, typer.Option(help="Your own class folders (default: a generated sample).")] = None,
+    model: Annotated[str | None, typer.Option(help="timm model name.")] = None,
+    pretrained_file: Annotated[
+        Path | None, typer.Option(help="Local ImageNet weights in timm's layout (folder).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
+) -> None:
+    """Run the whole pipeline on a small sample: convert, train, evaluate, push (dry run), predict."""
+    from derm_accel.quickstart import run_quickstart
+
+    try:
+        summary = run_quickstart(workdir, data=data, model=model, pretrained_file=pretrained_file, epochs=epochs)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(summary["text"])
+
+
+@app.command(
+    epilog="**Examples**\n\n"
+    "derm-accel bench data --workers 1 --workers 2\n\n"
+    "derm-accel bench train --model efficientnet_b3 --batch-size 8 --steps 3\n\n"
+    "derm-accel bench infer --batch-size 64",
+)
+def bench(
+    kind: Annotated[str, typer.Argument(help="data | train | infer")],
+    out: Annotated[Path | None, typer.Option(help="JSON output (default bench_results/KIND.json).")] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("--opt", help="Benchmark option key=value (repeatable), e.g. --opt steps=5.")
+    ] = None,
+    update_docs: Annotated[bool, typer.Option(help="Rewrite the table in docs/benchmarks.md.")] = True,
+) -> None:
+    """Measure the input pipeline, training steps or inference, side by side, and record the figures."""
+    from derm_accel.bench import run_bench
+
+    opts = dict(o.split("=", 1) for o in option or [])
+    try:
+        results = run_bench(kind, out=out, update_docs=update_docs, **opts)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(json.dumps(results.get("summary", results), indent=2, default=str))
+
+
+if __name__ == "__main__":
+    app()
