@@ -1,0 +1,329 @@
+"""``convert``: class folders -> a leakage-free Hugging Face ``DatasetDict`` (train/validation/test) on disk.
+
+Two passes keep memory flat whatever the number of images:
+
+1. every file is decoded in ``num_proc`` worker processes and streamed, as a re-encoded JPEG plus hashes,
+   into one Arrow staging file (only paths, labels and hashes stay in RAM);
+2. duplicates are grouped, conflicts resolved and groups split; each split is then an index selection of the
+   memory-mapped staging file, written with ``save_to_disk``.
+
+Everything is written into a temporary folder beside OUT and renamed at the end, so an interrupted run never
+leaves an OUT that loads as complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Value
+from datasets import Image as ImageFeature
+from datasets.arrow_writer import ArrowWriter
+from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from tqdm.auto import tqdm
+
+from derm_accel.data.card import build_card
+from derm_accel.data.decode import MAX_PIXELS, Decoded, DecodeOptions, decode_file, decode_task
+from derm_accel.data.dedupe import CONFLICT_POLICIES, DUPLICATES_HOW, group_images, resolve_groups
+from derm_accel.data.report import REPORT_NAME, check_accounting, split_counts, versions
+from derm_accel.data.scan import ScanError, ScanResult, Skip, SourceFile, load_class_map, scan_source
+from derm_accel.data.split import SPLITS, stratified_group_split
+
+CARD_TITLE = "Skin disease images"
+
+
+class ConvertError(ValueError):
+    """The conversion cannot start as asked (missing SRC, existing OUT, no images, bad class map...)."""
+
+
+def dataset_features(class_names: list[str]) -> Features:
+    """The schema every derm-accel stage reads."""
+    return Features(
+        {
+            "image": ImageFeature(),
+            "label": ClassLabel(names=class_names),
+            "source_path": Value("string"),
+            "orig_width": Value("int32"),
+            "orig_height": Value("int32"),
+            "content_hash": Value("string"),
+            "phash": Value("string"),
+        }
+    )
+
+
+def _check_arguments(
+    src: Path,
+    out: Path,
+    val_frac: float,
+    test_frac: float,
+    max_size: int,
+    quality: int,
+    near_threshold: int,
+    conflicts: str,
+    overwrite: bool,
+) -> None:
+    if not src.is_dir():
+        raise ConvertError(
+            f"Source folder {src} does not exist or is not a folder; pass the folder of class folders."
+        )
+    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise ConvertError(
+            f"val_frac={val_frac} and test_frac={test_frac} must each be in [0, 1) and sum to less than 1."
+        )
+    if max_size < 0:
+        raise ConvertError(f"max_size={max_size} must be >= 0 (0 keeps the original size).")
+    if not 1 <= quality <= 100:
+        raise ConvertError(f"quality={quality} must be between 1 and 100.")
+    if conflicts not in CONFLICT_POLICIES:
+        raise ConvertError(f"conflicts={conflicts!r} must be one of {', '.join(CONFLICT_POLICIES)}.")
+    if not -1 <= near_threshold <= 16:
+        raise ConvertError(
+            f"near_threshold={near_threshold} must be between 0 and 16 bits (-1 turns near duplicates off)."
+        )
+    if out == src or out.is_relative_to(src):
+        raise ConvertError(f"Output {out} lies inside the source folder {src}; write it elsewhere.")
+    if src.is_relative_to(out):
+        raise ConvertError(f"Source {src} lies inside the output folder {out}; writing OUT would destroy it.")
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ConvertError(f"Output {out} already exists; pass overwrite=True (--overwrite) to replace it.")
+
+
+def _decoded_stream(
+    files: list[SourceFile], options: DecodeOptions, num_proc: int, progress: bool
+) -> Iterator[Decoded]:
+    """Decoded files in input order; in worker processes when ``num_proc > 1``."""
+    bar = tqdm(total=len(files), desc="convert: decoding", unit="img", disable=not progress)
+    tasks = ((i, f.path, options) for i, f in enumerate(files))
+    try:
+        if num_proc <= 1:
+            for task in tasks:
+                yield decode_file(*task)
+                bar.update()
+            return
+        chunksize = max(1, min(32, len(files) // (num_proc * 16)))
+        with multiprocessing.get_context().Pool(num_proc) as pool:
+            for result in pool.imap(decode_task, tasks, chunksize=chunksize):
+                yield result
+                bar.update()
+    finally:
+        bar.close()
+
+
+def _stage(
+    scan: ScanResult, info: DatasetInfo, path: Path, options: DecodeOptions, num_proc: int, progress: bool
+) -> tuple[Dataset, list[int], dict[int, Decoded]]:
+    """Pass 1: write every decodable file as a row of one Arrow file. Returns it, each row's file index,
+    and the failed files by index."""
+    features = info.features
+    label_of = {name: i for i, name in enumerate(scan.class_names)}
+    row_files: list[int] = []
+    failed: dict[int, Decoded] = {}
+    # Small batches: rows hold encoded images, so RAM stays at a few MB whatever the number of files.
+    with ArrowWriter(features=features, path=str(path), writer_batch_size=100) as writer:
+        for result in _decoded_stream(scan.files, options, num_proc, progress):
+            if result.jpeg is None:
+                failed[result.index] = result
+                continue
+            source = scan.files[result.index]
+            writer.write(
+                features.encode_example(
+                    {
+                        "image": {"bytes": result.jpeg, "path": None},
+                        "label": label_of[source.class_name],
+                        "source_path": source.rel,
+                        "orig_width": result.width,
+                        "orig_height": result.height,
+                        "content_hash": result.content_hash,
+                        "phash": result.phash,
+                    }
+                )
+            )
+            row_files.append(result.index)
+        writer.finalize()
+    return Dataset.from_file(str(path), info=info), row_files, failed
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool) -> Iterator[None]:
+    """Silence datasets' own progress bars for ``progress=False`` and put the setting back afterwards."""
+    was_disabled = are_progress_bars_disabled()
+    if enabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled and not was_disabled:
+            enable_progress_bars()
+
+
+def _replace(tmp_out: Path, out: Path) -> None:
+    """Move the finished folder into place; an old OUT is only removed once the new one is there."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp_out.rename(out)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    else:
+        tmp_out.rename(out)
+
+
+def convert_folders(
+    src: str | Path,
+    out: str | Path,
+    *,
+    class_map: str | Path | dict | None = None,
+    val_frac: float = 0.1,
+    test_frac: float = 0.1,
+    seed: int = 42,
+    max_size: int = 320,
+    quality: int = 95,
+    near_threshold: int = 4,
+    conflicts: str = "drop",
+    num_proc: int = 1,
+    overwrite: bool = False,
+    license: str | None = None,
+    push_to_hub: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Convert SRC (class folders, or train/ val/ test/ folders of class folders) to a DatasetDict at OUT.
+
+    Writes ``OUT`` (``datasets.load_from_disk``), ``OUT/conversion_report.json`` and the card
+    ``OUT/README.md``; with ``push_to_hub`` also uploads them to that Hub dataset repo. Returns the report.
+    """
+    started = time.time()
+    src = Path(src).expanduser().resolve()
+    out = Path(out).expanduser().resolve()
+    _check_arguments(src, out, val_frac, test_frac, max_size, quality, near_threshold, conflicts, overwrite)
+    num_proc = num_proc if num_proc > 0 else (os.cpu_count() or 1)
+    try:
+        mapping = load_class_map(class_map)
+        scan = scan_source(src, mapping)
+    except ScanError as exc:
+        raise ConvertError(str(exc)) from exc
+    if not scan.files:
+        reasons = Counter(s.reason for s in scan.skipped)
+        raise ConvertError(
+            f"No image files found in class folders under {src} "
+            f"(skipped: {dict(reasons) or 'nothing found'}). "
+            "Expected SRC/<class>/<images> or SRC/train|val|test/<class>/<images>."
+        )
+
+    features = dataset_features(scan.class_names)
+    options = DecodeOptions(max_size=max_size, quality=quality)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        info = DatasetInfo(
+            description="Skin disease images converted from class folders by derm-accel.",
+            license=license or "",
+            features=features,
+        )
+        staging, row_files, failed = _stage(scan, info, tmp / "staging.arrow", options, num_proc, progress)
+        files = scan.files
+        paths = [files[f].rel for f in row_files]
+        labels = staging["label"]
+        hashes = staging["content_hash"]
+        splits_hint = [files[f].split for f in row_files]
+        groups = group_images(hashes, staging["phash"], near_threshold)
+        resolution = resolve_groups(
+            groups,
+            labels=labels,
+            class_names=scan.class_names,
+            paths=paths,
+            content_hashes=hashes,
+            splits=splits_hint,
+            conflicts=conflicts,
+        )
+        if scan.layout == "pre_split":
+            group_splits = [splits_hint[g[0]] or "train" for g in resolution.kept]
+        else:
+            group_splits = stratified_group_split(
+                [labels[g[0]] for g in resolution.kept],
+                [len(g) for g in resolution.kept],
+                [paths[g[0]] for g in resolution.kept],
+                val_frac=val_frac,
+                test_frac=test_frac,
+                seed=seed,
+            )
+        rows_by_split: dict[str, list[int]] = {s: [] for s in SPLITS}
+        for group, split in zip(resolution.kept, group_splits, strict=True):
+            rows_by_split[split].extend(group)
+        for rows in rows_by_split.values():
+            rows.sort()
+
+        skipped = list(scan.skipped)
+        skipped += [Skip(files[i].rel, d.reason or "unreadable", d.detail) for i, d in failed.items()]
+        skipped += list(resolution.skipped.values())
+        skipped.sort(key=lambda s: (s.path, s.reason))
+        kept_paths = [paths[i] for rows in rows_by_split.values() for i in rows]
+        all_files = [f.rel for f in files] + [s.path for s in scan.skipped]
+        check_accounting(all_files, kept_paths, skipped)
+
+        # datasets cannot reload an empty split from disk, so a split with no rows is left out (and reported).
+        dataset = DatasetDict({s: staging.select(rows_by_split[s]) for s in SPLITS if rows_by_split[s]})
+        final = tmp / "out"
+        with _quiet(not progress):
+            dataset.save_to_disk(str(final))
+        del dataset, staging
+
+        report: dict[str, Any] = {
+            "format_version": 1,
+            "src": str(src),
+            "layout": scan.layout,
+            "files_total": len(all_files),
+            "rows_total": len(kept_paths),
+            "skipped_total": len(skipped),
+            "class_names": scan.class_names,
+            "class_map": dict(scan.folders),
+            "empty_class_folders": scan.empty_folders,
+            "splits": split_counts(rows_by_split, labels, scan.class_names),
+            "empty_splits": [s for s in SPLITS if not rows_by_split[s]],
+            "skipped_by_reason": dict(sorted(Counter(s.reason for s in skipped).items())),
+            "duplicates": {
+                **resolution.summary,
+                "how": DUPLICATES_HOW,
+            },
+            "parameters": {
+                "class_map": str(class_map) if isinstance(class_map, (str, Path)) else class_map,
+                "val_frac": val_frac,
+                "test_frac": test_frac,
+                "seed": seed,
+                "max_size": max_size,
+                "quality": quality,
+                "near_threshold": near_threshold,
+                "conflicts": conflicts,
+                "max_pixels": MAX_PIXELS,
+                "num_proc": num_proc,
+            },
+            "seed": seed,
+            "license": license,
+            "push_to_hub": push_to_hub,
+            "versions": versions(),
+            "skipped": [s.as_dict() for s in skipped],
+            "elapsed_s": round(time.time() - started, 2),
+        }
+        (final / REPORT_NAME).write_text(
+            json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        build_card(report, title=CARD_TITLE).save(final / "README.md")
+        _replace(final, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if push_to_hub:
+        from derm_accel.data.publish import push_dataset
+
+        report["hub_url"] = push_dataset(out, push_to_hub, report, title=CARD_TITLE)
+    return report
