@@ -1,0 +1,149 @@
+"""Batch inference over a dataset split on one or many processes.
+
+Every rank scores its shard; ``accelerator.gather_for_metrics`` drops the padding accelerate adds to uneven
+shards, and the gathered row indices prove that each sample was scored exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset
+
+TTA_VIEWS: dict[str | None, tuple[str, ...]] = {
+    None: ("original",),
+    "flip": ("original", "hflip", "vflip"),
+}
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class InferenceResult:
+    """Logits of every view, in dataset order: ``logits`` is (N, V, C) float32, ``labels`` (N,) int64."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    views: tuple[str, ...]
+
+
+class _Indexed(Dataset):
+    """Adds the row index to each item, so gathered rows can be checked and put back in order."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return dict(self.dataset[index], index=index)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        # One Arrow read and one transform call per batch instead of one per sample.
+        batch = self.dataset[list(indices)]
+        return [
+            {"pixel_values": pv, "labels": label, "index": i}
+            for pv, label, i in zip(batch["pixel_values"], batch["labels"], indices, strict=True)
+        ]
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+        "labels": torch.tensor([int(it["labels"]) for it in items], dtype=torch.long),
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+    }
+
+
+def resolve_mixed_precision(mixed_precision: str | None, device: torch.device) -> str:
+    """bf16 on GPUs that support it (fast and range-safe), fp32 elsewhere: bf16 autocast on CPU is slow."""
+    if mixed_precision is not None:
+        if mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+        return mixed_precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _views(pixel_values: torch.Tensor, tta: str | None) -> torch.Tensor:
+    if tta is None:
+        return pixel_values
+    return torch.cat([pixel_values, pixel_values.flip(-1), pixel_values.flip(-2)])
+
+
+def predict_logits(
+    model: torch.nn.Module,
+    dataset: Any,
+    accelerator: Accelerator,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    tta: str | None = None,
+    channels_last: bool = True,
+    mixed_precision: str | None = None,
+) -> InferenceResult:
+    """Score ``dataset`` (items with ``pixel_values`` and ``labels``) on all ranks; every rank gets all rows.
+
+    ``tta="flip"`` scores the original, horizontally and vertically flipped image in one forward pass.
+    """
+    if tta not in TTA_VIEWS:
+        raise ValueError(
+            f"Unknown test-time augmentation {tta!r}; choose one of {[v for v in TTA_VIEWS if v]}."
+        )
+    views = TTA_VIEWS[tta]
+    device = accelerator.device
+    precision = resolve_mixed_precision(mixed_precision, device)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = getattr(model, "_orig_mod", model).to(device, memory_format=memory_format).eval()
+
+    loader = DataLoader(
+        _Indexed(dataset),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    loader = accelerator.prepare_data_loader(loader)
+
+    logits_parts, label_parts, index_parts = [], [], []
+    with torch.inference_mode():
+        for batch in loader:
+            x = batch["pixel_values"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            x = _views(x, tta)
+            autocast = (
+                torch.autocast(device.type, dtype=autocast_dtype)
+                if autocast_dtype is not None
+                else nullcontext()
+            )
+            with autocast:
+                out = model(x)
+            n = batch["labels"].shape[0]
+            # (V*B, C) -> (B, V, C); softmax later in float32.
+            out = out.float().reshape(len(views), n, -1).transpose(0, 1).contiguous()
+            gathered = accelerator.gather_for_metrics(
+                {"logits": out, "labels": batch["labels"].to(device), "index": batch["index"].to(device)}
+            )
+            logits_parts.append(gathered["logits"].cpu())
+            label_parts.append(gathered["labels"].cpu())
+            index_parts.append(gathered["index"].cpu())
+
+    if not index_parts:
+        raise ValueError("the split is empty; nothing to evaluate")
+    index = torch.cat(index_parts)
+    order = torch.argsort(index)
+    if not torch.equal(index[order], torch.arange(len(dataset))):
+        raise RuntimeError(
+            f"distributed inference returned {len(index)} rows ({index.unique().numel()} distinct) "
+            f"for {len(dataset)} samples"
+        )
+    return InferenceResult(
+        logits=torch.cat(logits_parts)[order], labels=torch.cat(label_parts)[order], views=views
+    )

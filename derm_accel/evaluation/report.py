@@ -1,0 +1,350 @@
+"""The written artifacts of an evaluation: metrics.json, CSV tables and the Markdown report.
+
+metrics.json is the contract with the push stage (model card); predictions.csv holds everything needed to
+recompute every number in it, so a reviewer can audit the report without running the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PREDICTION_COLUMNS = ("index", "source_path", "true_label", "predicted_label")
+SUMMARY_KEYS = (
+    "accuracy",
+    "balanced_accuracy",
+    "top3_accuracy",
+    "macro_precision",
+    "macro_recall",
+    "macro_f1",
+    "weighted_precision",
+    "weighted_recall",
+    "weighted_f1",
+    "roc_auc_macro",
+    "roc_auc_micro",
+    "nll",
+    "ece",
+    "ci95",
+)
+_TABLE_ROWS = (
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("top3_accuracy", "Top-3 accuracy"),
+    ("macro_f1", "Macro F1"),
+    ("roc_auc_macro", "ROC-AUC (macro)"),
+    ("nll", "Negative log-likelihood"),
+    ("ece", "Expected calibration error"),
+)
+
+
+def summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of a metric result (what before/after comparisons show)."""
+    return {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A number for a table; undefined values read as n/a rather than 0."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def write_json(data: dict[str, Any], path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def write_per_class_csv(metrics: dict[str, Any], path: str | os.PathLike) -> Path:
+    """One row per class; empty cells where a value is undefined (class without samples)."""
+    path = Path(path)
+    fields = ("precision", "recall", "f1", "support", "roc_auc", "pr_auc")
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("class", *fields))
+        for name, row in metrics["per_class"].items():
+            writer.writerow((name, *("" if row[k] is None else row[k] for k in fields)))
+    return path
+
+
+def write_predictions_csv(
+    path: str | os.PathLike,
+    source_paths: Sequence[str],
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    label_names: Sequence[str],
+) -> Path:
+    """One row per sample in split order; float32 probabilities (written losslessly) under each class name."""
+    clash = sorted(set(PREDICTION_COLUMNS) & set(label_names))
+    if clash:
+        raise ValueError(f"class names {clash} clash with predictions.csv columns {list(PREDICTION_COLUMNS)}")
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    predicted = probabilities.argmax(axis=1)
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow((*PREDICTION_COLUMNS, *label_names))
+        for i, (src, y, p, row) in enumerate(
+            zip(source_paths, labels, predicted, probabilities, strict=True)
+        ):
+            writer.writerow((i, src, label_names[int(y)], label_names[int(p)], *(f"{v:.9g}" for v in row)))
+    return path
+
+
+def confused_pairs(
+    confusion_matrix: Sequence[Sequence[int]], label_names: Sequence[str], top: int = 20
+) -> list[dict[str, Any]]:
+    """Off-diagonal cells by count: which true class is most often taken for which other class."""
+    counts = np.asarray(confusion_matrix, dtype=np.int64)
+    support = counts.sum(axis=1)
+    pairs = [
+        {
+            "true": label_names[i],
+            "predicted": label_names[j],
+            "count": int(counts[i, j]),
+            "share_of_true": float(counts[i, j] / support[i]),
+        }
+        for i in range(len(label_names))
+        for j in range(len(label_names))
+        if i != j and counts[i, j] > 0
+    ]
+    pairs.sort(key=lambda p: (-p["count"], p["true"], p["predicted"]))
+    return pairs[:top]
+
+
+def write_misclassifications_md(
+    metrics: dict[str, Any], path: str | os.PathLike, *, examples_png: str, top: int = 20
+) -> Path:
+    pairs = confused_pairs(metrics["confusion_matrix"], metrics["label_names"], top)
+    errors = metrics["num_samples"] - int(np.trace(np.asarray(metrics["confusion_matrix"])))
+    lines = [
+        f"# Misclassifications ({metrics['split']} split)",
+        "",
+        f"{errors} of {metrics['num_samples']} images were given the wrong label. The table lists the most "
+        f"frequent confusions (true class taken for predicted class); 'share' is the fraction of that "
+        "true class.",
+        "",
+    ]
+    if pairs:
+        lines += ["| true class | predicted as | count | share |", "|---|---|---:|---:|"]
+        lines += [
+            f"| {p['true']} | {p['predicted']} | {p['count']} | {_pct(p['share_of_true'])} |" for p in pairs
+        ]
+    else:
+        lines.append("No misclassifications.")
+    lines += [
+        "",
+        f"![Misclassified examples]({examples_png})",
+        "",
+        f"`{examples_png}` shows the most confident mistakes (true label, predicted label and the "
+        "probability the "
+        "model gave its prediction). Confident mistakes are the ones worth a clinician's look: they can "
+        "be label "
+        "noise in the data, look-alike conditions, or a real blind spot of the model.",
+        "",
+    ]
+    path = Path(path)
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _before_after_table(block: dict[str, Any], before: str, after: str) -> list[str]:
+    lines = [f"| metric | {before} | {after} | change |", "|---|---:|---:|---:|"]
+    for key, title in _TABLE_ROWS:
+        b, a = block["before"].get(key), block["after"].get(key)
+        change = "n/a" if a is None or b is None else f"{a - b:+.3f}"
+        lines.append(f"| {title} | {fmt(b)} | {fmt(a)} | {change} |")
+    return lines
+
+
+def render_report(metrics: dict[str, Any], files: dict[str, str]) -> str:
+    """report.md: plain language first (for a clinician), then tables and method notes (for a reviewer)."""
+    n = metrics["num_samples"]
+    ci = metrics.get("ci95") or {}
+    acc_ci = ci.get("accuracy")
+    f1_ci = ci.get("macro_f1")
+    per_class = metrics["per_class"]
+    present = {k: v for k, v in per_class.items() if v["support"] > 0}
+    by_recall = sorted(present.items(), key=lambda kv: kv[1]["recall"])
+    correct = int(np.trace(np.asarray(metrics["confusion_matrix"])))
+    options = []
+    if metrics.get("tta"):
+        options.append(
+            "test-time augmentation (average of original, horizontally and vertically flipped image)"
+        )
+    if metrics.get("calibration"):
+        options.append(
+            f"temperature scaling (T = {metrics['calibration']['temperature']:.3f}, fitted on the "
+            "validation split)"
+        )
+
+    lines = [
+        f"# Evaluation report: {metrics['model']}",
+        "",
+        f"- Data: `{metrics.get('data', '')}`, split **{metrics['split']}**, {n} images, "
+        f"{len(metrics['label_names'])} classes",
+        f"- Options: {'; '.join(options) if options else 'none (single view, uncalibrated softmax)'}",
+        "",
+        "## In plain words",
+        "",
+        f"- The model named the correct condition for **{correct} of {n} images** "
+        f"({_pct(metrics['accuracy'])}"
+        + (f"; 95% interval {_pct(acc_ci[0])} to {_pct(acc_ci[1])}" if acc_ci else "")
+        + ").",
+        f"- Giving every condition equal weight, it finds on average "
+        f"{_pct(metrics['balanced_accuracy'])} of the "
+        "images of a condition (balanced accuracy). Rare conditions count as much as common ones here.",
+        f"- The correct condition was among its three most likely answers for "
+        f"{_pct(metrics['top3_accuracy'])} "
+        "of the images.",
+    ]
+    k = min(3, len(by_recall) // 2)  # best and worst lists must not overlap
+    if k:
+        worst = ", ".join(f"{c} ({_pct(v['recall'])} of {v['support']})" for c, v in by_recall[:k])
+        best = ", ".join(f"{c} ({_pct(v['recall'])} of {v['support']})" for c, v in by_recall[::-1][:k])
+        lines += [f"- Most often recognised: {best}.", f"- Most often missed: {worst}."]
+    lines += [
+        f"- Its stated confidence differs from how often it is actually right by {_pct(metrics['ece'])} on "
+        "average (expected calibration error; 0% would mean a stated 80% is right 80% of the time). The "
+        "reliability diagram shows at which confidence levels it over- or under-states.",
+        "- This is a retrospective test on held-out images from the same collection the model was "
+        "trained on. "
+        "It does not show how the model performs on other cameras, clinics or skin tones, and it is not a "
+        "clinical validation.",
+        "",
+        "## Headline metrics",
+        "",
+        "| metric | value | 95% interval |",
+        "|---|---:|---:|",
+        f"| Accuracy | {fmt(metrics['accuracy'])} | "
+        + (f"{fmt(acc_ci[0])}–{fmt(acc_ci[1])}" if acc_ci else "")
+        + " |",
+        f"| Balanced accuracy | {fmt(metrics['balanced_accuracy'])} | |",
+        f"| Top-3 accuracy | {fmt(metrics['top3_accuracy'])} | |",
+        f"| Macro precision / recall / F1 | {fmt(metrics['macro_precision'])} / "
+        f"{fmt(metrics['macro_recall'])} / "
+        f"{fmt(metrics['macro_f1'])} | F1: " + (f"{fmt(f1_ci[0])}–{fmt(f1_ci[1])}" if f1_ci else "") + " |",
+        f"| Weighted precision / recall / F1 | {fmt(metrics['weighted_precision'])} / "
+        f"{fmt(metrics['weighted_recall'])} / {fmt(metrics['weighted_f1'])} | |",
+        f"| ROC-AUC macro / micro | {fmt(metrics['roc_auc_macro'])} / {fmt(metrics['roc_auc_micro'])} | |",
+        f"| Negative log-likelihood | {fmt(metrics.get('nll'))} | |",
+        f"| Expected calibration error (15 bins) | {fmt(metrics['ece'])} | |",
+        "",
+    ]
+    if metrics.get("tta"):
+        lines += [
+            "## Test-time augmentation: before and after",
+            "",
+            "Before: the original image only. After: softmax averaged over the original, horizontally and "
+            "vertically flipped image (uncalibrated in both columns).",
+            "",
+        ]
+        lines += [*_before_after_table(metrics["tta"], "original only", "flip TTA"), ""]
+    if metrics.get("calibration"):
+        cal = metrics["calibration"]
+        lines += [
+            "## Calibration: before and after",
+            "",
+            f"One temperature T = {cal['temperature']:.3f} divides the logits before the softmax. It "
+            "was fitted "
+            f"on the {cal['validation_samples']} validation images by minimising their negative "
+            f"log-likelihood (LBFGS), which went from {cal['validation_nll_before']:.3f} to "
+            f"{cal['validation_nll_after']:.3f}. Temperature scaling never changes which class is "
+            "predicted, only how confident the model says it is"
+            + (
+                " (the TTA average of tempered softmaxes can, rarely, change a top class)"
+                if metrics.get("tta")
+                else ""
+            )
+            + ".",
+            "",
+        ]
+        lines += [*_before_after_table(cal, "uncalibrated", "calibrated"), ""]
+    lines += [
+        "## Per-class results",
+        "",
+        "Recall is the sensitivity for that condition; precision is the positive predictive value in "
+        "this split "
+        "(it depends on how common the condition is here).",
+        "",
+        "| class | support | precision | recall | F1 | ROC-AUC | PR-AUC |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in per_class.items():
+        lines.append(
+            f"| {name} | {row['support']} | {fmt(row['precision'])} | {fmt(row['recall'])} | "
+            f"{fmt(row['f1'])} | {fmt(row['roc_auc'])} | {fmt(row['pr_auc'])} |"
+        )
+    lines.append("")
+    missing = metrics.get("classes_without_samples") or []
+    lines += ["## Classes without samples", ""]
+    if missing:
+        lines += [
+            f"{len(missing)} class(es) have no image in this split: {', '.join(missing)}. Nothing can "
+            "be said about "
+            "how well the model recognises them. They are left out of the macro averages (balanced "
+            "accuracy, macro "
+            "precision/recall/F1 average over the classes present only) and out of the ROC-AUC and PR-AUC "
+            "averages (an AUC needs positive cases); their recall, F1 and AUCs are `null` in "
+            "metrics.json and "
+            "empty in per_class.csv. A prediction of such a class still counts as an error in accuracy, "
+            "and its "
+            "precision is reported when the model predicted it. The micro ROC-AUC keeps their columns as "
+            "negatives.",
+        ]
+    else:
+        lines.append("Every class has at least one image in this split.")
+    pairs = confused_pairs(metrics["confusion_matrix"], metrics["label_names"], 5)
+    lines += ["", "## Most frequent confusions", ""]
+    if pairs:
+        lines += [
+            f"- {p['true']} taken for {p['predicted']}: {p['count']} ({_pct(p['share_of_true'])} of "
+            f"{p['true']})"
+            for p in pairs
+        ]
+    else:
+        lines.append("- none")
+    lines += ["", f"Full list: [{files['misclassifications']}]({files['misclassifications']}).", ""]
+    lines += [
+        "## Figures",
+        "",
+        f"![Confusion matrix]({files['confusion_matrix']})",
+        "",
+        f"![ROC curves]({files['roc_curves']})",
+        "",
+        f"![Reliability diagram]({files['reliability']})",
+        "",
+        f"![Misclassified examples]({files['examples']})",
+        "",
+        "## Files",
+        "",
+        f"- `{files['metrics']}`: every number above (machine-readable; read by the push stage for the "
+        "model card).",
+        f"- `{files['per_class']}`: the per-class table.",
+        f"- `{files['predictions']}`: one row per image: source path, true and predicted label, and the "
+        "probability of every class. These are the **final** probabilities"
+        + (" (after test-time augmentation and temperature scaling)" if options else "")
+        + "; every number in metrics.json can be recomputed from this file.",
+        "",
+        "## Method notes",
+        "",
+        "- Metrics come from the `derm_metrics` module of the `evaluate` library shipped with derm-accel "
+        "(scikit-learn underneath).",
+        "- 95% intervals: percentile bootstrap over images, 1000 resamples, seed 0.",
+        "- Expected calibration error: 15 equal-width bins of the top-class confidence.",
+        "- Top-3 accuracy ties are broken as scikit-learn's `top_k_accuracy_score` does.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,312 @@
+"""The evaluate stage: RUN/best (or a Hub model) + DATA/ -> REPORT/.
+
+Reads a model and a dataset split, scores it on every available process, and writes metrics.json, CSV tables,
+figures and report.md on the main process. Under ``accelerate launch`` every rank returns the same metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from ..data.transforms import IMAGE_COLUMN, LABEL_COLUMN, decode_image, eval_transform, with_transform
+from ..models import data_config, load_model
+from . import plots
+from .calibration import fit_temperature, negative_log_likelihood, tta_probabilities
+from .inference import predict_logits
+from .report import (
+    render_report,
+    summary,
+    write_json,
+    write_misclassifications_md,
+    write_per_class_csv,
+    write_predictions_csv,
+)
+
+logger = logging.getLogger(__name__)
+
+METRIC_MODULE_DIR = Path(__file__).resolve().parent / "derm_metrics"
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+ECE_BINS = 15
+
+FILES = {
+    "metrics": "metrics.json",
+    "per_class": "per_class.csv",
+    "predictions": "predictions.csv",
+    "confusion_matrix": "confusion_matrix.png",
+    "roc_curves": "roc_curves.png",
+    "reliability": "reliability.png",
+    "misclassifications": "misclassifications.md",
+    "examples": "misclassified_examples.png",
+    "report": "report.md",
+}
+
+
+class LabelMismatchError(ValueError):
+    """The model's label names differ from the dataset's: scoring would silently misalign classes."""
+
+
+def load_metric() -> Any:
+    """The shipped ``derm_metrics`` module through ``evaluate`` (offline: loaded from the package folder)."""
+    import evaluate
+
+    return evaluate.load(str(METRIC_MODULE_DIR), keep_in_memory=True)
+
+
+def load_split(data: str | os.PathLike, split: str) -> tuple[Any, Any]:
+    """The DatasetDict written by ``derm-accel convert`` and one of its splits, with clear errors."""
+    from datasets import ClassLabel, DatasetDict, load_from_disk
+
+    path = Path(data)
+    if not path.exists():
+        raise FileNotFoundError(f"No dataset at {path}. Pass the folder written by `derm-accel convert`.")
+    dataset = load_from_disk(str(path))
+    if not isinstance(dataset, DatasetDict):
+        raise ValueError(f"{path} holds a single split; expected a DatasetDict with train/validation/test.")
+    if split not in dataset:
+        raise KeyError(f"{path} has no split {split!r}; available: {sorted(dataset)}.")
+    features = dataset[split].features
+    if not isinstance(features.get(LABEL_COLUMN), ClassLabel) or IMAGE_COLUMN not in features:
+        raise ValueError(
+            f"{path}[{split}] needs an '{IMAGE_COLUMN}' column and a ClassLabel '{LABEL_COLUMN}' column "
+            f"(found {dict(features)}); re-create it with `derm-accel convert`."
+        )
+    return dataset, dataset[split]
+
+
+def check_label_names(
+    model_labels: list[str], data_labels: list[str], model: str, data: str | os.PathLike
+) -> None:
+    """Refuse to score when class index i does not mean the same class for the model and the data."""
+    if list(model_labels) != list(data_labels):
+        only_model = sorted(set(model_labels) - set(data_labels))
+        only_data = sorted(set(data_labels) - set(model_labels))
+        hint = (
+            "same names in another order"
+            if not only_model and not only_data
+            else f"only in the model: {only_model}; only in the data: {only_data}"
+        )
+        raise LabelMismatchError(
+            f"Label names of model {model} do not match the dataset {data} ({hint}).\n"
+            f"  model: {list(model_labels)}\n  data:  {list(data_labels)}\n"
+            "Evaluate the model on the dataset it was trained for (same class folders, converted the "
+            "same way)."
+        )
+
+
+def default_out_dir(model: str, split: str) -> Path:
+    """reports/<model folder>-<split>; RUN/best becomes RUN-best so that runs do not overwrite each other."""
+    source = model.split(":", 1)[1] if model.startswith(("hf-hub:", "local-dir:")) else model
+    path = Path(source.rstrip("/"))
+    name = path.name
+    if name in {"best", "last", "final"} and path.parent.name:
+        name = f"{path.parent.name}-{name}"
+    return Path("reports") / f"{name}-{split}"
+
+
+def _score(
+    metric: Any, labels: np.ndarray, probabilities: np.ndarray, label_names: list[str]
+) -> dict[str, Any]:
+    probabilities = probabilities.astype(np.float32)
+    return metric.compute(
+        predictions=probabilities.argmax(axis=1),
+        probabilities=probabilities,
+        references=labels,
+        label_names=label_names,
+        ece_bins=ECE_BINS,
+        bootstrap=BOOTSTRAP_RESAMPLES,
+        seed=BOOTSTRAP_SEED,
+    )
+
+
+def _examples(raw_split: Any, labels: np.ndarray, probabilities: np.ndarray, names: list[str], limit: int):
+    """The most confident mistakes, as (image, caption) pairs."""
+    from datasets import Image as ImageFeature
+
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][:limit]
+    raw = raw_split.cast_column(IMAGE_COLUMN, ImageFeature(decode=False))
+    images, titles = [], []
+    for i in wrong.tolist():
+        images.append(decode_image(raw[i][IMAGE_COLUMN]))
+        titles.append(
+            f"true: {names[labels[i]]}\npred: {names[predicted[i]]} ({probabilities[i, predicted[i]]:.0%})"
+        )
+    return images, titles
+
+
+def evaluate_model(
+    model: str,
+    data: str | Path,
+    *,
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    tta: str | None = None,
+    calibrate: bool = False,
+    channels_last: bool = True,
+    mixed_precision: str | None = None,
+    max_thumbnails: int = 16,
+) -> dict:
+    """Evaluate ``model`` (RUN/best, a model folder or ORG/NAME) on ``data[split]``; return the metrics.
+
+    ``tta="flip"`` averages the softmax over the original and flipped images; ``calibrate`` fits a
+    temperature on the validation split. Both are reported before and after in metrics.json and report.md;
+    predictions.csv holds the final probabilities.
+    """
+    if calibrate and split == "validation":
+        raise ValueError(
+            "--calibrate fits the temperature on the validation split, so evaluating that same split would "
+            "report optimistic calibration. Evaluate --split test, or drop --calibrate."
+        )
+    accelerator = Accelerator()
+    net, model_labels = load_model(model)
+    dataset, raw_split = load_split(data, split)
+    data_labels = list(raw_split.features[LABEL_COLUMN].names)
+    check_label_names(model_labels, data_labels, model, data)
+    if calibrate and "validation" not in dataset:
+        raise KeyError(f"{data} has no 'validation' split to fit the temperature on; drop --calibrate.")
+
+    cfg = data_config(net)
+    transform = eval_transform(cfg)
+    crop_pct = cfg.get("crop_pct") or 1.0
+    min_size = math.floor(min(cfg["input_size"][-2:]) / crop_pct)
+    infer = dict(
+        batch_size=batch_size,
+        num_workers=num_workers,
+        tta=tta,
+        channels_last=channels_last,
+        mixed_precision=mixed_precision,
+    )
+    result = predict_logits(
+        net, with_transform(raw_split, transform, min_size=min_size), accelerator, **infer
+    )
+    val = None
+    if calibrate:
+        val = predict_logits(
+            net, with_transform(dataset["validation"], transform, min_size=min_size), accelerator, **infer
+        )
+
+    metrics: dict[str, Any] | None = None
+    if accelerator.is_main_process:
+        metrics = _write_outputs(
+            model=model,
+            data=data,
+            split=split,
+            raw_split=raw_split,
+            label_names=data_labels,
+            logits=result.logits,
+            labels=result.labels,
+            views=result.views,
+            tta=tta,
+            val=val,
+            out_dir=Path(out_dir) if out_dir is not None else default_out_dir(model, split),
+            max_thumbnails=max_thumbnails,
+        )
+    metrics = broadcast_object_list([metrics])[0] if accelerator.num_processes > 1 else metrics
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _write_outputs(
+    *,
+    model: str,
+    data: str | Path,
+    split: str,
+    raw_split: Any,
+    label_names: list[str],
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    views: tuple[str, ...],
+    tta: str | None,
+    val: Any,
+    out_dir: Path,
+    max_thumbnails: int,
+) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metric = load_metric()
+    y = labels.numpy()
+
+    # The chain: original view -> (TTA) view average -> (calibration) tempered view average.
+    stages: dict[str, Any] = {}
+    uncalibrated = tta_probabilities(logits).numpy()
+    temperature = 1.0
+    if val is not None:
+        temperature = fit_temperature(val.logits, val.labels)
+    final = tta_probabilities(logits, temperature).numpy()
+    final_metrics = _score(metric, y, final, label_names)
+
+    if tta is not None:
+        single = _score(metric, y, tta_probabilities(logits[:, :1]).numpy(), label_names)
+        after = final_metrics if val is None else _score(metric, y, uncalibrated, label_names)
+        stages["tta"] = {
+            "method": tta,
+            "views": list(views),
+            "before": summary(single),
+            "after": summary(after),
+        }
+    if val is not None:
+        before = (
+            stages["tta"]["after"]
+            if "tta" in stages
+            else summary(_score(metric, y, uncalibrated, label_names))
+        )
+        stages["calibration"] = {
+            "method": "temperature_scaling",
+            "fitted_on": "validation",
+            "validation_samples": len(val.labels),
+            "temperature": temperature,
+            "validation_nll_before": negative_log_likelihood(val.logits, val.labels),
+            "validation_nll_after": negative_log_likelihood(val.logits, val.labels, temperature),
+            "before": before,
+            "after": summary(final_metrics),
+        }
+
+    metrics: dict[str, Any] = {
+        "model": model,
+        "data": str(data),
+        "split": split,
+        "label_names": label_names,
+        **final_metrics,
+        "tta": stages.get("tta"),
+        "calibration": stages.get("calibration"),
+        "predictions_file": FILES["predictions"],
+        "predictions_note": "predictions.csv holds the final probabilities"
+        + (" (after the options above)" if stages else ""),
+    }
+
+    sources = (
+        raw_split["source_path"]
+        if "source_path" in raw_split.column_names
+        else [f"{split}[{i}]" for i in range(len(y))]
+    )
+    write_predictions_csv(out_dir / FILES["predictions"], sources, y, final, label_names)
+    write_json(metrics, out_dir / FILES["metrics"])
+    write_per_class_csv(metrics, out_dir / FILES["per_class"])
+    plots.plot_confusion_matrix(metrics["confusion_matrix"], label_names, out_dir / FILES["confusion_matrix"])
+    plots.plot_roc_curves(y, final, label_names, out_dir / FILES["roc_curves"])
+    curves = (
+        {"uncalibrated": (y, uncalibrated), "calibrated": (y, final)}
+        if val is not None
+        else {"model": (y, final)}
+    )
+    plots.plot_reliability(curves, out_dir / FILES["reliability"], ECE_BINS)
+    images, titles = _examples(raw_split, y, final, label_names, max_thumbnails)
+    plots.plot_examples(images, titles, out_dir / FILES["examples"])
+    write_misclassifications_md(
+        metrics, out_dir / FILES["misclassifications"], examples_png=FILES["examples"]
+    )
+    (out_dir / FILES["report"]).write_text(render_report(metrics, FILES))
+    logger.info("wrote the evaluation report to %s", out_dir)
+    return metrics
