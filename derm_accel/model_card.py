@@ -1,0 +1,486 @@
+"""The model card (README.md) published with a model: Hub metadata, model-index and the sections to read.
+
+Built with ``huggingface_hub``'s ``ModelCard``/``ModelCardData``/``EvalResult`` so the YAML header is what the
+Hub expects (library_name timm, model-index with the test metrics). The card is a pure function of the model
+folder and the evaluation report: no timestamps, so pushing the same run twice uploads the same README.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+CARD_TAGS = ["dermatology", "medical", "timm", "image-classification", "derm-accel"]
+
+# License ids the Hub knows (https://huggingface.co/docs/hub/repositories-licenses), the common ones.
+HUB_LICENSES = {
+    "apache-2.0", "mit", "openrail", "bigscience-openrail-m", "creativeml-openrail-m", "bigcode-openrail-m",
+    "cc0-1.0", "cc-by-2.0", "cc-by-2.5", "cc-by-3.0", "cc-by-4.0", "cc-by-sa-3.0", "cc-by-sa-4.0",
+    "cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nd-4.0", "cc-by-nc-nd-3.0", "cc-by-nc-nd-4.0",
+    "cc-by-nc-sa-2.0", "cc-by-nc-sa-3.0", "cc-by-nc-sa-4.0", "bsd", "bsd-2-clause", "bsd-3-clause",
+    "bsd-3-clause-clear", "gpl", "gpl-2.0", "gpl-3.0", "lgpl", "lgpl-2.1", "lgpl-3.0", "agpl-3.0", "afl-3.0",
+    "artistic-2.0", "bsl-1.0", "ecl-2.0", "epl-1.0", "epl-2.0", "eupl-1.1", "mpl-2.0", "odc-by", "odbl",
+    "pddl", "unlicense", "wtfpl", "zlib", "cdla-permissive-2.0", "cdla-sharing-1.0", "other",
+}  # fmt: skip
+
+# metrics.json key -> (metric type, display name, metric args)
+_EVAL_METRICS: list[tuple[str, str, str, dict[str, Any] | None]] = [
+    ("accuracy", "accuracy", "Accuracy", None),
+    ("balanced_accuracy", "balanced_accuracy", "Balanced accuracy", None),
+    ("top3_accuracy", "top_k_accuracy", "Top-3 accuracy", {"k": 3}),
+    ("macro_f1", "f1", "Macro F1", {"average": "macro"}),
+    ("macro_precision", "precision", "Macro precision", {"average": "macro"}),
+    ("macro_recall", "recall", "Macro recall", {"average": "macro"}),
+    ("weighted_f1", "f1", "Weighted F1", {"average": "weighted"}),
+    ("roc_auc_macro", "roc_auc", "ROC AUC (macro, one-vs-rest)", {"average": "macro", "multi_class": "ovr"}),
+    ("ece", "expected_calibration_error", "Expected calibration error", None),
+]
+REQUIRED_CONFIG_KEYS = ("architecture", "num_classes", "num_features", "label_names", "pretrained_cfg")
+REQUIRED_PRETRAINED_CFG_KEYS = ("input_size", "crop_pct", "interpolation", "mean", "std", "label_names")
+
+
+class MissingLicenseError(ValueError):
+    """No license is known for the weights; the user has to state one."""
+
+
+def read_optional_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or ``{}`` if the file is absent (every side file of a run is optional)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix or remove it.") from e
+    return data if isinstance(data, dict) else {}
+
+
+def read_optional_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML ({e}); fix or remove it.") from e
+    return data if isinstance(data, dict) else {}
+
+
+def check_timm_config(config: Mapping[str, Any], where: Path) -> None:
+    """Fail early if ``config.json`` would not let ``timm.create_model("hf-hub:...")`` rebuild the model."""
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
+    pcfg = config.get("pretrained_cfg") or {}
+    missing += [f"pretrained_cfg.{k}" for k in REQUIRED_PRETRAINED_CFG_KEYS if k not in pcfg]
+    if missing:
+        raise ValueError(
+            f"{where} lacks {', '.join(missing)}; it is not a timm config written by derm-accel. "
+            f"Re-export the model with derm_accel.models.export_model (train does this for RUN/best)."
+        )
+    labels = config["label_names"]
+    if len(labels) != config["num_classes"] or list(pcfg["label_names"]) != list(labels):
+        raise ValueError(
+            f"{where}: label_names ({len(labels)}) disagree with num_classes ({config['num_classes']}) or "
+            f"with pretrained_cfg.label_names. Re-export the model with export_model."
+        )
+
+
+def _dataset_info(recipe: Mapping[str, Any], training_info: Mapping[str, Any]) -> dict[str, Any]:
+    """Whatever the run recorded about its dataset, as a dict (a string becomes ``{"name": ...}``)."""
+    sources = (
+        training_info.get("dataset"),
+        training_info.get("dataset_path"),
+        recipe.get("dataset"),
+        recipe.get("data"),
+    )
+    for source in sources:
+        if isinstance(source, Mapping):
+            return dict(source)
+        if isinstance(source, str) and source:
+            return {"name": source}
+    return {}
+
+
+def resolve_license(explicit: str | None, recipe: Mapping[str, Any], training_info: Mapping[str, Any]) -> str:
+    """The weights' license: ``--license``, else the recipe, training info or dataset. Never a default."""
+    dataset = _dataset_info(recipe, training_info)
+    for value in (explicit, recipe.get("license"), training_info.get("license"), dataset.get("license")):
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    raise MissingLicenseError(
+        "No license is known for these weights: neither recipe.yaml nor training_info.json nor the dataset "
+        "records one. Pass --license (e.g. --license cc-by-nc-4.0), and choose one compatible with the "
+        "license of the training images."
+    )
+
+
+def _hub_dataset_id(dataset: Mapping[str, Any]) -> str | None:
+    """A Hub dataset id if the run recorded one (``ORG/NAME``), never a local path."""
+    for key in ("hub_id", "repo_id", "push_to_hub"):
+        value = dataset.get(key)
+        if isinstance(value, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+            return value
+    return None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not math.isnan(float(value)) else None
+
+
+def eval_results(metrics: Mapping[str, Any], dataset_type: str, dataset_name: str) -> list[EvalResult]:
+    """The test metrics of ``metrics.json`` as model-index entries."""
+    split = metrics.get("split") or "test"
+    results = []
+    for key, metric_type, name, args in _EVAL_METRICS:
+        value = _number(metrics.get(key))
+        if value is None:
+            continue
+        results.append(
+            EvalResult(
+                task_type="image-classification",
+                task_name="Image Classification",
+                dataset_type=dataset_type,
+                dataset_name=dataset_name,
+                dataset_split=split,
+                metric_type=metric_type,
+                metric_name=name,
+                metric_value=round(value, 4),
+                metric_args=args,
+            )
+        )
+    return results
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    number = _number(value)
+    if number is None:
+        return "n/a" if value is None else str(value)
+    return f"{number:.{digits}f}"
+
+
+def _section_model_details(repo_id: str, config: Mapping[str, Any], license_id: str, info: Mapping[str, Any]) -> str:
+    pcfg = config["pretrained_cfg"]
+    size = pcfg["input_size"]
+    lines = [
+        "## Model details",
+        "",
+        f"- **Architecture:** `{config['architecture']}` ([timm](https://github.com/huggingface/pytorch-image-models))",
+        f"- **Classes:** {config['num_classes']} ({', '.join(f'`{n}`' for n in config['label_names'])})",
+        f"- **Input:** RGB, {size[-1]}x{size[-2]} px, resize to {_fmt(pcfg['crop_pct'], 3)} crop, "
+        f"`{pcfg['interpolation']}` interpolation, mean {list(pcfg['mean'])}, std {list(pcfg['std'])}",
+        "- **Weights:** `model.safetensors`; config in timm's format (`config.json`)",
+        f"- **License:** `{license_id}`",
+        f"- **Trained with:** derm-accel {info.get('derm_accel_version', '')}".rstrip(),
+        f"- **Repository:** `{repo_id}`",
+    ]
+    if license_id == "other":
+        lines.append("- The license of the training images was not stated; check it before any use beyond research.")
+    return "\n".join(lines)
+
+
+_INTENDED_USE = """## Intended use
+
+- Research on automated classification of skin-lesion images, benchmarking, and teaching.
+- A starting point for fine-tuning on a clinic's own, properly consented and labelled data.
+
+### Out-of-scope use
+
+- **This model is not a medical device and gives no diagnosis.** It has not been cleared or approved by any
+  regulator, and it was not validated prospectively or in a clinical workflow.
+- Do not use its output to decide on treatment, to rule out cancer, or to delay seeing a clinician. Anyone
+  worried about a skin lesion should see a dermatologist.
+- Images unlike the training data (other body sites, other cameras, non-skin images, children if not
+  in the data) give confident-looking but meaningless outputs: the model always answers with one of its
+  classes."""
+
+
+def _section_training_data(dataset: Mapping[str, Any], info: Mapping[str, Any], labels: list[str]) -> str:
+    name = dataset.get("name") or dataset.get("path") or "the training image collection"
+    if "/" in str(name) or "\\" in str(name):
+        name = Path(str(name)).name  # a local folder: its name only, never the user's directory layout
+    lines = ["## Training data", "", f"- **Dataset:** {name}"]
+    hub_id = _hub_dataset_id(dataset)
+    if hub_id:
+        lines.append(f"- **On the Hub:** [{hub_id}](https://huggingface.co/datasets/{hub_id})")
+    for key, label in (("license", "Dataset license"), ("num_images", "Images"), ("source", "Source")):
+        if dataset.get(key):
+            lines.append(f"- **{label}:** {dataset[key]}")
+    splits = dataset.get("splits") or info.get("split_sizes")
+    if isinstance(splits, Mapping):
+        lines.append("- **Splits:** " + ", ".join(f"{k}: {v}" for k, v in splits.items()))
+    lines.append(f"- **Classes:** {len(labels)}")
+    lines += [
+        "",
+        "### How the split kept duplicates apart",
+        "",
+        "`derm-accel convert` hashes every image before splitting: exact copies (same pixels) and "
+        "near-duplicates (perceptual hash within a small Hamming distance, e.g. the same lesion re-saved, "
+        "resized or slightly cropped) are grouped, and a whole group goes to one split, so no test image has "
+        "a copy in training or "
+        "validation and the test metrics below are not inflated by leakage. Copies filed under different "
+        "labels are dropped or resolved by majority (`--conflicts`); the dataset's `conversion_report.json` "
+        "lists them.",
+    ]
+    return "\n".join(lines)
+
+
+def _section_training(recipe: Mapping[str, Any], info: Mapping[str, Any]) -> str:
+    train = recipe.get("train") if isinstance(recipe.get("train"), Mapping) else {}
+    optim = recipe.get("optim") if isinstance(recipe.get("optim"), Mapping) else {}
+
+    def first(*keys: str) -> Any:  # training_info.json key names, newest first
+        return next((info[k] for k in keys if info.get(k) is not None), None)
+
+    rows = [
+        ("Epochs", first("epochs_run", "epochs") or train.get("epochs")),
+        ("Best epoch (by validation)", first("best_epoch")),
+        ("Best validation macro F1", first("best_val_macro_f1")),
+        ("Mixed precision", first("mixed_precision") or train.get("mixed_precision")),
+        ("Hardware", first("device_name", "device")),
+        ("Processes", first("num_processes")),
+        ("Distributed", first("distributed_type")),
+        ("EMA of weights", first("ema")),
+        ("Throughput (train images/s)", first("train_images_per_s", "train_images_per_sec")),
+        ("Wall time (s)", first("wall_time_s")),
+        ("Optimizer", optim.get("name")),
+        ("Learning rate", optim.get("lr")),
+        (
+            "Batch size per process",
+            (recipe.get("data") or {}).get("batch_size") if isinstance(recipe.get("data"), Mapping) else None,
+        ),
+    ]
+    lines = ["## Training procedure", ""]
+    known = [(k, v) for k, v in rows if v is not None]
+    if known:
+        lines += [
+            "| Setting | Value |",
+            "|---|---|",
+            *[f"| {k} | {format(round(v, 4), 'g') if isinstance(v, float) else v} |" for k, v in known],
+        ]
+    else:
+        lines.append("The run recorded no training details (training_info.json was not found).")
+    if recipe:
+        lines += [
+            "",
+            "The full recipe is in [`recipe.yaml`](recipe.yaml); reproduce with "
+            "`derm-accel train --recipe recipe.yaml`.",
+        ]
+    return "\n".join(lines)
+
+
+def _section_evaluation(metrics: Mapping[str, Any], report_files: set[str]) -> str:
+    if not metrics:
+        return (
+            "## Evaluation\n\nNo evaluation report was published with this model. Run "
+            "`derm-accel evaluate` on a held-out split and push again with `--report` to add one."
+        )
+    split = metrics.get("split", "test")
+    lines = [
+        "## Evaluation",
+        "",
+        f"On the held-out **{split}** split ({_fmt(metrics.get('num_samples'))} images); "
+        "the full report is in "
+        f"[`eval/`](eval/){' ([report](eval/report.md))' if 'report.md' in report_files else ''}.",
+        "",
+        "| Metric | Value |",
+        "|---|---|",
+    ]
+    for key, _, name, _ in _EVAL_METRICS:
+        if _number(metrics.get(key)) is not None:
+            value = _fmt(metrics[key])
+            ci = (metrics.get("ci95") or {}).get({"accuracy": "accuracy", "macro_f1": "macro_f1"}.get(key, ""), None)
+            if isinstance(ci, (list, tuple)) and len(ci) == 2:
+                value += f" (95% CI {_fmt(ci[0])}-{_fmt(ci[1])})"
+            lines.append(f"| {name} | {value} |")
+    per_class = metrics.get("per_class") or {}
+    if per_class:
+        lines += [
+            "",
+            "### Per class",
+            "",
+            "| Class | Precision | Recall | F1 | ROC AUC | Support |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, m in per_class.items():
+            lines.append(
+                f"| {name} | {_fmt(m.get('precision'))} | {_fmt(m.get('recall'))} | {_fmt(m.get('f1'))} "
+                f"| {_fmt(m.get('roc_auc'))} | {_fmt(m.get('support'))} |"
+            )
+    missing = metrics.get("classes_without_samples") or []
+    if missing:
+        lines += ["", f"Classes without test images (no metrics): {', '.join(missing)}."]
+    if "confusion_matrix.png" in report_files:
+        lines += ["", "### Confusion matrix", "", "![Confusion matrix](eval/confusion_matrix.png)"]
+    lines += ["", "### Calibration", ""]
+    if _number(metrics.get("ece")) is not None:
+        lines.append(
+            f"Expected calibration error: **{_fmt(metrics['ece'])}**; lower means the predicted "
+            "probabilities match observed frequencies better."
+        )
+    calibration = metrics.get("calibration")
+    if isinstance(calibration, Mapping):
+        lines += ["", *_stage_lines(calibration, "uncalibrated", "calibrated")]
+    if "reliability.png" in report_files:
+        lines += ["", "![Reliability diagram](eval/reliability.png)"]
+    if "roc_curves.png" in report_files:
+        lines += ["", "![ROC curves](eval/roc_curves.png)"]
+    tta = metrics.get("tta")
+    if isinstance(tta, Mapping):
+        lines += ["", "### Test-time augmentation", "", *_stage_lines(tta, "single view", "with TTA")]
+    return "\n".join(lines)
+
+
+def _stage_lines(stage: Mapping[str, Any], before_name: str, after_name: str) -> list[str]:
+    """Settings of a post-processing stage (calibration, TTA) and its before/after metrics."""
+    lines = [
+        f"- {k.replace('_', ' ')}: {_fmt(v) if not isinstance(v, (list, tuple)) else ', '.join(map(str, v))}"
+        for k, v in stage.items()
+        if not isinstance(v, Mapping)
+    ]
+    before, after = stage.get("before"), stage.get("after")
+    if isinstance(before, Mapping) and isinstance(after, Mapping):
+        keys = [k for k in before if k in after and _number(before[k]) is not None]
+        if keys:
+            lines += ["", f"| Metric | {before_name} | {after_name} |", "|---|---|---|"]
+            lines += [f"| {k.replace('_', ' ')} | {_fmt(before[k])} | {_fmt(after[k])} |" for k in keys]
+    return lines
+
+
+_LIMITATIONS = """## Limitations and bias
+
+- **Skin-tone coverage is unknown.** Public dermatology collections are dominated by light skin (Fitzpatrick
+  I-III); the training data did not record skin type, so performance on darker skin was not measured and is
+  likely worse.
+- **Dermoscopic and clinical photos differ.** Dermoscopy images (polarised, magnified, contact) and phone or
+  clinical close-ups look very different; a model trained on one kind transfers poorly to the other.
+- Labels come from the source collection; some are not histopathologically confirmed, and class balance
+  differs from what any clinic sees, so predicted probabilities are not prevalence-calibrated.
+- Rare classes have few test images: their per-class metrics have wide confidence intervals.
+- Artefacts (rulers, ink marks, hair, vignetting) can be shortcuts the model relies on."""
+
+
+def _section_how_to_use(repo_id: str, labels: list[str]) -> str:
+    return f"""## How to use
+
+With timm alone:
+
+```python
+import timm
+import torch
+from PIL import Image
+
+model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()
+config = timm.data.resolve_data_config({{}}, model=model)
+transform = timm.data.create_transform(**config)
+labels = model.pretrained_cfg["label_names"]
+
+image = Image.open("lesion.jpg").convert("RGB")
+with torch.no_grad():
+    probs = model(transform(image).unsqueeze(0)).softmax(-1)[0]
+top = probs.topk(3)
+print([(labels[i], round(p, 3)) for p, i in zip(top.values.tolist(), top.indices.tolist())])
+```
+
+With derm-accel (`pip install derm-accel`):
+
+```python
+from derm_accel import predict
+
+print(predict("lesion.jpg", model="{repo_id}", top_k=3))  # files or folders
+```
+
+```bash
+derm-accel predict lesion.jpg photos/ --model {repo_id} --top-k 3 --json
+```
+
+The labels are: {", ".join(f"`{n}`" for n in labels)}."""
+
+
+def _section_citation(repo_id: str, arch: str) -> str:
+    key = re.sub(r"[^A-Za-z0-9]+", "_", repo_id)
+    return f"""## Citation
+
+```bibtex
+@misc{{{key},
+  title        = {{{repo_id}: a {arch} skin-lesion image classifier}},
+  howpublished = {{\\url{{https://huggingface.co/{repo_id}}}}},
+  note         = {{Trained and evaluated with derm-accel}}
+}}
+
+@misc{{rw2019timm,
+  author       = {{Ross Wightman}},
+  title        = {{PyTorch Image Models}},
+  year         = {{2019}},
+  howpublished = {{\\url{{https://github.com/huggingface/pytorch-image-models}}}}
+}}
+```
+
+Please also cite the dataset the model was trained on."""
+
+
+def build_model_card(
+    model_dir: str | Path,
+    repo_id: str,
+    *,
+    report_dir: str | Path | None = None,
+    license: str | None = None,
+) -> ModelCard:
+    """The README.md for ``repo_id`` from a model folder (RUN/best) and an optional evaluation report."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found; point at a model folder (RUN/best) written by train.")
+    config = read_optional_json(config_path)
+    check_timm_config(config, config_path)
+    recipe = read_optional_yaml(model_dir / "recipe.yaml")
+    info = read_optional_json(model_dir / "training_info.json")
+    license_id = resolve_license(license, recipe, info).lower()
+    license_name = None
+    if license_id not in HUB_LICENSES:
+        license_name = re.sub(r"[^a-z0-9.-]+", "-", license_id).strip("-") or "unknown"
+        license_id = "other"
+
+    metrics: dict[str, Any] = {}
+    report_files: set[str] = set()
+    if report_dir is not None:
+        report_dir = Path(report_dir)
+        metrics = read_optional_json(report_dir / "metrics.json")
+        report_files = {p.name for p in report_dir.iterdir() if p.is_file()} if report_dir.is_dir() else set()
+
+    dataset = _dataset_info(recipe, info)
+    hub_dataset = _hub_dataset_id(dataset)
+    dataset_name = str(dataset.get("name") or hub_dataset or "skin lesion images")
+    labels = list(config["label_names"])
+    card_data = ModelCardData(
+        library_name="timm",
+        pipeline_tag="image-classification",
+        license=license_id,
+        license_name=license_name,
+        tags=CARD_TAGS,
+        datasets=[hub_dataset] if hub_dataset else None,
+        metrics=sorted({m for k, m, _, _ in _EVAL_METRICS if _number(metrics.get(k)) is not None}) or None,
+        model_name=repo_id.split("/")[-1],
+        eval_results=eval_results(metrics, hub_dataset or "imagefolder", Path(dataset_name).name) or None,
+    )
+    title = (
+        f"# {repo_id.split('/')[-1]}\n\nA `{config['architecture']}` classifier of {len(labels)} "
+        "skin-disease classes, trained with derm-accel."
+    )
+    sections = [
+        title,
+        _section_model_details(repo_id, config, license_name or license_id, info),
+        _INTENDED_USE,
+        _section_training_data(dataset, info, labels),
+        _section_training(recipe, info),
+        _section_evaluation(metrics, report_files),
+        _LIMITATIONS,
+        _section_how_to_use(repo_id, labels),
+        _section_citation(repo_id, config["architecture"]),
+    ]
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
