@@ -38,7 +38,9 @@ def convert(
     val_frac: Annotated[float, typer.Option(help="Fraction of each class for validation.")] = 0.1,
     test_frac: Annotated[float, typer.Option(help="Fraction of each class for test.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the stratified split.")] = 42,
-    max_size: Annotated[int, typer.Option(help="Shorter side of stored images in px (never upscaled; 0 = keep).")] = 320,
+    max_size: Annotated[
+        int, typer.Option(help="Shorter side of stored images in px (never upscaled; 0 = keep).")
+    ] = 320,
     quality: Annotated[int, typer.Option(help="JPEG quality of stored images.")] = 95,
     near_threshold: Annotated[int, typer.Option(help="Perceptual-hash distance (bits) for near duplicates.")] = 4,
     conflicts: Annotated[str, typer.Option(help="Duplicates with different labels: drop | keep-majority.")] = "drop",
@@ -70,7 +72,8 @@ def convert(
 @app.command(
     epilog="**Examples**\n\n"
     "derm-accel train --recipe recipes/smoke.yaml --set data.path=data/derm\n\n"
-    "accelerate launch --config_file accelerate_configs/4xa100.yaml -m derm_accel train --recipe recipes/effnet_b3.yaml\n\n"
+    "accelerate launch --config_file accelerate_configs/4xa100.yaml -m derm_accel train "
+    "--recipe recipes/effnet_b3.yaml\n\n"
     "derm-accel train --recipe recipes/effnet_b3.yaml --resume latest",
 )
 def train(

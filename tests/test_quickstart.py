@@ -52,7 +52,7 @@ def test_quickstart_default_sample(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "test accuracy" in result.output and str(tmp_path) in result.output
     _check_artifacts(tmp_path, summary, num_classes=6)
-    assert summary["test_accuracy"] > 0.6  # chance is 1/6
+    assert summary["test_accuracy"] > 0.4  # chance is 1/6
     assert summary["timings_s"]["total"] > 0
 
 

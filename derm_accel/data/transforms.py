@@ -39,7 +39,9 @@ _INTERPOLATION = {
 }
 
 
-def train_transform(data_cfg: dict[str, Any], aug: AugmentConfig | None = None) -> Callable[[Image.Image], torch.Tensor]:
+def train_transform(
+    data_cfg: dict[str, Any], aug: AugmentConfig | None = None
+) -> Callable[[Image.Image], torch.Tensor]:
     """RandomResizedCrop + flips (+ optional rotation and colour jitter), then the model's normalisation."""
     aug = aug or AugmentConfig()
     size = data_cfg["input_size"][-2:]
@@ -111,7 +113,9 @@ def batch_transform(
     return apply
 
 
-def with_transform(dataset: Any, transform: Callable[[Image.Image], torch.Tensor], *, min_size: int | None = None) -> Any:
+def with_transform(
+    dataset: Any, transform: Callable[[Image.Image], torch.Tensor], *, min_size: int | None = None
+) -> Any:
     """Return ``dataset`` decoding lazily through ``transform`` (images are never decoded twice)."""
     from datasets import Image as ImageFeature
 
