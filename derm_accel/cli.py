@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,11 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     pretty_exceptions_show_locals=False,
 )
+
+
+def _is_main_process() -> bool:
+    """Under `accelerate launch` every rank runs the command; only rank 0 prints the summary."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _fail(error: Exception) -> None:
@@ -84,13 +90,15 @@ def train(
     resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint folder to resume from.")] = None,
 ) -> None:
     """Train a timm classifier with a plain PyTorch loop driven by Accelerate (CPU, one GPU, or DDP)."""
+    from derm_accel.train import NonFiniteLossError
     from derm_accel.train import train as run_training
 
     try:
         run_dir = run_training(recipe, overrides=set_ or [], resume=resume)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
         _fail(e)
-    typer.echo(f"run folder: {run_dir}\nbest model: {Path(run_dir) / 'best'}")
+    if _is_main_process():
+        typer.echo(f"run folder: {run_dir}\nbest model: {Path(run_dir) / 'best'}")
 
 
 @app.command(
@@ -120,7 +128,7 @@ def evaluate(
         )
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
-    if metrics:  # only the main process returns the metrics
+    if metrics and _is_main_process():
         typer.echo(
             f"{split}: accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
             f"report: {metrics.get('report_dir', out)}"

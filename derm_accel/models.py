@@ -7,6 +7,7 @@ Weights are only ever read with safetensors: nothing downloaded is unpickled.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -134,6 +135,9 @@ def export_model(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    if any(not p.is_contiguous() or p.device.type != "cpu" for p in model.parameters()):
+        # safetensors refuses channels_last (non-contiguous) tensors; never touch the caller's training copy.
+        model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
     if len(label_names) != model.num_classes:
         raise ValueError(f"{len(label_names)} label names for a model with {model.num_classes} classes")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

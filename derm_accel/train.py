@@ -11,7 +11,6 @@ of processes.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -443,11 +442,9 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
                 0,
             )
             if accelerator.is_main_process:
-                # A contiguous fp32 CPU copy: safetensors refuses channels_last tensors.
-                export = copy.deepcopy(best_model()).float().cpu().to(memory_format=torch.contiguous_format)
                 val_metrics = {"split": d.val_split, "epoch": epoch + 1, **metrics}
                 export_model(
-                    export,
+                    best_model(),
                     run_dir / BEST_DIR,
                     label_names,
                     extra_files={
