@@ -47,9 +47,9 @@ def _recipe(
         },
         "optim": {
             "name": "adamw",
-            "lr": 3e-4 if pretrained else 2e-3,
+            "lr": 1e-3 if pretrained else 2e-3,
             "weight_decay": 0.01,
-            "warmup_epochs": 1,
+            "warmup_epochs": 0.3 if pretrained else 1,
             "label_smoothing": 0.1,
             "grad_clip": 1.0,
             "grad_accum": 1,

@@ -31,6 +31,7 @@ from derm_accel.checkpoints import list_checkpoints, load_checkpoint, resolve_ch
 from derm_accel.config import OptimConfig, Recipe, RecipeError, load_recipe
 from derm_accel.data import loaders
 from derm_accel.data.transforms import eval_transform, train_transform
+from derm_accel.distributed import use_cpu_ranks_without_gpu
 from derm_accel.models import create_model, data_config, export_model
 from derm_accel.run_info import collect_run_info, device_name
 from derm_accel.tracking import JSONLTracker
@@ -134,16 +135,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _has_accelerator_device() -> bool:
-    xpu = getattr(torch, "xpu", None)
-    mps = getattr(torch.backends, "mps", None)
-    return bool(
-        torch.cuda.is_available()
-        or (xpu is not None and xpu.is_available())
-        or (mps is not None and mps.is_available())
-    )
-
-
 def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resume: str | None = None) -> Path:
     """Train the recipe's model; return the run folder (``RUN/best`` holds the exported best model)."""
     started = time.time()
@@ -158,10 +149,7 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
 
     # 1. Accelerator: mixed precision (None: from `accelerate launch`/config), accumulation, trackers.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not _has_accelerator_device():
-        # `accelerate launch` does not export use_cpu for MULTI_GPU configs; without this each CPU process
-        # would train alone (see accelerate_configs/cpu_2proc.yaml).
-        os.environ.setdefault("ACCELERATE_USE_CPU", "1")
+    use_cpu_ranks_without_gpu()
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=o.grad_accum,

@@ -59,15 +59,15 @@ def test_quickstart_default_sample(tmp_path: Path) -> None:
 @needs_derm_sample
 @needs_lite0
 def test_quickstart_real_sample_pretrained(tmp_path: Path) -> None:
-    """Real dermoscopic images, ImageNet-pretrained EfficientNet-Lite0: well above chance (1/9) after a short run."""
+    """Real dermoscopic images, ImageNet-pretrained EfficientNet-Lite0: well above chance (1/9) after one epoch."""
     result = CliRunner().invoke(
         app,
         [
             "quickstart", "--workdir", str(tmp_path), "--data", str(DERM_SAMPLE),
-            "--model", "tf_efficientnet_lite0", "--pretrained-file", str(LITE0_WEIGHTS), "--epochs", "2",
+            "--model", "tf_efficientnet_lite0", "--pretrained-file", str(LITE0_WEIGHTS), "--epochs", "1",
         ],
-    )
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     _check_artifacts(tmp_path, summary, num_classes=9)
-    assert summary["test_accuracy"] > 0.3
+    assert summary["test_accuracy"] > 0.25  # one epoch of fine-tuning; from scratch it stays near chance

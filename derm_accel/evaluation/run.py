@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from ..data.transforms import IMAGE_COLUMN, LABEL_COLUMN, decode_image, eval_transform, with_transform
+from ..distributed import use_cpu_ranks_without_gpu
 from ..models import data_config, load_model
 from . import plots
 from .calibration import fit_temperature, negative_log_likelihood, tta_probabilities
@@ -170,13 +171,14 @@ def evaluate_model(
             "--calibrate fits the temperature on the validation split, so evaluating that same split would "
             "report optimistic calibration. Evaluate --split test, or drop --calibrate."
         )
+    use_cpu_ranks_without_gpu()
     accelerator = Accelerator()
     net, model_labels = load_model(model)
     dataset, raw_split = load_split(data, split)
     data_labels = list(raw_split.features[LABEL_COLUMN].names)
     check_label_names(model_labels, data_labels, model, data)
     if calibrate and "validation" not in dataset:
-        raise KeyError(f"{data} has no 'validation' split to fit the temperature on; drop --calibrate.")
+        raise ValueError(f"{data} has no 'validation' split to fit the temperature on; drop --calibrate.")
 
     cfg = data_config(net)
     transform = eval_transform(cfg)
