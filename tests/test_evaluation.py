@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import socket
@@ -26,7 +25,7 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from derm_accel.data.synthetic import class_names, render
+from derm_accel.data.synthetic import class_names, render, write_dataset
 from derm_accel.evaluation import LabelMismatchError, evaluate_model, load_metric
 from derm_accel.evaluation.run import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, default_out_dir
 from derm_accel.models import create_model, export_model
@@ -40,44 +39,9 @@ PNGS = ("confusion_matrix.png", "roc_curves.png", "reliability.png", "misclassif
 torch.set_num_threads(1)
 
 
-def _jpeg(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
-    from datasets import Image as ImageFeature
-
-    features = Features(
-        {
-            "image": ImageFeature(),
-            "label": ClassLabel(names=NAMES),
-            "source_path": Value("string"),
-            "orig_width": Value("int32"),
-            "orig_height": Value("int32"),
-            "content_hash": Value("string"),
-        }
-    )
-    splits = {}
-    seed = 0
-    for split, counts in SPLIT_COUNTS.items():
-        rows = {k: [] for k in features}
-        for label, count in enumerate(counts):
-            for _ in range(count):
-                seed += 1
-                rows["image"].append({"bytes": _jpeg(render(label, seed, 48)), "path": None})
-                rows["label"].append(label)
-                rows["source_path"].append(f"{NAMES[label]}/img_{seed:03d}.jpg")
-                rows["orig_width"].append(48)
-                rows["orig_height"].append(48)
-                rows["content_hash"].append(f"{seed:016x}")
-        splits[split] = Dataset.from_dict(rows, features=features)
-    out = tmp_path_factory.mktemp("eval") / "data"
-    DatasetDict(splits).save_to_disk(str(out))
-    return out
+    return write_dataset(tmp_path_factory.mktemp("eval") / "data", SPLIT_COUNTS, size=48, names=NAMES)
 
 
 def _tiny_model(label_names: list[str], out: Path) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -15,48 +14,11 @@ def make_dataset(
     size: int = 40,
 ) -> Path:
     """Write a DatasetDict with the schema `derm-accel convert` produces (JPEG bytes embedded)."""
-    import hashlib
+    from derm_accel.data.synthetic import write_dataset
 
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
-
-    from derm_accel.data.synthetic import class_names, render
-
-    names = sorted(class_names(num_classes))
-    per_class = per_class or {
-        "train": [16] * num_classes,
-        "validation": [5] * num_classes,
-        "test": [3] * num_classes,
-    }
-    features = Features(
-        {
-            "image": Image(),
-            "label": ClassLabel(names=names),
-            "source_path": Value("string"),
-            "orig_width": Value("int32"),
-            "orig_height": Value("int32"),
-            "content_hash": Value("string"),
-        }
-    )
-    splits = {}
-    offset = 0
-    synthetic_order = class_names(num_classes)
-    for split, counts in per_class.items():
-        rows: dict[str, list[Any]] = {k: [] for k in features}
-        for label, name in enumerate(names):
-            for i in range(counts[label]):
-                buf = io.BytesIO()
-                render(synthetic_order.index(name), offset + i, size).save(buf, format="JPEG", quality=90)
-                data = buf.getvalue()
-                rows["image"].append({"bytes": data, "path": None})
-                rows["label"].append(label)
-                rows["source_path"].append(f"{name}/{split}_{i:04d}.jpg")
-                rows["orig_width"].append(size)
-                rows["orig_height"].append(size)
-                rows["content_hash"].append(hashlib.sha256(data).hexdigest())
-            offset += 1000
-        splits[split] = Dataset.from_dict(rows, features=features)
-    DatasetDict(splits).save_to_disk(str(root))
-    return root
+    sizes = {"train": 16, "validation": 5, "test": 3}
+    split_counts = per_class or {split: [n] * num_classes for split, n in sizes.items()}
+    return write_dataset(root, split_counts, size=size)
 
 
 def tiny_recipe(data_path: Path, out: Path, **sections: dict[str, Any]) -> dict[str, Any]:

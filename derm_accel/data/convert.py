@@ -25,8 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Value
-from datasets import Image as ImageFeature
+from datasets import Dataset, DatasetDict, DatasetInfo
 from datasets.arrow_writer import ArrowWriter
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm.auto import tqdm
@@ -36,6 +35,7 @@ from derm_accel.data.decode import MAX_PIXELS, Decoded, DecodeOptions, decode_fi
 from derm_accel.data.dedupe import CONFLICT_POLICIES, DUPLICATES_HOW, group_images, resolve_groups
 from derm_accel.data.report import REPORT_NAME, check_accounting, split_counts, versions
 from derm_accel.data.scan import ScanError, ScanResult, Skip, SourceFile, load_class_map, scan_source
+from derm_accel.data.schema import dataset_features
 from derm_accel.data.split import SPLITS, stratified_group_split
 
 CARD_TITLE = "Skin disease images"
@@ -43,21 +43,6 @@ CARD_TITLE = "Skin disease images"
 
 class ConvertError(ValueError):
     """The conversion cannot start as asked (missing SRC, existing OUT, no images, bad class map...)."""
-
-
-def dataset_features(class_names: list[str]) -> Features:
-    """The schema every derm-accel stage reads."""
-    return Features(
-        {
-            "image": ImageFeature(),
-            "label": ClassLabel(names=class_names),
-            "source_path": Value("string"),
-            "orig_width": Value("int32"),
-            "orig_height": Value("int32"),
-            "content_hash": Value("string"),
-            "phash": Value("string"),
-        }
-    )
 
 
 def _check_arguments(

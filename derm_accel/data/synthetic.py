@@ -6,6 +6,8 @@ learnable but not trivial. Used by the quickstart and the tests; never a substit
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 from pathlib import Path
 
@@ -106,3 +108,44 @@ def write_sample(
         for i in range(per_class):
             render(ci, seed * 100_003 + i, size).save(folder / f"{name}_{i:04d}.jpg", quality=92)
     return root
+
+
+def write_dataset(
+    root: str | Path,
+    split_counts: dict[str, list[int]],
+    *,
+    size: int = 48,
+    names: list[str] | None = None,
+) -> Path:
+    """Save a DatasetDict in the schema `convert` writes, straight from rendered images (no conversion run).
+
+    ``split_counts[split][i]`` images of class ``names[i]`` (default: the sorted sample class names). Tests and
+    benchmarks of the later stages use it to start from a known, tiny dataset.
+    """
+    from datasets import Dataset, DatasetDict
+
+    from derm_accel.data.schema import dataset_features
+
+    num_classes = len(next(iter(split_counts.values())))
+    names = names or sorted(class_names(num_classes))
+    order = [c[0] for c in _CLASSES]
+    features = dataset_features(names)
+    splits, seed = {}, 0
+    for split, counts in split_counts.items():
+        rows: dict[str, list] = {key: [] for key in features}
+        for label, name in enumerate(names):
+            for _ in range(counts[label]):
+                seed += 1
+                buf = io.BytesIO()
+                render(order.index(name) if name in order else label, seed, size).save(buf, "JPEG", quality=90)
+                data = buf.getvalue()
+                rows["image"].append({"bytes": data, "path": None})
+                rows["label"].append(label)
+                rows["source_path"].append(f"{name}/{split}_{seed:05d}.jpg")
+                rows["orig_width"].append(size)
+                rows["orig_height"].append(size)
+                rows["content_hash"].append(hashlib.sha256(data).hexdigest())
+                rows["phash"].append("")
+        splits[split] = Dataset.from_dict(rows, features=features)
+    DatasetDict(splits).save_to_disk(str(root))
+    return Path(root)
