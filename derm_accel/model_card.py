@@ -234,19 +234,18 @@ def _section_training(recipe: Mapping[str, Any], info: Mapping[str, Any]) -> str
     train = recipe.get("train") if isinstance(recipe.get("train"), Mapping) else {}
     optim = recipe.get("optim") if isinstance(recipe.get("optim"), Mapping) else {}
 
-    def first(*keys: str) -> Any:  # training_info.json key names, newest first
-        return next((info[k] for k in keys if info.get(k) is not None), None)
+    first = info.get  # training_info.json, written by the train stage
 
     rows = [
-        ("Epochs", first("epochs_run", "epochs") or train.get("epochs")),
+        ("Epochs", first("epochs_run") or train.get("epochs")),
         ("Best epoch (by validation)", first("best_epoch")),
         ("Best validation macro F1", first("best_val_macro_f1")),
         ("Mixed precision", first("mixed_precision") or train.get("mixed_precision")),
-        ("Hardware", first("device_name", "device")),
+        ("Hardware", first("device_name")),
         ("Processes", first("num_processes")),
         ("Distributed", first("distributed_type")),
         ("EMA of weights", first("ema")),
-        ("Throughput (train images/s)", first("train_images_per_s", "train_images_per_sec")),
+        ("Throughput (train images/s)", first("train_images_per_s")),
         ("Wall time (s)", first("wall_time_s")),
         ("Optimizer", optim.get("name")),
         ("Learning rate", optim.get("lr")),
@@ -261,7 +260,7 @@ def _section_training(recipe: Mapping[str, Any], info: Mapping[str, Any]) -> str
         lines += [
             "| Setting | Value |",
             "|---|---|",
-            *[f"| {k} | {format(round(v, 4), 'g') if isinstance(v, float) else v} |" for k, v in known],
+            *[f"| {k} | {f'{v:.4g}' if isinstance(v, float) else v} |" for k, v in known],
         ]
     else:
         lines.append("The run recorded no training details (training_info.json was not found).")

@@ -118,7 +118,9 @@ def run_quickstart(
         shutil.rmtree(folder, ignore_errors=True)
 
     t = time.perf_counter()
-    report = convert_folders(src, data_dir, overwrite=True, seed=0, max_size=160, progress=False)
+    report = convert_folders(
+        src, data_dir, overwrite=True, seed=0, max_size=160, progress=False, license=None if data else license
+    )
     timings["convert"] = time.perf_counter() - t
 
     recipe_path = workdir / "recipe.yaml"

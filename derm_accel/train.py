@@ -317,7 +317,8 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
             "wall_time_s": wall_before + time.time() - started,
             "dataset_path": str(Path(d.path).resolve()),
             "dataset_class_names": label_names,
-            "license": recipe.license,
+            # The recipe's license, else the one convert recorded for the images (--license).
+            "license": recipe.license or train_split.info.license or None,
             "derm_accel_version": derm_accel.__version__,
         }
 
