@@ -229,9 +229,9 @@ def quickstart(
 
 @app.command(
     epilog="**Examples**\n\n"
-    "derm-accel bench data --workers 1 --workers 2\n\n"
-    "derm-accel bench train --model efficientnet_b3 --batch-size 8 --steps 3\n\n"
-    "derm-accel bench infer --batch-size 64",
+    "derm-accel bench data --opt workers=1,2\n\n"
+    "derm-accel bench train --opt models=efficientnet_b3 --opt batch_size=8 --opt steps=3\n\n"
+    "derm-accel bench infer --opt batch_size=64",
 )
 def bench(
     kind: Annotated[str, typer.Argument(help="data | train | infer")],

@@ -1,0 +1,356 @@
+"""Benchmarks run end to end on toy settings: valid JSON, docs tables rewritten in place, GPU check dry mode.
+
+Speed itself is never asserted here (benchmark scripts measure it); these tests check the logic around it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from derm_accel.benchmarks import KINDS, run_bench
+from derm_accel.benchmarks.cli_args import build_parser
+from derm_accel.benchmarks.comm import MIB, ddp_buckets, simulate_step
+from derm_accel.benchmarks.common import as_bools, markers, parse_size, update_docs_section
+from derm_accel.benchmarks.infer import recommend
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = {"model": "test_efficientnet", "img_size": 32}
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _section(docs: Path, kind: str) -> str:
+    text = docs.read_text()
+    start, end = markers(kind)
+    assert text.count(start) == 1 and text.count(end) == 1
+    return text[text.index(start) : text.index(end)]
+
+
+def test_data_bench_writes_json_and_rewrites_docs_in_place(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nHand-written intro.\n")
+    opts = dict(
+        sizes="96x72",
+        images=8,
+        workers="1",
+        batch_size=4,
+        img_size=32,
+        model="test_efficientnet",
+        workdir=tmp_path / "cache",
+        repeats=1,
+        command="derm-accel bench data --images 8",
+    )
+    res = run_bench("data", out=tmp_path / "data.json", docs=docs, **opts)
+    saved = json.loads((tmp_path / "data.json").read_text())
+    assert saved["kind"] == "data" and saved["command"] == "derm-accel bench data --images 8"
+    assert {"cpu", "usable_cores", "torch", "pillow"} <= saved["machine"].keys()
+    rows = {r["pipeline"]: r for r in saved["results"]}
+    assert set(rows) == {"original", "folder_draft", "arrow", "arrow_uint8"}
+    assert all(r["images_per_s"] > 0 and r["dataset_size"] == 8 and r["workers"] == 1 for r in rows.values())
+    assert rows["original"]["speedup_vs_original"] == 1.0
+    assert rows["arrow"]["speedup_vs_original"] == pytest.approx(
+        rows["arrow"]["images_per_s"] / rows["original"]["images_per_s"], rel=0.01
+    )
+    assert res["summary"]["arrow_speedup_vs_original"]["96x72/1w"] == rows["arrow"]["speedup_vs_original"]
+    section = _section(docs, "data")
+    assert "derm-accel bench data --images 8" in section and "| 96x72 | arrow | 1 |" in section
+    # A second run replaces the section, keeps the text around it.
+    run_bench("data", out=tmp_path / "data.json", docs=docs, **{**opts, "command": "second run"})
+    assert "second run" in _section(docs, "data") and "--images 8" not in _section(docs, "data")
+    assert docs.read_text().startswith("# Benchmarks\n\nHand-written intro.\n")
+
+
+def test_uint8_transform_matches_train_transform_up_to_normalisation():
+    from PIL import Image
+
+    from derm_accel.benchmarks.data import model_data_config, uint8_train_transform
+    from derm_accel.data.transforms import train_transform
+
+    cfg = model_data_config("test_efficientnet", 32)
+    image = Image.new("RGB", (60, 40), (200, 100, 50))  # flat colour: crops and flips cannot change pixels
+    u8 = uint8_train_transform(cfg)(image)
+    assert u8.dtype == torch.uint8 and u8.shape == (3, 32, 32)
+    mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(3, 1, 1)
+    assert torch.allclose((u8.float() / 255 - mean) / std, train_transform(cfg)(image), atol=1e-5)
+
+
+def test_train_bench_reports_rate_memory_and_compile_time(tmp_path):
+    res = run_bench(
+        "train",
+        out=tmp_path / "train.json",
+        docs=tmp_path / "b.md",
+        models="test_efficientnet",
+        img_size=32,
+        batch_size=2,
+        steps=1,
+        warmup=1,
+        channels_last="on",
+        compile="off",
+        device="cpu",
+        isolate=False,
+    )
+    (row,) = json.loads((tmp_path / "train.json").read_text())["results"]
+    assert row["model"] == "test_efficientnet" and row["channels_last"] is True and row["compile"] is False
+    assert row["images_per_s"] > 0 and row["step_ms"] > 0 and row["compile_s"] is None
+    assert 0 < row["best_step_ms"] <= row["step_ms"] + 0.1  # one timed step: the best is the mean
+    assert row["memory_kind"] == "sampled_peak_rss" and row["peak_memory_mb"] > 10
+    assert res["summary"]["test_efficientnet"]["best"]["channels_last"] is True
+    assert "| test_efficientnet | on | off | none | 2 |" in _section(tmp_path / "b.md", "train")
+
+
+def test_train_bench_rejects_fp16_on_cpu(tmp_path):
+    with pytest.raises(ValueError, match="fp16"):
+        run_bench(
+            "train",
+            out=tmp_path / "t.json",
+            update_docs=False,
+            models="test_efficientnet",
+            img_size=32,
+            batch_size=2,
+            steps=1,
+            amp="fp16",
+            device="cpu",
+            channels_last="off",
+            compile="off",
+            isolate=False,
+        )
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_infer_bench_all_sources_and_recommendation(tmp_path):
+    res = run_bench(
+        "infer",
+        out=tmp_path / "infer.json",
+        docs=tmp_path / "b.md",
+        **TOY,
+        batch_size=4,
+        images=8,
+        source_size="80x60",
+        workers=0,
+        channels_last="off,on",
+        device="cpu",
+        workdir=tmp_path / "cache",
+    )
+    rows = json.loads((tmp_path / "infer.json").read_text())["results"]
+    assert {(r["source"], r["channels_last"]) for r in rows} == {
+        (s, c) for s in ("tensor", "arrow", "folder") for c in (False, True)
+    }
+    assert all(r["images_per_s"] > 0 and r["images_timed"] == 4 and r["dtype"] == "fp32" for r in rows)
+    assert res["summary"]["judged_on"] == "arrow"
+    assert isinstance(res["summary"]["recommended_channels_last"], bool)
+    assert "Recommended defaults" in _section(tmp_path / "b.md", "infer")
+
+
+def test_recommend_switches_only_on_a_clear_win():
+    def row(cl, ips):
+        return {
+            "source": "arrow",
+            "channels_last": cl,
+            "dtype": "fp32",
+            "compile": False,
+            "images_per_s": ips,
+        }
+
+    assert recommend([row(False, 100.0), row(True, 102.0)])["recommended_channels_last"] is False
+    assert recommend([row(False, 100.0), row(True, 110.0)])["recommended_channels_last"] is True
+    # A sweep without channels_last off cannot recommend it, but still judges compile.
+    compiled = {**row(True, 130.0), "compile": True}
+    rec = recommend([row(True, 100.0), compiled])
+    assert rec["recommended_channels_last"] is None and rec["recommended_compile"] is True
+
+
+def test_ddp_buckets_follow_ddp_rules():
+    sizes_mib = (0.75, 0.5, 20, 10)  # in definition order
+    params = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(int(n * MIB / 4))) for n in sizes_mib])
+    # Default: a 1 MiB bucket for the first-defined parameters, then 25 MiB; reduced last layers first.
+    assert [b / MIB for b in ddp_buckets(params)] == [30.0, 1.25]
+    # Any other cap applies to every bucket.
+    assert [b / MIB for b in ddp_buckets(params, bucket_cap_mb=8)] == [10.0, 21.25]
+
+
+def test_simulate_step_exposes_only_what_backward_cannot_hide():
+    # One 100 MB bucket, ready when backward ends: all of it is exposed. 2 GPUs: ring moves 1x the bytes.
+    sim = simulate_step(
+        [100_000_000], world_size=2, step_ms=100.0, backward_fraction=0.5, busbw_gbs=10.0, latency_us=0.0
+    )
+    assert sim["exposed_ms"] == pytest.approx(10.0) and sim["efficiency"] == pytest.approx(100 / 110)
+    # Ten 10 MB buckets (1 ms each) ready every 5 ms: all but the last hide behind the rest of backward.
+    sim = simulate_step(
+        [10_000_000] * 10, world_size=2, step_ms=100.0, backward_fraction=0.5, busbw_gbs=10.0, latency_us=0.0
+    )
+    assert sim["comm_ms"] == pytest.approx(10.0) and sim["exposed_ms"] == pytest.approx(1.0)
+
+
+def test_gradients_of_late_layers_are_ready_first():
+    from derm_accel.benchmarks.comm import grad_ready_fractions
+    from derm_accel.models import create_model
+
+    model = create_model("test_efficientnet", 5)
+    fractions = grad_ready_fractions(model, img_size=32)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(fractions) == len(names) and all(0 <= f <= 1 for f in fractions)
+    assert fractions[names.index("classifier.weight")] < fractions[names.index("conv_stem.weight")]
+    # With measured readiness, buckets ready early hide their all-reduce completely.
+    sim = simulate_step(
+        [10_000_000, 1_000_000],
+        world_size=2,
+        step_ms=100.0,
+        backward_fraction=0.5,
+        busbw_gbs=10.0,
+        latency_us=0.0,
+        ready=[0.1, 1.0],
+    )
+    assert sim["exposed_ms"] == pytest.approx(0.1)
+
+
+def test_comm_bench_counts_parameters(tmp_path):
+    res = run_bench("comm", out=tmp_path / "c.json", docs=tmp_path / "b.md", models="test_efficientnet", num_classes=35)
+    (row,) = res["results"]
+    from derm_accel.models import create_model
+
+    n = sum(p.numel() for p in create_model("test_efficientnet", 35).parameters())
+    assert row["grad_mb_fp32"] == round(n * 4 / MIB, 1) and row["buckets"] >= 1
+    assert row["ring_mb_per_gpu"] == pytest.approx(1.5 * n * 4 / MIB, abs=0.1)
+    assert all(0 < v["efficiency"] <= 1 for v in row["efficiency"].values())
+    assert "| test_efficientnet |" in _section(tmp_path / "b.md", "comm")
+
+
+def test_update_docs_creates_then_replaces(tmp_path):
+    docs = tmp_path / "sub" / "b.md"
+    update_docs_section(docs, "x", "first")
+    update_docs_section(docs, "y", "other")
+    update_docs_section(docs, "x", "second")
+    text = docs.read_text()
+    assert "second" in text and "first" not in text and "other" in text
+    assert text.index(markers("x")[0]) < text.index(markers("y")[0])
+
+
+def test_option_parsing():
+    assert parse_size("1024x768") == (1024, 768)
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        parse_size("1024")
+    assert as_bools("off,on") == [False, True] and as_bools(True) == [True]
+    with pytest.raises(ValueError, match="on/off"):
+        as_bools("maybe")
+    assert build_parser("infer").parse_args(["--compile", "off,on"]).compile == "off,on"
+    args = build_parser("train").parse_args(["--channels-last", "off,on", "--batch-size", "2", "--isolate", "off"])
+    assert args.channels_last == "off,on" and args.batch_size == 2 and args.isolate is False and args.steps is None
+    with pytest.raises(ValueError, match="Unknown benchmark"):
+        run_bench("speed")
+    assert set(KINDS) == {"data", "train", "infer", "comm"}
+
+
+def test_cli_options_are_coerced_to_the_bench_types():
+    from derm_accel.bench import coerce_options
+    from derm_accel.benchmarks.infer import bench_infer
+    from derm_accel.benchmarks.train import bench_train
+
+    assert coerce_options(bench_infer, {"compile": "off,on"}) == {"compile": "off,on"}
+    opts = coerce_options(bench_train, {"model": "resnet18", "batch-size": "8", "isolate": "off", "compile": "off,on"})
+    assert opts == {"models": "resnet18", "batch_size": 8, "isolate": False, "compile": "off,on"}
+    with pytest.raises(ValueError, match=r"valid options: .*batch_size"):
+        coerce_options(bench_train, {"batchsize": "8"})
+    with pytest.raises(ValueError, match="expected int"):
+        coerce_options(bench_train, {"steps": "many"})
+
+
+def test_cli_bench_command_runs_the_bench(tmp_path):
+    from typer.testing import CliRunner
+
+    from derm_accel.cli import app
+
+    out = tmp_path / "comm.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "comm",
+            "--out",
+            str(out),
+            "--no-update-docs",
+            "--opt",
+            "models=test_efficientnet",
+            "--opt",
+            "measure_ready=off",
+            "--opt",
+            "world_size=2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["world_size"] == 2 and saved["results"][0]["model"] == "test_efficientnet"
+    assert saved["results"][0]["bucket_ready_fraction"] is None
+
+
+def test_gpu_check_loader_without_datasets_decodes_the_same(monkeypatch):
+    from derm_accel.benchmarks.data import model_data_config
+    from derm_accel.benchmarks.gpu_check import image_dataset, make_jpegs
+    from derm_accel.data.transforms import eval_transform
+
+    items = make_jpegs(3)
+    transform = eval_transform(model_data_config("test_efficientnet", 32))
+    arrow, arrow_source = image_dataset(items, transform)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as on a machine without `datasets`
+    plain, plain_source = image_dataset(items, transform)
+    assert "Arrow" in arrow_source and "datasets not installed" in plain_source
+    for i in range(3):
+        a, b = arrow[i], plain[i]
+        assert a["labels"] == b["labels"] == items[i][1]
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["pixel_values"].shape == (3, 32, 32)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    env = {
+        **os.environ,
+        "GPU_CHECK_DRY": "1",
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["settings"]["dry"] is True and report["errors"] == {}
+    assert [r["amp"] for r in report["train"]] == ["none", "bf16", "fp16"]
+    assert report["train"][2]["skipped"] == "fp16 needs a GPU"
+    assert [(r["dtype"], r["compile"]) for r in report["infer"]] == [
+        ("fp32", False),
+        ("bf16", False),
+        ("bf16", True),
+    ]
+    assert report["infer"][0]["images_per_s"] > 0 and "skipped" in report["infer"][2]
+    loader = report["loader"]
+    assert loader["loader_fed_img_s"] > 0 and loader["synthetic_tensor_img_s"] > 0
+    assert loader["fed_vs_synthetic"] == pytest.approx(
+        loader["loader_fed_img_s"] / loader["synthetic_tensor_img_s"], rel=0.02
+    )
+    check = report["bf16_check"]
+    assert 0 <= check["top1_agreement"] <= 1 and 0 <= check["max_abs_prob_diff"] <= 0.05 and check["passed"] is True
+    assert report["gpu_decode"]["images"] == report["bf16_check"]["images"]
+    best_train = max(r["images_per_s"] for r in report["train"] if "images_per_s" in r)
+    assert report["versus_targets"]["train_best_over_target"] == round(best_train / 1120, 2)
+    assert report["gpu_decode"]["decode_augment_img_s"] > 0
+    assert "| infer |" in (tmp_path / "gpu_check.md").read_text()
+    assert "wrote" in proc.stdout
