@@ -81,8 +81,9 @@ def predict(
                     results[i] = {"path": path, "error": err}
             if not good:
                 continue
-            batch = torch.stack([x for _, _, x in good]).to(device)
-            with torch.inference_mode():
+            batch = torch.stack([x for _, _, x in good]).to(device).contiguous(memory_format=torch.channels_last)
+            # bf16 autocast on CUDA, fp32 elsewhere: the fastest settings that keep top-1 unchanged.
+            with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
                 probs = net(batch).float().softmax(dim=-1).cpu()
             values, indices = probs.topk(k, dim=-1)
             for (i, path, _), vals, idxs in zip(good, values.tolist(), indices.tolist(), strict=True):
@@ -179,7 +180,9 @@ def _get_model(model: Any, device: str) -> tuple[Any, list[str]]:
         _ensure_hub_safetensors(source.removeprefix("hf-hub:"))
     from derm_accel.models import load_model
 
-    loaded = load_model(source, device=device)
+    net, labels = load_model(source, device=device)
+    # channels_last: 1.4x faster inference on CPU and the layout tensor cores want (docs/benchmarks.md).
+    loaded = (net.to(memory_format=torch.channels_last), labels)
     with _cache_lock:
         _cache[key] = loaded
         _cache.move_to_end(key)
