@@ -30,7 +30,7 @@ import derm_accel
 from derm_accel.checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from derm_accel.config import OptimConfig, Recipe, RecipeError, load_recipe
 from derm_accel.data import loaders
-from derm_accel.data.transforms import eval_transform, train_transform
+from derm_accel.data.transforms import BatchNormalize, eval_transform, train_transform
 from derm_accel.distributed import use_cpu_ranks_without_gpu
 from derm_accel.models import create_model, data_config, export_model
 from derm_accel.run_info import collect_run_info, device_name
@@ -213,7 +213,7 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
     )
     train_dl = loaders.train_loader(
         train_split,
-        train_transform(data_cfg, d.augment),
+        train_transform(data_cfg, d.augment, normalize=False),  # uint8: normalised on the device, per batch
         batch_size=d.batch_size,
         seed=t.seed,
         balance=d.balance,
@@ -227,6 +227,7 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
         min_size=loaders.decode_size(size, data_cfg.get("crop_pct", 1.0)),
         **loader_options,
     )
+    normalize = BatchNormalize(data_cfg)
     class_weights = None
     if d.balance == "weighted_loss":
         class_weights = loaders.class_weights(loaders.split_labels(train_split), len(label_names))
@@ -339,7 +340,7 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
         window_loss, window_count = torch.zeros((), device=accelerator.device), 0
         epoch_start, paused = time.perf_counter(), 0.0
         for batch in loader:
-            inputs, labels = batch["pixel_values"], batch["labels"]
+            inputs, labels = normalize(batch["pixel_values"]), batch["labels"]
             if t.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(model):

@@ -40,9 +40,13 @@ _INTERPOLATION = {
 
 
 def train_transform(
-    data_cfg: dict[str, Any], aug: AugmentConfig | None = None
+    data_cfg: dict[str, Any], aug: AugmentConfig | None = None, *, normalize: bool = True
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """RandomResizedCrop + flips (+ optional rotation and colour jitter), then the model's normalisation."""
+    """RandomResizedCrop + flips (+ optional rotation and colour jitter), then the model's normalisation.
+
+    ``normalize=False`` stops at uint8 tensors: the training loop then normalises whole batches on its device
+    (:class:`BatchNormalize`), so DataLoader workers do less and ship 4x fewer bytes (docs/benchmarks.md).
+    """
     aug = aug or AugmentConfig()
     size = data_cfg["input_size"][-2:]
     interpolation = _INTERPOLATION.get(data_cfg.get("interpolation", "bicubic"), v2.InterpolationMode.BICUBIC)
@@ -59,11 +63,27 @@ def train_transform(
     if aug.color_jitter > 0:
         c = aug.color_jitter
         steps.append(v2.ColorJitter(brightness=c, contrast=c, saturation=c, hue=min(0.5, c / 4)))
-    steps += [
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(data_cfg["mean"]), std=list(data_cfg["std"])),
-    ]
+    if normalize:
+        steps += [
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(data_cfg["mean"]), std=list(data_cfg["std"])),
+        ]
     return v2.Compose(steps)
+
+
+class BatchNormalize:
+    """uint8 NCHW batches -> float, normalised with the model's mean/std, on whatever device the batch is on."""
+
+    def __init__(self, data_cfg: dict[str, Any]):
+        self.mean = torch.tensor(data_cfg["mean"], dtype=torch.float32).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(data_cfg["std"], dtype=torch.float32).view(1, -1, 1, 1) * 255
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.dtype != torch.uint8:
+            return batch  # already normalised (e.g. by a float transform)
+        if self.mean.device != batch.device:
+            self.mean, self.std = self.mean.to(batch.device), self.std.to(batch.device)
+        return (batch.float() - self.mean) / self.std
 
 
 def eval_transform(data_cfg: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
