@@ -230,6 +230,11 @@ def _section_training_data(dataset: Mapping[str, Any], info: Mapping[str, Any], 
     return "\n".join(lines)
 
 
+def _short(value: float) -> str:
+    """Four significant digits for small numbers, one decimal for throughputs and times."""
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4g}"
+
+
 def _section_training(recipe: Mapping[str, Any], info: Mapping[str, Any]) -> str:
     train = recipe.get("train") if isinstance(recipe.get("train"), Mapping) else {}
     optim = recipe.get("optim") if isinstance(recipe.get("optim"), Mapping) else {}
@@ -260,7 +265,7 @@ def _section_training(recipe: Mapping[str, Any], info: Mapping[str, Any]) -> str
         lines += [
             "| Setting | Value |",
             "|---|---|",
-            *[f"| {k} | {f'{v:.4g}' if isinstance(v, float) else v} |" for k, v in known],
+            *[f"| {k} | {_short(v) if isinstance(v, float) else v} |" for k, v in known],
         ]
     else:
         lines.append("The run recorded no training details (training_info.json was not found).")

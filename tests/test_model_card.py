@@ -135,12 +135,3 @@ def test_incomplete_timm_config_is_rejected(artifacts: tuple[Path, Path], tmp_pa
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config.json lacks num_features, pretrained_cfg.mean"):
         build_model_card(tmp_path, REPO_ID, license="mit")
-
-
-def test_card_reads_older_training_info_keys(tmp_path: Path) -> None:
-    model_dir = write_model_dir(tmp_path)
-    info = {"epochs": 7, "device": "CPU (x86_64)", "train_images_per_sec": 55.25, "dataset": "derm-sample"}
-    (model_dir / "training_info.json").write_text(json.dumps(info))
-    text = str(build_model_card(model_dir, REPO_ID))
-    assert "| Epochs | 7 |" in text and "| Hardware | CPU (x86_64) |" in text
-    assert "| Throughput (train images/s) | 55.25 |" in text and "- **Dataset:** derm-sample" in text
