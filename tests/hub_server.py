@@ -1,10 +1,12 @@
-"""A local stand-in for the part of the Hugging Face Hub HTTP API that ``huggingface_hub`` and timm use.
+"""A local stand-in for the part of the Hugging Face Hub HTTP API that ``huggingface_hub``, timm and datasets use.
 
 It speaks the same endpoints, payloads and headers as the Hub (checked against huggingface_hub 2.4's
 ``hf_api.py``, ``_commit_api.py``, ``lfs.py`` and ``file_download.py``), so push and download code paths run
-unchanged against ``HF_ENDPOINT=http://127.0.0.1:PORT``:
+unchanged against ``HF_ENDPOINT=http://127.0.0.1:PORT``. Model and dataset repos are served; every route below
+exists for both, with ``models`` -> ``datasets`` in ``/api/...`` routes and a ``datasets/`` prefix before the repo
+id in git-style routes (``/datasets/{repo}/resolve/...``, ``/datasets/{repo}.git/...``), as on the Hub:
 
-- ``POST /api/repos/create`` (409 when the repo exists), ``POST /api/validate-yaml``
+- ``POST /api/repos/create`` (``type`` model or dataset; 409 when the repo exists), ``POST /api/validate-yaml``
 - ``POST /api/models/{repo}/preupload/{rev}`` (upload mode and remote oid per file)
 - ``POST /{repo}.git/info/lfs/objects/batch`` + ``PUT /_lfs/{oid}`` (basic transfer, sha256 checked)
 - ``POST /api/models/{repo}/commit/{rev}`` (NDJSON: header, file, lfsFile, deletedFile, deletedFolder)
@@ -38,8 +40,22 @@ from typing import Any
 import yaml
 
 LFS_EXTENSIONS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.png", "*.jpg", "*.jpeg", "*.ckpt", "*.onnx")
+# Dataset repos on the Hub also track columnar data files with LFS.
+DATASET_LFS_EXTENSIONS = (*LFS_EXTENSIONS, "*.parquet", "*.arrow")
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
-GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_EXTENSIONS).encode()
+REPO_TYPES = ("model", "dataset")
+
+
+def gitattributes(patterns: tuple[str, ...]) -> bytes:
+    return "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in patterns).encode()
+
+
+GITATTRIBUTES = gitattributes(LFS_EXTENSIONS)
+
+
+def repo_key(repo_id: str, repo_type: str = "model") -> str:
+    """Where the repo lives on the Hub, relative to the endpoint: ``org/name`` or ``datasets/org/name``."""
+    return repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -78,6 +94,7 @@ class Commit:
 class Repo:
     repo_id: str
     private: bool
+    repo_type: str = "model"
     branches: dict[str, str] = field(default_factory=dict)
     commits: dict[str, Commit] = field(default_factory=dict)
 
@@ -114,7 +131,9 @@ class HubState:
             if not path.exists():
                 path.write_bytes(data)
         meta = {
-            repo_id: {
+            key: {
+                "repo_id": repo.repo_id,
+                "repo_type": repo.repo_type,
                 "private": repo.private,
                 "branches": repo.branches,
                 "commits": {
@@ -135,7 +154,7 @@ class HubState:
                     for oid, c in repo.commits.items()
                 },
             }
-            for repo_id, repo in self.repos.items()
+            for key, repo in self.repos.items()
         }
         (self.storage_dir / "repos.json").write_text(json.dumps(meta, indent=1))
 
@@ -149,17 +168,17 @@ class HubState:
         repo.commits[oid] = commit
         return commit
 
-    def create_repo(self, repo_id: str, private: bool) -> bool:
+    def create_repo(self, repo_id: str, private: bool, repo_type: str = "model") -> bool:
         with self.lock:
-            if repo_id in self.repos:
+            key = repo_key(repo_id, repo_type)
+            if key in self.repos:
                 return False
-            repo = Repo(repo_id, private)
-            entry = RepoFileEntry(
-                ".gitattributes", len(GITATTRIBUTES), git_blob_sha1(GITATTRIBUTES), None, GITATTRIBUTES
-            )
+            repo = Repo(repo_id, private, repo_type)
+            attributes = gitattributes(DATASET_LFS_EXTENSIONS) if repo_type == "dataset" else GITATTRIBUTES
+            entry = RepoFileEntry(".gitattributes", len(attributes), git_blob_sha1(attributes), None, attributes)
             commit = self.new_commit(repo, None, "initial commit", "", {".gitattributes": entry})
             repo.branches["main"] = commit.oid
-            self.repos[repo_id] = repo
+            self.repos[key] = repo
             self.persist()
             return True
 
@@ -171,25 +190,25 @@ class HubState:
         return matches[0] if len(matches) == 1 else None
 
     # -- helpers for tests --
-    def files(self, repo_id: str, revision: str = "main") -> dict[str, str]:
+    def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, str]:
         """path -> sha256 of the content, at ``revision``."""
         with self.lock:
-            repo = self.repos[repo_id]
+            repo = self.repos[repo_key(repo_id, repo_type)]
             commit = self.resolve(repo, revision)
             assert commit is not None
             return {p: e.sha256 or hashlib.sha256(e.content or b"").hexdigest() for p, e in commit.files.items()}
 
-    def read(self, repo_id: str, path: str, revision: str = "main") -> bytes:
+    def read(self, repo_id: str, path: str, revision: str = "main", repo_type: str = "model") -> bytes:
         with self.lock:
-            commit = self.resolve(self.repos[repo_id], revision)
+            commit = self.resolve(self.repos[repo_key(repo_id, repo_type)], revision)
             assert commit is not None
             entry = commit.files[path]
             return self.lfs_objects[entry.sha256] if entry.sha256 else (entry.content or b"")
 
-    def history(self, repo_id: str, revision: str = "main") -> list[Commit]:
+    def history(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> list[Commit]:
         """Commits reachable from ``revision``, newest first."""
         with self.lock:
-            repo = self.repos[repo_id]
+            repo = self.repos[repo_key(repo_id, repo_type)]
             commit = self.resolve(repo, revision)
             out = []
             while commit is not None:
@@ -249,8 +268,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return True
         return self.headers.get("Authorization") == f"Bearer {expected}"
 
-    def _repo(self, repo_id: str, head: bool = False) -> Repo | None:
-        repo = self.state.repos.get(repo_id)
+    def _repo(self, key: str, head: bool = False) -> Repo | None:
+        """The repo at ``key`` (``org/name`` or ``datasets/org/name``), or a 404 answer."""
+        repo = self.state.repos.get(key)
         if repo is None or (repo.private and not self._authorized()):
             self._error(404, "Repository not found", "RepoNotFound", head=head)
             return None
@@ -288,31 +308,36 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if method == "PUT" and parts[0] == "_lfs":
             return self._lfs_put(parts[1], body)
         if method == "POST" and path.endswith(".git/info/lfs/objects/batch"):
-            repo_id = path.strip("/").removesuffix(".git/info/lfs/objects/batch")
-            return self._lfs_batch(repo_id, body)
-        if parts[:2] == ["api", "models"] and len(parts) >= 4:
-            repo_id = f"{parts[2]}/{parts[3]}"
+            key = path.strip("/").removesuffix(".git/info/lfs/objects/batch")
+            return self._lfs_batch(key, body)
+        if parts[0] == "api" and len(parts) >= 4 and parts[1] in ("models", "datasets"):
+            key = repo_key(f"{parts[2]}/{parts[3]}", parts[1][:-1])
             rest = parts[4:]
             if method == "GET" and not rest:
-                return self._model_info(repo_id, "main")
+                return self._repo_info(key, "main")
             if method == "GET" and rest[0] == "revision" and len(rest) >= 2:
-                return self._model_info(repo_id, "/".join(rest[1:]))
+                return self._repo_info(key, "/".join(rest[1:]))
             if method == "POST" and rest[0] == "preupload":
-                return self._preupload(repo_id, "/".join(rest[1:]), body)
+                return self._preupload(key, "/".join(rest[1:]), body)
             if method == "POST" and rest[0] == "commit":
-                return self._commit(repo_id, "/".join(rest[1:]), body)
+                return self._commit(key, "/".join(rest[1:]), body)
             if method == "POST" and rest[0] == "branch":
-                return self._create_branch(repo_id, "/".join(rest[1:]), body)
+                return self._create_branch(key, "/".join(rest[1:]), body)
             if method == "GET" and rest[0] == "tree":
-                return self._tree(repo_id, rest[1], "/".join(rest[2:]), query)
+                return self._tree(key, rest[1], "/".join(rest[2:]), query)
             if method == "POST" and rest[0] == "paths-info":
-                return self._paths_info(repo_id, "/".join(rest[1:]), body)
+                return self._paths_info(key, "/".join(rest[1:]), body)
             if method == "GET" and rest[0] == "commits":
-                return self._commits(repo_id, "/".join(rest[1:]))
+                return self._commits(key, "/".join(rest[1:]))
             if method == "GET" and rest[0] == "refs":
-                return self._refs(repo_id)
-        if method in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
-            return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), head=method == "HEAD")
+                return self._refs(key)
+        if method in ("GET", "HEAD"):
+            # /{org}/{name}/resolve/{rev}/{path} for models, /datasets/{org}/{name}/resolve/... for datasets.
+            offset = 1 if parts[0] == "datasets" else 0
+            if len(parts) >= 5 + offset and parts[2 + offset] == "resolve":
+                key = "/".join(parts[: 2 + offset])
+                rest = parts[3 + offset :]
+                return self._resolve(key, rest[0], "/".join(rest[1:]), head=method == "HEAD")
         self._error(404, f"no route for {method} {path}")
 
     def do_GET(self) -> None:
@@ -332,12 +357,14 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if not self._authorized():
             return self._error(401, "Invalid credentials in Authorization header")
         payload = json.loads(body)
-        if payload.get("type") not in (None, "model"):
-            return self._error(400, "this server only hosts model repos")
+        repo_type = payload.get("type") or "model"
+        if repo_type not in REPO_TYPES:
+            return self._error(400, f"this server only hosts {' and '.join(REPO_TYPES)} repos")
         repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
-        url = f"{self.server.url}/{repo_id}"
-        if not self.state.create_repo(repo_id, payload.get("visibility") == "private" or bool(payload.get("private"))):
-            return self._json(409, {"error": "You already created this model repo", "url": url})
+        url = f"{self.server.url}/{repo_key(repo_id, repo_type)}"
+        private = payload.get("visibility") == "private" or bool(payload.get("private"))
+        if not self.state.create_repo(repo_id, private, repo_type):
+            return self._json(409, {"error": f"You already created this {repo_type} repo", "url": url})
         self._json(200, {"url": url, "name": repo_id, "id": repo_id})
 
     def _validate_yaml(self, body: bytes) -> None:
@@ -352,11 +379,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 errors.append({"message": f"invalid YAML: {e}"})
         self._json(400 if errors else 200, {"errors": errors, "warnings": []})
 
-    def _write_target(self, repo_id: str, revision: str) -> tuple[Repo, Commit] | None:
+    def _write_target(self, key: str, revision: str) -> tuple[Repo, Commit] | None:
         if not self._authorized():
             self._error(401, "Invalid credentials in Authorization header")
             return None
-        repo = self._repo(repo_id)
+        repo = self._repo(key)
         if repo is None:
             return None
         commit = self.state.resolve(repo, revision)
@@ -365,17 +392,18 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return None
         return repo, commit
 
-    def _preupload(self, repo_id: str, revision: str, body: bytes) -> None:
+    def _preupload(self, key: str, revision: str, body: bytes) -> None:
         with self.state.lock:
-            target = self._write_target(repo_id, revision)
+            target = self._write_target(key, revision)
             if target is None:
                 return
-            _, commit = target
+            repo, commit = target
+            patterns = DATASET_LFS_EXTENSIONS if repo.repo_type == "dataset" else LFS_EXTENSIONS
             files = []
             for f in json.loads(body)["files"]:
                 sample = base64.b64decode(f["sample"])
                 lfs = (
-                    any(fnmatch.fnmatch(f["path"].rsplit("/", 1)[-1], p) for p in LFS_EXTENSIONS)
+                    any(fnmatch.fnmatch(f["path"].rsplit("/", 1)[-1], p) for p in patterns)
                     or f["size"] > LFS_SIZE_THRESHOLD
                     or b"\0" in sample
                 )
@@ -390,10 +418,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 )
         self._json(200, {"files": files, "commitOid": commit.oid})
 
-    def _lfs_batch(self, repo_id: str, body: bytes) -> None:
+    def _lfs_batch(self, key: str, body: bytes) -> None:
         if not self._authorized():
             return self._error(401, "Invalid credentials in Authorization header")
-        if self._repo(repo_id) is None:
+        if self._repo(key) is None:
             return
         payload = json.loads(body)
         objects = []
@@ -413,9 +441,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             self.state.persist()
         self._send(200, b"", {"ETag": f'"{oid[:32]}"'})
 
-    def _commit(self, repo_id: str, revision: str, body: bytes) -> None:
+    def _commit(self, key: str, revision: str, body: bytes) -> None:
         with self.state.lock:
-            target = self._write_target(repo_id, revision)
+            target = self._write_target(key, revision)
             if target is None:
                 return
             repo, parent = target
@@ -457,16 +485,16 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             {
                 "success": True,
                 "commitOid": commit.oid,
-                "commitUrl": f"{self.server.url}/{repo_id}/commit/{commit.oid}",
+                "commitUrl": f"{self.server.url}/{key}/commit/{commit.oid}",
                 "pullRequestUrl": None,
             },
         )
 
-    def _create_branch(self, repo_id: str, branch: str, body: bytes) -> None:
+    def _create_branch(self, key: str, branch: str, body: bytes) -> None:
         with self.state.lock:
             if not self._authorized():
                 return self._error(401, "Invalid credentials in Authorization header")
-            repo = self._repo(repo_id)
+            repo = self._repo(key)
             if repo is None:
                 return
             if branch in repo.branches:
@@ -480,8 +508,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self._json(200, {})
 
     # ---------- read endpoints ----------
-    def _read_target(self, repo_id: str, revision: str, head: bool = False) -> tuple[Repo, Commit] | None:
-        repo = self._repo(repo_id, head=head)
+    def _read_target(self, key: str, revision: str, head: bool = False) -> tuple[Repo, Commit] | None:
+        repo = self._repo(key, head=head)
         if repo is None:
             return None
         commit = self.state.resolve(repo, revision)
@@ -490,8 +518,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return None
         return repo, commit
 
-    def _model_info(self, repo_id: str, revision: str) -> None:
-        target = self._read_target(repo_id, revision)
+    def _repo_info(self, key: str, revision: str) -> None:
+        target = self._read_target(key, revision)
         if target is None:
             return
         repo, commit = target
@@ -513,9 +541,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self._json(
             200,
             {
-                "id": repo_id,
-                "modelId": repo_id,
-                "author": repo_id.split("/")[0],
+                "id": repo.repo_id,
+                **({"modelId": repo.repo_id} if repo.repo_type == "model" else {}),
+                "author": repo.repo_id.split("/")[0],
                 "sha": commit.oid,
                 "lastModified": commit.date,
                 "private": repo.private,
@@ -535,8 +563,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             }
         return info
 
-    def _tree(self, repo_id: str, revision: str, prefix: str, query: dict[str, list[str]]) -> None:
-        target = self._read_target(repo_id, revision)
+    def _tree(self, key: str, revision: str, prefix: str, query: dict[str, list[str]]) -> None:
+        target = self._read_target(key, revision)
         if target is None:
             return
         _, commit = target
@@ -565,8 +593,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return self._error(404, f"{prefix} does not exist", "EntryNotFound")
         self._json(200, list(out.values()))
 
-    def _paths_info(self, repo_id: str, revision: str, body: bytes) -> None:
-        target = self._read_target(repo_id, revision)
+    def _paths_info(self, key: str, revision: str, body: bytes) -> None:
+        target = self._read_target(key, revision)
         if target is None:
             return
         _, commit = target
@@ -579,11 +607,12 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 out.append({"type": "directory", "path": p, "oid": hashlib.sha1(p.encode()).hexdigest()})
         self._json(200, out)
 
-    def _commits(self, repo_id: str, revision: str) -> None:
-        target = self._read_target(repo_id, revision)
+    def _commits(self, key: str, revision: str) -> None:
+        target = self._read_target(key, revision)
         if target is None:
             return
-        history = self.state.history(repo_id, revision)
+        repo, _ = target
+        history = self.state.history(repo.repo_id, revision, repo.repo_type)
         self._json(
             200,
             [
@@ -598,15 +627,15 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             ],
         )
 
-    def _refs(self, repo_id: str) -> None:
-        repo = self._repo(repo_id)
+    def _refs(self, key: str) -> None:
+        repo = self._repo(key)
         if repo is None:
             return
         branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": oid} for b, oid in repo.branches.items()]
         self._json(200, {"branches": branches, "converts": [], "tags": []})
 
-    def _resolve(self, repo_id: str, revision: str, filename: str, head: bool) -> None:
-        target = self._read_target(repo_id, revision, head=head)
+    def _resolve(self, key: str, revision: str, filename: str, head: bool) -> None:
+        target = self._read_target(key, revision, head=head)
         if target is None:
             return
         _, commit = target
@@ -649,10 +678,10 @@ def _endpoint_name(method: str, path: str) -> str:
         return "lfs-upload"
     if path.endswith("/info/lfs/objects/batch"):
         return "lfs-batch"
-    if parts[:2] == ["api", "models"] and len(parts) >= 5:
-        return parts[4] if parts[4] != "revision" else "info"
-    if parts[:2] == ["api", "models"]:
-        return "info"
+    if parts[0] == "api" and len(parts) >= 2 and parts[1] in ("models", "datasets"):
+        return parts[4] if len(parts) >= 5 and parts[4] != "revision" else "info"
+    if parts[0] == "datasets":
+        parts = parts[1:]
     if len(parts) >= 3 and parts[2] == "resolve":
         return f"resolve-{method.lower()}"
     return "other"

@@ -18,12 +18,8 @@ from derm_accel.data.card import card_body, card_data
 def merged_card(existing: DatasetCard | None, report: dict[str, Any], *, title: str) -> DatasetCard:
     """Our card body with the Hub's metadata (dataset_info, configs) kept and ours laid over it."""
     metadata: dict[str, Any] = existing.data.to_dict() if existing is not None else {}
-    metadata.update(
-        {k: v for k, v in card_data(report, pretty_name=title).to_dict().items() if v is not None}
-    )
-    return DatasetCard(
-        f"---\n{DatasetCardData(**metadata).to_yaml()}\n---\n\n{card_body(report, title=title)}"
-    )
+    metadata.update({k: v for k, v in card_data(report, pretty_name=title).to_dict().items() if v is not None})
+    return DatasetCard(f"---\n{DatasetCardData(**metadata).to_yaml()}\n---\n\n{card_body(report, title=title)}")
 
 
 def push_dataset(
@@ -34,7 +30,7 @@ def push_dataset(
 
     data_dir = Path(data_dir)
     dataset = load_from_disk(str(data_dir))
-    dataset.push_to_hub(repo_id, private=private, commit_message="Upload images converted by derm-accel")
+    commit = dataset.push_to_hub(repo_id, private=private, commit_message="Upload images converted by derm-accel")
     existing = DatasetCard.load(repo_id, repo_type="dataset")
     card = merged_card(existing, report, title=title)
     card.push_to_hub(repo_id, repo_type="dataset", commit_message="Dataset card from the conversion report")
@@ -45,4 +41,5 @@ def push_dataset(
         repo_type="dataset",
         commit_message="Conversion report: every source file and what happened to it",
     )
-    return f"https://huggingface.co/datasets/{repo_id}"
+    # The URL of the endpoint actually used (HF_ENDPOINT, a mirror), not a hard-coded huggingface.co one.
+    return str(commit.repo_url)
