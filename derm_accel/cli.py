@@ -25,6 +25,13 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--opt {item!r} is not key=value (e.g. --opt steps=5)")
+    return key, value
+
+
 def _fail(error: Exception) -> None:
     typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -112,7 +119,7 @@ def evaluate(
     model: Annotated[str, typer.Option(help="Model folder (RUN/best) or Hub repo id ORG/NAME.")],
     data: Annotated[Path, typer.Option(help="Dataset folder written by `derm-accel convert`.")],
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
-    out: Annotated[Path | None, typer.Option(help="Report folder (default reports/<model>-<split>).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default reports/MODEL-SPLIT).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 2,
     tta: Annotated[str | None, typer.Option(help="Test-time augmentation: flip.")] = None,
@@ -131,7 +138,7 @@ def evaluate(
     if metrics and _is_main_process():
         typer.echo(
             f"{split}: accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
-            f"report: {metrics.get('report_dir', out)}"
+            f"report: {metrics['report_dir']}"
         )
 
 
@@ -244,8 +251,8 @@ def bench(
     """Measure the input pipeline, training steps or inference, side by side, and record the figures."""
     from derm_accel.bench import run_bench
 
-    opts = dict(o.split("=", 1) for o in option or [])
     try:
+        opts = dict(_key_value(o) for o in option or [])
         results = run_bench(kind, out=out, update_docs=update_docs, **opts)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)

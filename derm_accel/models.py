@@ -26,7 +26,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(ValueError):
     """Raised when ImageNet weights do not fit the requested architecture."""
 
 
@@ -199,13 +199,57 @@ def resolve_model_source(source: str) -> str:
     )
 
 
+def ensure_hub_safetensors(hub_id: str) -> None:
+    """Fetch (or find in the cache) ``model.safetensors`` before timm runs, so weights only ever come from it.
+
+    timm falls back to pickled ``pytorch_model.bin`` if a repo has no safetensors; derm-accel refuses.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo_id, _, revision = hub_id.partition("@")
+    try:
+        hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision or None)
+    except LocalEntryNotFoundError as e:  # checked first: it is also an EntryNotFoundError
+        raise FileNotFoundError(
+            f"{repo_id} is not in the local Hub cache and the Hub cannot be reached (HF_HUB_OFFLINE is set "
+            f"or the network is down). Load it once while online, or point --model at a local model folder."
+        ) from e
+    except RemoteEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"Hub repo {repo_id} has no {WEIGHTS_NAME}; derm-accel loads weights only from safetensors. "
+            f"Publish the model with `derm-accel push`."
+        ) from e
+    except RevisionNotFoundError as e:
+        raise FileNotFoundError(f"Hub repo {repo_id} has no revision '{revision}'.") from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(
+            f"Hub repo {repo_id} not found (or private: set HF_TOKEN or run `hf auth login`)."
+        ) from e
+
+
 def load_model(source: str, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[str]]:
     """Load a trained classifier and its label names from a folder or the Hub, in eval mode.
 
-    Hub downloads go through timm's ``hf-hub:`` path, which reads safetensors and is cached (works with
-    ``HF_HUB_OFFLINE=1`` once cached).
+    Weights come only from ``model.safetensors``: timm would fall back to a pickled ``pytorch_model.bin``, so
+    that file is fetched (or found in the cache) first and its absence is an error. Hub models are cached and
+    work with ``HF_HUB_OFFLINE=1`` once downloaded.
     """
     name = resolve_model_source(source)
+    if name.startswith("hf-hub:"):
+        ensure_hub_safetensors(name.removeprefix("hf-hub:"))
+    else:
+        weights = Path(name.removeprefix("local-dir:")) / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"{weights} not found; derm-accel loads only {WEIGHTS_NAME} (never pickled .bin/.pth files). "
+                f"A model folder from `derm-accel train` holds {WEIGHTS_NAME} and config.json."
+            )
     model = timm.create_model(name, pretrained=True)
     label_names = list(getattr(model, "pretrained_cfg", {}).get("label_names") or [])
     if not label_names:

@@ -119,15 +119,11 @@ def clear_model_cache() -> None:
 
 
 def _read_image(path: str, min_size: int) -> Any:
-    from PIL import Image
 
     from derm_accel.data.transforms import decode_image
 
-    image = decode_image({"path": path}, min_size)
+    image = decode_image({"path": path}, min_size)  # upright RGB, as convert stores it
     image.load()  # decode now: truncated files fail here, inside the per-file error handling
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    assert isinstance(image, Image.Image)
     return image
 
 
@@ -168,16 +164,12 @@ def _get_model(model: Any, device: str) -> tuple[Any, list[str]]:
     stamp = 0.0
     if source.startswith("local-dir:"):
         weights = Path(source.removeprefix("local-dir:")) / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found; a model folder holds {WEIGHTS_NAME} and config.json.")
-        stamp = weights.stat().st_mtime  # a retrained folder is reloaded
+        stamp = weights.stat().st_mtime if weights.is_file() else 0.0  # a retrained folder is reloaded
     key = (source, str(device), stamp)
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-    if source.startswith("hf-hub:"):
-        _ensure_hub_safetensors(source.removeprefix("hf-hub:"))
     from derm_accel.models import load_model
 
     net, labels = load_model(source, device=device)
@@ -189,39 +181,3 @@ def _get_model(model: Any, device: str) -> tuple[Any, list[str]]:
         while len(_cache) > MODEL_CACHE_SIZE:
             _cache.popitem(last=False)
     return loaded
-
-
-def _ensure_hub_safetensors(hub_id: str) -> None:
-    """Fetch (or find in the cache) ``model.safetensors`` before timm runs, so weights only ever come from it.
-
-    timm falls back to pickled ``pytorch_model.bin`` if a repo has no safetensors; derm-accel refuses.
-    """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        LocalEntryNotFoundError,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    from derm_accel.models import WEIGHTS_NAME
-
-    repo_id, _, revision = hub_id.partition("@")
-    try:
-        hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision or None)
-    except LocalEntryNotFoundError as e:  # checked first: it is also an EntryNotFoundError
-        raise FileNotFoundError(
-            f"{repo_id} is not in the local Hub cache and the Hub cannot be reached (HF_HUB_OFFLINE is set "
-            f"or the network is down). Load it once while online, or point --model at a local model folder."
-        ) from e
-    except RemoteEntryNotFoundError as e:
-        raise FileNotFoundError(
-            f"Hub repo {repo_id} has no {WEIGHTS_NAME}; derm-accel loads weights only from safetensors. "
-            f"Publish the model with `derm-accel push`."
-        ) from e
-    except RevisionNotFoundError as e:
-        raise FileNotFoundError(f"Hub repo {repo_id} has no revision '{revision}'.") from e
-    except RepositoryNotFoundError as e:
-        raise FileNotFoundError(
-            f"Hub repo {repo_id} not found (or private: set HF_TOKEN or run `hf auth login`)."
-        ) from e

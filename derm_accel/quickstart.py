@@ -92,7 +92,12 @@ def run_quickstart(
     from derm_accel.train import train
 
     workdir = Path(workdir).resolve()
+    marker = workdir / ".derm-accel-quickstart"
+    if workdir.is_dir() and any(workdir.iterdir()) and not marker.exists():
+        # A re-run replaces the quickstart's own outputs; never delete anything in a folder it did not make.
+        raise ValueError(f"{workdir} is not empty and was not made by the quickstart; pass another --workdir.")
     workdir.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     pretrained = Path(pretrained_file) if pretrained_file else None
     if pretrained is not None and not pretrained.exists():
         raise FileNotFoundError(f"--pretrained-file {pretrained} does not exist")

@@ -157,7 +157,7 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / LOG_DIR)),
     )
     if accelerator.num_processes != world_size:
-        raise RuntimeError(
+        raise ValueError(
             f"{world_size} processes were launched but Accelerate sees {accelerator.num_processes} "
             f"({accelerator.distributed_type.value}); each would train alone. On a CPU-only machine set "
             f"ACCELERATE_USE_CPU=1; otherwise check the accelerate config's distributed_type."

@@ -42,3 +42,11 @@ def test_missing_source_folder_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["convert", str(missing), str(tmp_path / "out")])
     assert result.exit_code == 2
     assert str(missing) in result.output
+
+
+def test_quickstart_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "thesis.md").write_text("precious")
+    result = runner.invoke(app, ["quickstart", "--workdir", str(tmp_path)])
+    assert result.exit_code == 2 and "not made by the quickstart" in result.output
+    assert (tmp_path / "report" / "thesis.md").read_text() == "precious"

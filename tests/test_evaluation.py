@@ -196,7 +196,9 @@ def test_metric_module_matches_sklearn():
 def test_report_files_and_metrics_recomputed_from_predictions(full_report):
     metrics, out = full_report
     on_disk = json.loads((out / "metrics.json").read_text())
-    assert on_disk == json.loads(json.dumps(metrics))
+    returned = dict(metrics)
+    assert returned.pop("report_dir") == str(out)  # returned to the caller, not written into metrics.json
+    assert on_disk == json.loads(json.dumps(returned))
     for key in (
         "split",
         "num_samples",

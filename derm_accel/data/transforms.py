@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import create_transform
 from torchvision.transforms import v2
+
+from derm_accel.data.decode import to_rgb
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
@@ -93,9 +95,11 @@ def eval_transform(data_cfg: dict[str, Any]) -> Callable[[Image.Image], torch.Te
 
 
 def decode_image(value: Any, min_size: int | None = None) -> Image.Image:
-    """Decode an Arrow image cell (PIL image, or dict with bytes/path) to RGB.
+    """Decode an Arrow image cell (PIL image, or dict with bytes/path) to upright 8-bit RGB.
 
-    With ``min_size`` a JPEG is decoded at the smallest DCT scale that still keeps its shorter side at least
+    Files and bytes get the same treatment as in `convert` (EXIF orientation applied, alpha over white, 16-bit
+    scaled), so a photo predicted from a folder looks like the training images did. With ``min_size`` a JPEG
+    is decoded at the smallest DCT scale that still keeps its shorter side at least
     ``min_size`` (Pillow's draft mode), which is several times faster on large sources.
     """
     if isinstance(value, Image.Image):
@@ -108,7 +112,8 @@ def decode_image(value: Any, min_size: int | None = None) -> Image.Image:
             scale = min_size / min(w, h)
             if scale < 1:
                 image.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
-    return image.convert("RGB") if image.mode != "RGB" else image
+        ImageOps.exif_transpose(image, in_place=True)
+    return to_rgb(image)
 
 
 def batch_transform(

@@ -74,7 +74,7 @@ def load_split(data: str | os.PathLike, split: str) -> tuple[Any, Any]:
     if not isinstance(dataset, DatasetDict):
         raise ValueError(f"{path} holds a single split; expected a DatasetDict with train/validation/test.")
     if split not in dataset:
-        raise KeyError(f"{path} has no split {split!r}; available: {sorted(dataset)}.")
+        raise ValueError(f"{path} has no split {split!r}; available: {sorted(dataset)}.")
     features = dataset[split].features
     if not isinstance(features.get(LABEL_COLUMN), ClassLabel) or IMAGE_COLUMN not in features:
         raise ValueError(
@@ -173,6 +173,7 @@ def evaluate_model(
         )
     use_cpu_ranks_without_gpu()
     accelerator = Accelerator()
+    report_dir = Path(out_dir) if out_dir is not None else default_out_dir(model, split)
     net, model_labels = load_model(model)
     dataset, raw_split = load_split(data, split)
     data_labels = list(raw_split.features[LABEL_COLUMN].names)
@@ -213,12 +214,12 @@ def evaluate_model(
             views=result.views,
             tta=tta,
             val=val,
-            out_dir=Path(out_dir) if out_dir is not None else default_out_dir(model, split),
+            out_dir=report_dir,
             max_thumbnails=max_thumbnails,
         )
     metrics = broadcast_object_list([metrics])[0] if accelerator.num_processes > 1 else metrics
     accelerator.wait_for_everyone()
-    return metrics
+    return {**metrics, "report_dir": str(report_dir)}
 
 
 def _write_outputs(
