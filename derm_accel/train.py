@@ -285,11 +285,20 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
         "wall_seconds": 0.0,
         "history": [],
         "partial_epoch_loss": [0.0, 0],
+        # The position inside an epoch and the schedule are counted in per-process batches: a resume must
+        # run with the same layout, or it would skip the wrong samples and jump the learning rate.
+        "layout": {"num_processes": accelerator.num_processes, "batch_size": d.batch_size, "grad_accum": o.grad_accum},
     }
     last_checkpoint: Path | None = None
     if resume:
         last_checkpoint = resolve_checkpoint(resume, run_dir)
+        layout = state["layout"]
         state = load_checkpoint(accelerator, last_checkpoint)
+        if state.get("layout", layout) != layout:
+            raise RecipeError(
+                f"{last_checkpoint} was written with {state['layout']} but this run has {layout}. Resume with "
+                f"the same number of processes, data.batch_size and optim.grad_accum, or start a new output_dir."
+            )
         accelerator.print(f"Resumed from {last_checkpoint}: epoch {state['epoch'] + 1}, step {state['global_step']}")
     wall_before = state["wall_seconds"]
 
@@ -346,11 +355,12 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
             with accelerator.accumulate(model):
                 loss = loss_fn(model(inputs), labels)
                 # Every process checks every step, so all stop together before a bad gradient is applied.
-                finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()
-                if not finite.item():
+                losses = accelerator.gather(loss.detach().float().reshape(1))
+                if not torch.isfinite(losses).all().item():
                     progress.close()
+                    bad = {rank: value for rank, value in enumerate(losses.tolist()) if not math.isfinite(value)}
                     raise NonFiniteLossError(
-                        f"Loss is {loss.item()} on process {accelerator.process_index} at epoch {epoch + 1}, "
+                        f"Loss is {bad} (process: value) at epoch {epoch + 1}, "
                         f"batch {state['batches_done'] + 1} (after optimizer step {state['global_step']}). "
                         f"Last good checkpoint: {last_checkpoint or 'none'}. Lower optim.lr, set "
                         f"optim.grad_clip, or use bf16 instead of fp16, then continue with --resume latest."

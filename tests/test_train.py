@@ -153,6 +153,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, batch 4 \(after optimizer step 3\)") as err:
         train(tiny_recipe(data, run, train={"epochs": 1, "checkpoint_every_steps": 2}))
     assert "step_000000002" in str(err.value) and "--resume latest" in str(err.value)
+    assert "{0: nan} (process: value)" in str(err.value)
     assert [p.name for p in list_checkpoints(run)] == ["step_000000002"]
     assert all(torch.isfinite(v).all() for v in _weights(list_checkpoints(run)[0]).values())
 
@@ -187,3 +188,11 @@ def test_bad_recipe_fails_before_training(data: Path, tmp_path: Path) -> None:
         train(tiny_recipe(data, tmp_path / "run"), overrides=["optim.lr=fast"])
     with pytest.raises(FileNotFoundError, match=r"data\.path"):
         train(tiny_recipe(tmp_path / "nowhere", tmp_path / "run"))
+
+
+def test_resume_with_another_batch_layout_is_refused(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny_recipe(data, run, train={"epochs": 1, "stop_after_steps": 1}))
+    changed = tiny_recipe(data, run, train={"epochs": 1}, data={"batch_size": 3})
+    with pytest.raises(RecipeError, match=r"same number of processes, data\.batch_size"):
+        train(changed, resume="latest")
