@@ -377,3 +377,110 @@ def test_real_sample_counts_add_up(tmp_path: Path) -> None:
     hashes = Counter(h for d in data.values() for h in set(d["content_hash"]))
     assert max(hashes.values()) == 1  # no content in two splits
     assert all(min(im.size) == 32 for im in data["train"][:8]["image"])  # 180 px sources, shorter side -> 32
+
+
+_D4 = (
+    None,
+    Image.Transpose.FLIP_LEFT_RIGHT,
+    Image.Transpose.FLIP_TOP_BOTTOM,
+    Image.Transpose.ROTATE_90,
+    Image.Transpose.ROTATE_180,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.TRANSVERSE,
+)
+
+
+def _bits(a: int, b: int) -> int:
+    return bin(a ^ b).count("1")
+
+
+def _oblong(seed: int) -> Image.Image:
+    """A 96x72 lesion-like image: not square, so a 90-degree turn swaps its sides."""
+    return render(0, seed, 96).crop((0, 12, 96, 84))
+
+
+def test_phash_variants_match_imagehash_and_orientations() -> None:
+    import imagehash
+
+    from derm_accel.data.decode import ORIENTATIONS, DecodeOptions, decode_bytes, phash_variants
+
+    rng = np.random.default_rng(0)
+    images = [
+        render(1, 3, 64),
+        _oblong(4),
+        render(2, 5, 40).convert("L").convert("RGB"),
+        Image.new("RGB", (30, 20), (120, 80, 60)),  # flat: every DCT coefficient ties with the median
+        Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)),
+    ]
+    real = sorted(DERM_SAMPLE.glob("*/*.jpg"))[::200] if DERM_SAMPLE.is_dir() else []
+    images += [Image.open(p).convert("RGB") for p in real]
+    assert len(ORIENTATIONS) == len(_D4) == 8
+    for image in images:
+        variants = phash_variants(image)
+        assert len(variants) == 8 and all(0 <= v < 2**64 for v in variants)
+        assert f"{variants[0]:016x}" == str(imagehash.phash(image))
+        decoded = decode_bytes(0, _png(image), DecodeOptions(max_size=16))
+        assert decoded.phash == str(imagehash.phash(image)) and decoded.phash_variants == variants
+    for image in images[:2]:  # variant k is the pHash of the image under transform k
+        variants = phash_variants(image)
+        for k, op in enumerate(_D4[1:], 1):
+            turned = phash_variants(image.transpose(op))[0]
+            assert _bits(variants[k], turned) <= 2 < _bits(variants[0], turned)
+
+
+def test_group_images_joins_flipped_and_rotated_copies() -> None:
+    from derm_accel.data.decode import phash_variants
+    from derm_accel.data.dedupe import group_images
+
+    images = [_oblong(100), _oblong(100).transpose(Image.Transpose.ROTATE_90), _oblong(101)]
+    images.append(images[2].transpose(Image.Transpose.TRANSVERSE))
+    images.append(render(1, 7, 64))
+    variants = np.array([phash_variants(im) for im in images], dtype=np.uint64)
+    phashes = [f"{v:016x}" for v in variants[:, 0]]
+    content = [f"c{i}" for i in range(len(images))]
+    assert group_images(content, phashes, 4, variants) == [[0, 1], [2, 3], [4]]
+    assert group_images(content, phashes, 0, variants) == [[0, 1], [2, 3], [4]]
+    # Upright hashes alone miss them; a negative threshold turns near matching off altogether.
+    assert group_images(content, phashes, 4) == [[i] for i in range(5)]
+    assert group_images(content, phashes, -1, variants) == [[i] for i in range(5)]
+    with pytest.raises(ValueError, match="shape"):
+        group_images(content, phashes, 4, variants[:3])
+
+
+def test_flipped_and_rotated_copies_share_a_split(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for ci, name in enumerate(["alpha", "beta", "gamma"]):
+        for i in range(10):
+            _write(src / name / f"other_{i}.jpg", _jpeg(render(ci, i, 48)))
+    copies = {
+        "hflip": Image.Transpose.FLIP_LEFT_RIGHT,
+        "rot90": Image.Transpose.ROTATE_90,  # 72x96: sides swapped
+        "vflip": Image.Transpose.FLIP_TOP_BOTTOM,
+    }
+    for seed in (100, 101, 102):
+        original = _oblong(seed)
+        _write(src / "alpha" / f"photo_{seed}.jpg", _jpeg(original))
+        for kind, op in copies.items():
+            _write(src / "alpha" / f"photo_{seed}_{kind}.jpg", _jpeg(original.transpose(op)))
+    # A mirrored copy filed under another class is a label conflict.
+    _write(src / "alpha" / "photo_103.jpg", _jpeg(_oblong(103)))
+    _write(src / "beta" / "mirrored.jpg", _jpeg(_oblong(103).transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+
+    report = convert_folders(src, tmp_path / "out", val_frac=0.25, test_frac=0.25, seed=1, **FAST)
+    data = load_from_disk(str(tmp_path / "out"))
+    split_of = {p: s for s, ds in data.items() for p in ds["source_path"]}
+    for seed in (100, 101, 102):
+        members = [f"alpha/photo_{seed}.jpg"] + [f"alpha/photo_{seed}_{kind}.jpg" for kind in copies]
+        assert len({split_of[p] for p in members}) == 1, members
+    reasons = {s["path"]: s["reason"] for s in report["skipped"]}
+    assert reasons == {"alpha/photo_103.jpg": "conflict", "beta/mirrored.jpg": "conflict"}
+    (conflict,) = report["duplicates"]["conflict_groups"]
+    assert sorted(conflict["paths"]) == ["alpha/photo_103.jpg", "beta/mirrored.jpg"]
+    assert conflict["labels"] == {"alpha": 1, "beta": 1}
+    # Exactly the three 4-member orientation groups and the conflict pair: no unrelated image was pulled in.
+    dup = report["duplicates"]
+    assert (dup["groups_with_copies"], dup["groups_with_near_copies"], dup["largest_group"]) == (4, 4, 4)
+    assert report["rows_total"] == 30 + 12
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert "90, 180 or 270 degree rotation" in card

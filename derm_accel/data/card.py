@@ -63,7 +63,8 @@ def card_body(report: dict[str, Any], *, title: str) -> str:
         "Columns: `image` (JPEG, shorter side at most "
         f"{report['parameters']['max_size'] or 'unchanged'} px, EXIF orientation applied), `label`, "
         "`source_path` (relative to the source folder), `orig_width`, `orig_height` (after EXIF rotation), "
-        "`content_hash` (sha256 of the decoded RGB pixels), `phash` (64-bit perceptual hash).",
+        "`content_hash` (sha256 of the decoded RGB pixels), `phash` (64-bit perceptual hash, "
+        "`imagehash.phash` of the upright image).",
         "",
         "## Images per class and split",
         "",
@@ -89,12 +90,21 @@ def card_body(report: dict[str, Any], *, title: str) -> str:
             "one split, so no image leaks between train and test."
         )
     dup = report["duplicates"]
+    threshold = report["parameters"]["near_threshold"]
+    if threshold < 0:
+        near = "near-copy matching was turned off. "
+    else:
+        near = (
+            f"near copies have perceptual hashes within {threshold} bits, also after a horizontal or "
+            "vertical flip, a 90, 180 or 270 degree rotation or a transpose (each image's pHash is computed "
+            "in all 8 orientations for grouping; the `phash` column holds the upright one), so augmented "
+            "copies made that way are grouped with their original. "
+        )
     lines += [
         "",
         "## Duplicates",
         "",
-        f"Exact copies share `content_hash`; near copies have perceptual hashes within "
-        f"{report['parameters']['near_threshold']} bits. {dup['groups_with_copies']} groups held more than "
+        f"Exact copies share `content_hash`; {near}{dup['groups_with_copies']} groups held more than "
         f"one file ({dup['groups_with_near_copies']} with near copies, largest {dup['largest_group']}). "
         f"Exact copies within a class were kept once ({dup['exact_copies_dropped']} dropped); near copies "
         "stay, in the same split. "

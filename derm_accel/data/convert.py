@@ -13,6 +13,7 @@ leaves an OUT that loads as complete.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import multiprocessing
@@ -25,13 +26,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from datasets import Dataset, DatasetDict, DatasetInfo
 from datasets.arrow_writer import ArrowWriter
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm.auto import tqdm
 
 from derm_accel.data.card import build_card
-from derm_accel.data.decode import MAX_PIXELS, Decoded, DecodeOptions, decode_file, decode_task
+from derm_accel.data.decode import (
+    MAX_PIXELS,
+    ORIENTATIONS,
+    Decoded,
+    DecodeOptions,
+    decode_file,
+    decode_task,
+)
 from derm_accel.data.dedupe import CONFLICT_POLICIES, DUPLICATES_HOW, group_images, resolve_groups
 from derm_accel.data.report import REPORT_NAME, check_accounting, split_counts, versions
 from derm_accel.data.scan import ScanError, ScanResult, Skip, SourceFile, load_class_map, scan_source
@@ -105,12 +114,14 @@ def _decoded_stream(
 
 def _stage(
     scan: ScanResult, info: DatasetInfo, path: Path, options: DecodeOptions, num_proc: int, progress: bool
-) -> tuple[Dataset, list[int], dict[int, Decoded]]:
+) -> tuple[Dataset, list[int], dict[int, Decoded], np.ndarray]:
     """Pass 1: write every decodable file as a row of one Arrow file. Returns it, each row's file index,
-    and the failed files by index."""
+    the failed files by index and each row's pHash in every orientation (uint64, (rows, 8)): kept in RAM
+    (64 bytes a row) for duplicate grouping only, not published."""
     features = info.features
     label_of = {name: i for i, name in enumerate(scan.class_names)}
     row_files: list[int] = []
+    variants = array.array("Q")
     failed: dict[int, Decoded] = {}
     # Small batches: rows hold encoded images, so RAM stays at a few MB whatever the number of files.
     with ArrowWriter(features=features, path=str(path), writer_batch_size=100) as writer:
@@ -133,8 +144,10 @@ def _stage(
                 )
             )
             row_files.append(result.index)
+            variants.extend(result.phash_variants)
         writer.finalize()
-    return Dataset.from_file(str(path), info=info), row_files, failed
+    variant_array = np.frombuffer(variants, dtype=np.uint64).reshape(len(row_files), len(ORIENTATIONS))
+    return Dataset.from_file(str(path), info=info), row_files, failed, variant_array
 
 
 @contextlib.contextmanager
@@ -215,13 +228,14 @@ def convert_folders(
             license=license or "",
             features=features,
         )
-        staging, row_files, failed = _stage(scan, info, tmp / "staging.arrow", options, num_proc, progress)
+        staging, row_files, failed, variants = _stage(scan, info, tmp / "staging.arrow", options, num_proc, progress)
         files = scan.files
         paths = [files[f].rel for f in row_files]
         labels = staging["label"]
         hashes = staging["content_hash"]
         splits_hint = [files[f].split for f in row_files]
-        groups = group_images(hashes, staging["phash"], near_threshold)
+        groups = group_images(hashes, staging["phash"], near_threshold, variants)
+        del variants
         resolution = resolve_groups(
             groups,
             labels=labels,
