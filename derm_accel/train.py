@@ -33,6 +33,7 @@ from derm_accel.data import loaders
 from derm_accel.data.transforms import BatchNormalize, eval_transform, train_transform
 from derm_accel.distributed import use_cpu_ranks_without_gpu
 from derm_accel.models import create_model, data_config, export_model
+from derm_accel.paths import shareable_path
 from derm_accel.run_info import collect_run_info, device_name
 from derm_accel.tracking import JSONLTracker
 
@@ -325,7 +326,7 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
             "device_name": device_name(accelerator.device),
             "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9),
             "wall_time_s": wall_before + time.time() - started,
-            "dataset_path": str(Path(d.path).resolve()),
+            "dataset_path": shareable_path(d.path),  # published with the model: no absolute local paths
             "dataset_class_names": label_names,
             # The recipe's license, else the one convert recorded for the images (--license).
             "license": recipe.license or train_split.info.license or None,

@@ -20,6 +20,7 @@ from accelerate.utils import broadcast_object_list
 from ..data.transforms import IMAGE_COLUMN, LABEL_COLUMN, decode_image, eval_transform, with_transform
 from ..distributed import use_cpu_ranks_without_gpu
 from ..models import data_config, load_model
+from ..paths import shareable_path
 from . import plots
 from .calibration import fit_temperature, negative_log_likelihood, tta_probabilities
 from .inference import predict_logits
@@ -277,8 +278,8 @@ def _write_outputs(
         }
 
     metrics: dict[str, Any] = {
-        "model": model,
-        "data": str(data),
+        "model": model if not Path(model).exists() else shareable_path(model),  # a Hub id stays as is
+        "data": shareable_path(data),
         "split": split,
         "label_names": label_names,
         **final_metrics,
