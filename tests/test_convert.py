@@ -232,6 +232,7 @@ def test_refuses_bad_requests(tmp_path: Path, sample_folders: Path) -> None:
     with pytest.raises(ConvertError, match="overwrite"):
         convert_folders(sample_folders, out, **FAST)
     assert (out / "old.txt").read_text() == "keep me"
+    (out / "conversion_report.json").write_text("{}")  # an earlier conversion: --overwrite may replace it
     convert_folders(sample_folders, out, overwrite=True, **FAST)
     assert not (out / "old.txt").exists() and len(load_from_disk(str(out))["train"]) > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nothing", "out"]  # no temp folders left
@@ -484,3 +485,13 @@ def test_flipped_and_rotated_copies_share_a_split(tmp_path: Path) -> None:
     assert report["rows_total"] == 30 + 12
     card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
     assert "90, 180 or 270 degree rotation" in card
+
+
+def test_overwrite_never_replaces_an_unrelated_folder(tmp_path: Path) -> None:
+    src = write_sample(tmp_path / "src", num_classes=2, per_class=3, size=32)
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "notes.md").write_text("keep me")
+    with pytest.raises(ConvertError, match="not a dataset written by"):
+        convert_folders(src, out, overwrite=True, progress=False)
+    assert (out / "notes.md").read_text() == "keep me"

@@ -46,6 +46,7 @@ from derm_accel.data.report import REPORT_NAME, check_accounting, split_counts, 
 from derm_accel.data.scan import ScanError, ScanResult, Skip, SourceFile, load_class_map, scan_source
 from derm_accel.data.schema import dataset_features
 from derm_accel.data.split import SPLITS, stratified_group_split
+from derm_accel.paths import shareable_path
 
 CARD_TITLE = "Skin disease images"
 
@@ -87,8 +88,15 @@ def _check_arguments(
         raise ConvertError(f"Output {out} lies inside the source folder {src}; write it elsewhere.")
     if src.is_relative_to(out):
         raise ConvertError(f"Source {src} lies inside the output folder {out}; writing OUT would destroy it.")
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise ConvertError(f"Output {out} already exists; pass overwrite=True (--overwrite) to replace it.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ConvertError(f"Output {out} already exists; pass overwrite=True (--overwrite) to replace it.")
+        if not (out / REPORT_NAME).is_file():
+            # --overwrite replaces an earlier conversion, never an unrelated folder.
+            raise ConvertError(
+                f"Output {out} is not a dataset written by `derm-accel convert` (no {REPORT_NAME}); "
+                f"--overwrite only replaces earlier conversions. Choose another OUT."
+            )
 
 
 def _decoded_stream(
@@ -279,7 +287,7 @@ def convert_folders(
 
         report: dict[str, Any] = {
             "format_version": 1,
-            "src": str(src),
+            "src": shareable_path(src),  # the report is published with the dataset
             "layout": scan.layout,
             "files_total": len(all_files),
             "rows_total": len(kept_paths),
