@@ -495,3 +495,12 @@ def test_overwrite_never_replaces_an_unrelated_folder(tmp_path: Path) -> None:
     with pytest.raises(ConvertError, match="not a dataset written by"):
         convert_folders(src, out, overwrite=True, progress=False)
     assert (out / "notes.md").read_text() == "keep me"
+
+
+def test_split_folders_beside_other_folders_are_refused(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for split in ("train", "test"):
+        write_sample(src / split, num_classes=2, per_class=2, size=32)
+    write_sample(src / "extras", num_classes=2, per_class=1, size=32)
+    with pytest.raises(ConvertError, match=r"mixes split folders \['test', 'train'\] with other folders \['extras'\]"):
+        convert_folders(src, tmp_path / "out", progress=False)
