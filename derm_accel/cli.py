@@ -209,6 +209,33 @@ def predict(
 
 @app.command(
     epilog="**Examples**\n\n"
+    "derm-accel explain lesion.jpg --model runs/effnet_b3/best --out heatmaps/\n\n"
+    "derm-accel explain photos/ --model my-lab/effnet-b3-derm35 --target melanoma --out heatmaps/",
+)
+def explain(
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    model: Annotated[str, typer.Option(help="Model folder (RUN/best) or Hub repo id ORG/NAME (a CNN).")],
+    out: Annotated[Path, typer.Option(help="Folder for the <image>_gradcam.png files.")] = Path("heatmaps"),
+    target: Annotated[str | None, typer.Option(help="Class to explain (default: the predicted one).")] = None,
+) -> None:
+    """Grad-CAM heatmaps: which part of each image drove the prediction (lesion, or ruler and ink?)."""
+    from derm_accel.explain import explain as run_explain
+
+    try:
+        results = run_explain([str(p) for p in images], model, out_dir=out, target=target)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    for r in results:
+        if "error" in r:
+            typer.echo(f"{r['path']}\tERROR\t{r['error']}")
+        else:
+            typer.echo(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}\t{r['heatmap']}")
+    if any("error" in r for r in results):
+        raise typer.Exit(code=1)
+
+
+@app.command(
+    epilog="**Examples**\n\n"
     "derm-accel quickstart\n\n"
     "derm-accel quickstart --data ../shared/data/derm-sample --model tf_efficientnet_lite0 "
     "--pretrained-file ../shared/weights/efficientnet_lite0.in1k --epochs 3",

@@ -53,7 +53,7 @@ def predict(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = device or _default_device()
-    net, labels = _get_model(model, device)
+    net, labels = cached_model(model, device)
     cfg = data_config(net)
     transform = eval_transform(cfg)
     # Decode JPEGs at the smallest DCT scale that still covers the resize before the centre crop.
@@ -147,7 +147,7 @@ def _default_device() -> str:
     return "cpu"
 
 
-def _get_model(model: Any, device: str) -> tuple[Any, list[str]]:
+def cached_model(model: Any, device: str) -> tuple[Any, list[str]]:
     """A model in eval mode on ``device`` and its label names, from the per-process LRU cache if there."""
     import torch
 
