@@ -236,6 +236,33 @@ def explain(
 
 @app.command(
     epilog="**Examples**\n\n"
+    "derm-accel serve --model runs/effnet_b3/best --port 8000\n\n"
+    "curl --data-binary @lesion.jpg http://127.0.0.1:8000/predict",
+)
+def serve(
+    model: Annotated[str, typer.Option(help="Model folder (RUN/best) or Hub repo id ORG/NAME.")],
+    host: Annotated[str, typer.Option(help="Address to bind; keep 127.0.0.1 unless a proxy sits in front.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    top_k: Annotated[int, typer.Option(help="Classes per answer.")] = 3,
+) -> None:
+    """Serve predictions over HTTP: POST image bytes to /predict, GET /health. For research tools, not clinics."""
+    from derm_accel.serve import make_server
+
+    try:
+        server = make_server(model, host=host, port=port, top_k=top_k)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(e)
+    typer.echo(f"serving {model} on http://{host}:{server.server_address[1]} (POST /predict, GET /health)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
+
+
+@app.command(
+    epilog="**Examples**\n\n"
     "derm-accel quickstart\n\n"
     "derm-accel quickstart --data ../shared/data/derm-sample --model tf_efficientnet_lite0 "
     "--pretrained-file ../shared/weights/efficientnet_lite0.in1k --epochs 3",

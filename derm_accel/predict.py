@@ -43,7 +43,6 @@ def predict(
     already loaded timm model. Each result is ``{"path", "label", "probability", "top_k": [{"label",
     "probability"}, ...]}``, or ``{"path", "error"}`` for a file that is missing or not a readable image.
     """
-    import torch
 
     from derm_accel.data.transforms import eval_transform
     from derm_accel.models import data_config
@@ -81,15 +80,27 @@ def predict(
                     results[i] = {"path": path, "error": err}
             if not good:
                 continue
-            batch = torch.stack([x for _, _, x in good]).to(device).contiguous(memory_format=torch.channels_last)
-            # bf16 autocast on CUDA, fp32 elsewhere: the fastest settings that keep top-1 unchanged.
-            with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
-                probs = net(batch).float().softmax(dim=-1).cpu()
-            values, indices = probs.topk(k, dim=-1)
-            for (i, path, _), vals, idxs in zip(good, values.tolist(), indices.tolist(), strict=True):
-                ranked = [{"label": labels[j], "probability": float(v)} for v, j in zip(vals, idxs, strict=True)]
+            ranked_batch = rank_batch(net, labels, [x for _, _, x in good], top_k=k, device=device)
+            for (i, path, _), ranked in zip(good, ranked_batch, strict=True):
                 results[i] = {"path": path, **ranked[0], "top_k": ranked}
     return results
+
+
+def rank_batch(
+    net: Any, labels: Sequence[str], tensors: Sequence[Any], *, top_k: int, device: str
+) -> list[list[dict[str, Any]]]:
+    """The ``top_k`` classes of each preprocessed image tensor, most probable first."""
+    import torch
+
+    batch = torch.stack(list(tensors)).to(device).contiguous(memory_format=torch.channels_last)
+    # bf16 autocast on CUDA, fp32 elsewhere: the fastest settings that keep top-1 unchanged.
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
+        probs = net(batch).float().softmax(dim=-1).cpu()
+    values, indices = probs.topk(min(top_k, len(labels)), dim=-1)
+    return [
+        [{"label": labels[j], "probability": float(v)} for v, j in zip(vals, idxs, strict=True)]
+        for vals, idxs in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
 
 
 def expand_inputs(images: str | os.PathLike | Iterable[str | os.PathLike]) -> list[tuple[str, str | None]]:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from derm_accel.cli import app
 
-COMMANDS = ["convert", "train", "evaluate", "push", "predict", "explain", "quickstart", "bench"]
+COMMANDS = ["convert", "train", "evaluate", "push", "predict", "explain", "serve", "quickstart", "bench"]
 runner = CliRunner()
 
 

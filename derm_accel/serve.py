@@ -1,0 +1,69 @@
+"""A small HTTP inference server: POST an image, get the top-k classes as JSON.
+
+For a lab's internal tools and demos, not for clinical use. It is the standard library's threading HTTP server
+in front of the same model cache and preprocessing as :func:`derm_accel.predict`, so answers match the CLI. A
+lock serialises forward passes (one model, one device); bind to 127.0.0.1 unless a proxy sits in front.
+
+    GET  /health    {"status": "ok", "model": ..., "labels": [...]}
+    POST /predict   body: the image file's bytes -> {"label", "probability", "top_k": [...]}
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from derm_accel.data.transforms import decode_image, eval_transform
+from derm_accel.models import data_config
+from derm_accel.predict import cached_model, rank_batch
+
+MAX_BYTES = 32 * 2**20  # a phone photo is a few MB; anything far larger is refused before it is read
+
+
+def make_server(
+    model: str, *, host: str = "127.0.0.1", port: int = 8000, top_k: int = 3, device: str = "cpu"
+) -> ThreadingHTTPServer:
+    """Load ``model`` once and return a server ready for ``serve_forever()`` (port 0 picks a free port)."""
+    net, labels = cached_model(model, device)
+    transform = eval_transform(data_config(net))
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "derm-accel"
+
+        def _reply(self, status: int, payload: dict[str, Any]) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path != "/health":
+                return self._reply(HTTPStatus.NOT_FOUND, {"error": "GET /health or POST /predict"})
+            self._reply(HTTPStatus.OK, {"status": "ok", "model": model, "labels": labels})
+
+        def do_POST(self) -> None:
+            if self.path != "/predict":
+                return self._reply(HTTPStatus.NOT_FOUND, {"error": "POST the image bytes to /predict"})
+            size = int(self.headers.get("Content-Length") or 0)
+            if size <= 0:
+                return self._reply(HTTPStatus.BAD_REQUEST, {"error": "empty body: POST the image file's bytes"})
+            if size > MAX_BYTES:
+                return self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"image over {MAX_BYTES} bytes"})
+            data = self.rfile.read(size)
+            try:
+                image = decode_image({"bytes": data})
+                image.load()
+                x = transform(image)
+            except Exception as e:  # a bad upload is the client's error, never the server's end
+                return self._reply(HTTPStatus.BAD_REQUEST, {"error": f"not a readable image: {type(e).__name__}"})
+            with lock:
+                ranked = rank_batch(net, labels, [x], top_k=top_k, device=device)[0]
+            self._reply(HTTPStatus.OK, {**ranked[0], "top_k": ranked})
+
+    return ThreadingHTTPServer((host, port), Handler)
