@@ -10,7 +10,6 @@ Heavy imports (torch, timm) happen inside the functions so that ``import derm_ac
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections import OrderedDict
@@ -44,7 +43,7 @@ def predict(
     "probability"}, ...]}``, or ``{"path", "error"}`` for a file that is missing or not a readable image.
     """
 
-    from derm_accel.data.transforms import eval_transform
+    from derm_accel.data.transforms import decode_size, eval_transform
     from derm_accel.models import data_config
 
     if top_k < 1:
@@ -56,7 +55,7 @@ def predict(
     cfg = data_config(net)
     transform = eval_transform(cfg)
     # Decode JPEGs at the smallest DCT scale that still covers the resize before the centre crop.
-    min_size = math.ceil(max(cfg["input_size"][-2:]) / cfg.get("crop_pct", 1.0))
+    min_size = decode_size(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct"))
     k = min(top_k, len(labels))
 
     entries = expand_inputs(images)

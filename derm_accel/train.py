@@ -30,7 +30,7 @@ import derm_accel
 from derm_accel.checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from derm_accel.config import OptimConfig, Recipe, RecipeError, load_recipe
 from derm_accel.data import loaders
-from derm_accel.data.transforms import BatchNormalize, eval_transform, train_transform
+from derm_accel.data.transforms import BatchNormalize, decode_size, eval_transform, train_transform
 from derm_accel.distributed import use_cpu_ranks_without_gpu
 from derm_accel.models import create_model, data_config, export_model
 from derm_accel.paths import shareable_path
@@ -218,14 +218,14 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
         batch_size=d.batch_size,
         seed=t.seed,
         balance=d.balance,
-        min_size=loaders.decode_size(size, math.sqrt(d.augment.scale[0])),
+        min_size=decode_size(size, math.sqrt(d.augment.scale[0])),
         **loader_options,
     )
     val_dl = loaders.eval_loader(
         val_split,
         eval_transform(data_cfg),
         batch_size=d.batch_size,
-        min_size=loaders.decode_size(size, data_cfg.get("crop_pct", 1.0)),
+        min_size=decode_size(size, data_cfg.get("crop_pct")),
         **loader_options,
     )
     normalize = BatchNormalize(data_cfg)

@@ -7,7 +7,6 @@ a resumed run, or a run on a different number of processes, see exactly the same
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -48,11 +47,6 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     weights = np.zeros(num_classes)
     weights[present] = counts[present].sum() / (present.sum() * counts[present])
     return torch.tensor(weights, dtype=torch.float32)
-
-
-def decode_size(input_size: int, crop_fraction: float) -> int:
-    """The shorter side a JPEG must keep in draft-mode decoding so a crop still has ``input_size`` pixels."""
-    return math.ceil(input_size / crop_fraction)
 
 
 def _loader_kwargs(num_workers: int, pin_memory: bool, persistent_workers: bool, prefetch_factor: int) -> dict:

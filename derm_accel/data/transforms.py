@@ -7,6 +7,7 @@ so the same numbers hold in training, evaluation, prediction and for anyone load
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,12 @@ def eval_transform(data_cfg: dict[str, Any]) -> Callable[[Image.Image], torch.Te
     """Resize to input_size / crop_pct, centre crop, normalise: timm's own eval transform."""
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     return create_transform(**{k: data_cfg[k] for k in keys if k in data_cfg}, is_training=False)
+
+
+def decode_size(input_size: int | tuple[int, ...], crop_fraction: float | None) -> int:
+    """The shorter side a JPEG must keep in draft-mode decoding so a crop still has ``input_size`` pixels."""
+    side = max(input_size) if isinstance(input_size, (tuple, list)) else input_size
+    return math.ceil(side / (crop_fraction or 1.0))
 
 
 def decode_image(value: Any, min_size: int | None = None) -> Image.Image:

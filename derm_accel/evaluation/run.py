@@ -7,7 +7,6 @@ figures and report.md on the main process. Under ``accelerate launch`` every ran
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from ..data.transforms import IMAGE_COLUMN, LABEL_COLUMN, decode_image, eval_transform, with_transform
+from ..data.transforms import IMAGE_COLUMN, LABEL_COLUMN, decode_image, decode_size, eval_transform, with_transform
 from ..distributed import use_cpu_ranks_without_gpu
 from ..models import data_config, load_model
 from ..paths import shareable_path
@@ -184,8 +183,7 @@ def evaluate_model(
 
     cfg = data_config(net)
     transform = eval_transform(cfg)
-    crop_pct = cfg.get("crop_pct") or 1.0
-    min_size = math.floor(min(cfg["input_size"][-2:]) / crop_pct)
+    min_size = decode_size(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct"))
     infer = dict(
         batch_size=batch_size,
         num_workers=num_workers,
