@@ -18,28 +18,32 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
-from derm_accel.data.transforms import decode_image, eval_transform
+from derm_accel.data.transforms import decode_image, decode_size, eval_transform
 from derm_accel.models import data_config
-from derm_accel.predict import cached_model, expand_inputs
+from derm_accel.predict import cached_model, default_device, expand_inputs
 
 
 def grad_cam(
     model: torch.nn.Module, pixel_values: torch.Tensor, target: int | None = None
 ) -> tuple[np.ndarray, int, float]:
     """Heatmap in [0, 1] at input resolution for one image (1, C, H, W); returns (cam, class index, probability)."""
-    features = model.forward_features(pixel_values)
+    with torch.no_grad():
+        features = model.forward_features(pixel_values)
     if features.ndim != 4:
         raise ValueError(
-            f"Grad-CAM needs a convolutional feature map (N, C, H, W); {type(model).__name__} gives "
+            f"Grad-CAM needs a convolutional feature map; {type(model).__name__} gives "
             f"{tuple(features.shape)}. Use a CNN such as efficientnet_b3 or densenet121."
         )
-    features.retain_grad()
+    # Gradients through the head only, w.r.t. the feature map: no parameter .grad is touched (the model is
+    # shared with predict's cache) and frozen models work too.
+    features = features.detach().requires_grad_()
     logits = model.forward_head(features)
     probabilities = logits.detach().float().softmax(-1)[0]
     index = int(probabilities.argmax()) if target is None else target
-    model.zero_grad(set_to_none=True)
-    logits[0, index].backward()
-    weights = features.grad.mean(dim=(2, 3), keepdim=True)
+    (grad,) = torch.autograd.grad(logits[0, index], features)
+    if getattr(model, "output_fmt", "NCHW") == "NHWC":  # Swin, MambaOut...: channels last in the map
+        features, grad = features.permute(0, 3, 1, 2), grad.permute(0, 3, 1, 2)
+    weights = grad.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * features).sum(dim=1, keepdim=True)).detach().float()
     cam = torch.nn.functional.interpolate(cam, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
     cam = cam[0, 0]
@@ -71,25 +75,28 @@ def explain(
     *,
     out_dir: str | os.PathLike,
     target: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
 ) -> list[dict[str, Any]]:
     """Write ``<name>_gradcam.png`` per image into ``out_dir``; one result dict per image.
 
     ``target`` names the class to explain (default: the predicted one). Unreadable files get an ``error``
     entry, as in :func:`derm_accel.predict`.
     """
+    device = device or default_device()
     net, labels = cached_model(model, device)
     if target is not None and target not in labels:
         raise ValueError(f"--target {target!r} is not one of the model's classes: {labels}")
     cfg = data_config(net)
     transform = eval_transform(cfg)
+    min_size = decode_size(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct"))  # decoded as predict does
     out_dir = Path(out_dir)
+    written: set[Path] = set()
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     for path, error in expand_inputs(images):
         if error is None:
             try:
-                image = decode_image({"path": path})
+                image = decode_image({"path": path}, min_size)
                 image.load()
             except Exception as e:  # a bad file is a per-file error, never the end of the call
                 error = f"could not read image: {type(e).__name__}: {e}"
@@ -100,6 +107,11 @@ def explain(
         with torch.enable_grad():
             cam, index, probability = grad_cam(net, x, None if target is None else labels.index(target))
         heatmap = out_dir / f"{Path(path).stem}_gradcam.png"
+        for n in range(2, len(written) + 2):  # same file name in two class folders: never overwrite
+            if heatmap not in written:
+                break
+            heatmap = out_dir / f"{Path(path).stem}_{n}_gradcam.png"
+        written.add(heatmap)
         overlay(_as_seen(x, cfg), cam).save(heatmap)
         results.append({"path": path, "label": labels[index], "probability": probability, "heatmap": str(heatmap)})
     return results

@@ -199,10 +199,10 @@ def resolve_model_source(source: str) -> str:
     )
 
 
-def ensure_hub_safetensors(hub_id: str) -> None:
-    """Fetch (or find in the cache) ``model.safetensors`` before timm runs, so weights only ever come from it.
+def ensure_hub_safetensors(hub_id: str) -> Path:
+    """The local path of the repo's ``model.safetensors`` (downloaded, or from the cache); a clear error if absent.
 
-    timm falls back to pickled ``pytorch_model.bin`` if a repo has no safetensors; derm-accel refuses.
+    A repo with only a pickled ``pytorch_model.bin`` is refused: derm-accel never unpickles downloads.
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
@@ -214,7 +214,7 @@ def ensure_hub_safetensors(hub_id: str) -> None:
 
     repo_id, _, revision = hub_id.partition("@")
     try:
-        hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision or None)
+        return Path(hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision or None))
     except LocalEntryNotFoundError as e:  # checked first: it is also an EntryNotFoundError
         raise FileNotFoundError(
             f"{repo_id} is not in the local Hub cache and the Hub cannot be reached (HF_HUB_OFFLINE is set "
@@ -236,13 +236,14 @@ def ensure_hub_safetensors(hub_id: str) -> None:
 def load_model(source: str, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[str]]:
     """Load a trained classifier and its label names from a folder or the Hub, in eval mode.
 
-    Weights come only from ``model.safetensors``: timm would fall back to a pickled ``pytorch_model.bin``, so
-    that file is fetched (or found in the cache) first and its absence is an error. Hub models are cached and
-    work with ``HF_HUB_OFFLINE=1`` once downloaded.
+    timm builds the architecture from ``config.json``; the weights are then read by us, from
+    ``model.safetensors`` only, with a strict key check. (timm's own loader would follow a config's
+    ``hf_hub_filename`` or fall back to a pickled ``pytorch_model.bin``.) Hub models are cached and work with
+    ``HF_HUB_OFFLINE=1`` once downloaded.
     """
     name = resolve_model_source(source)
     if name.startswith("hf-hub:"):
-        ensure_hub_safetensors(name.removeprefix("hf-hub:"))
+        weights = ensure_hub_safetensors(name.removeprefix("hf-hub:"))
     else:
         weights = Path(name.removeprefix("local-dir:")) / WEIGHTS_NAME
         if not weights.is_file():
@@ -250,7 +251,8 @@ def load_model(source: str, *, device: str | torch.device = "cpu") -> tuple[torc
                 f"{weights} not found; derm-accel loads only {WEIGHTS_NAME} (never pickled .bin/.pth files). "
                 f"A model folder from `derm-accel train` holds {WEIGHTS_NAME} and config.json."
             )
-    model = timm.create_model(name, pretrained=True)
+    model = timm.create_model(name, pretrained=False)
+    model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
     label_names = list(getattr(model, "pretrained_cfg", {}).get("label_names") or [])
     if not label_names:
         label_names = [str(i) for i in range(model.num_classes)]

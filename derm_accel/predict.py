@@ -50,7 +50,7 @@ def predict(
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    device = device or _default_device()
+    device = device or default_device()
     net, labels = cached_model(model, device)
     cfg = data_config(net)
     transform = eval_transform(cfg)
@@ -147,7 +147,7 @@ def _image_error(path: str, exc: Exception) -> str:
     return f"could not read image: {type(exc).__name__}: {exc}"
 
 
-def _default_device() -> str:
+def default_device() -> str:
     import torch
 
     if torch.cuda.is_available():

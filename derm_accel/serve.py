@@ -14,25 +14,36 @@ import json
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-from derm_accel.data.transforms import decode_image, eval_transform
+from derm_accel.data.transforms import decode_image, decode_size, eval_transform
 from derm_accel.models import data_config
-from derm_accel.predict import cached_model, rank_batch
+from derm_accel.paths import shareable_path
+from derm_accel.predict import cached_model, default_device, rank_batch
 
 MAX_BYTES = 32 * 2**20  # a phone photo is a few MB; anything far larger is refused before it is read
+DECODE_SLOTS = 4
 
 
 def make_server(
-    model: str, *, host: str = "127.0.0.1", port: int = 8000, top_k: int = 3, device: str = "cpu"
+    model: str, *, host: str = "127.0.0.1", port: int = 8000, top_k: int = 3, device: str | None = None
 ) -> ThreadingHTTPServer:
     """Load ``model`` once and return a server ready for ``serve_forever()`` (port 0 picks a free port)."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    device = device or default_device()
     net, labels = cached_model(model, device)
-    transform = eval_transform(data_config(net))
-    lock = threading.Lock()
+    cfg = data_config(net)
+    transform = eval_transform(cfg)
+    min_size = decode_size(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct"))  # decoded as predict does
+    lock = threading.Lock()  # one model, one device: forward passes take turns
+    decoding = threading.BoundedSemaphore(DECODE_SLOTS)  # bounds the memory of concurrent decodes
+    shown = shareable_path(model) if Path(model).exists() else model
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "derm-accel"
+        timeout = 30  # a client that stops sending does not hold a thread forever
 
         def _reply(self, status: int, payload: dict[str, Any]) -> None:
             body = json.dumps(payload).encode()
@@ -45,25 +56,31 @@ def make_server(
         def do_GET(self) -> None:
             if self.path != "/health":
                 return self._reply(HTTPStatus.NOT_FOUND, {"error": "GET /health or POST /predict"})
-            self._reply(HTTPStatus.OK, {"status": "ok", "model": model, "labels": labels})
+            self._reply(HTTPStatus.OK, {"status": "ok", "model": shown, "labels": labels})
 
         def do_POST(self) -> None:
             if self.path != "/predict":
                 return self._reply(HTTPStatus.NOT_FOUND, {"error": "POST the image bytes to /predict"})
-            size = int(self.headers.get("Content-Length") or 0)
+            try:
+                size = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                size = 0
             if size <= 0:
                 return self._reply(HTTPStatus.BAD_REQUEST, {"error": "empty body: POST the image file's bytes"})
             if size > MAX_BYTES:
                 return self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"image over {MAX_BYTES} bytes"})
             data = self.rfile.read(size)
             try:
-                image = decode_image({"bytes": data})
-                image.load()
-                x = transform(image)
+                with decoding:
+                    image = decode_image({"bytes": data}, min_size)  # refuses decompression bombs
+                    x = transform(image)
             except Exception as e:  # a bad upload is the client's error, never the server's end
-                return self._reply(HTTPStatus.BAD_REQUEST, {"error": f"not a readable image: {type(e).__name__}"})
-            with lock:
-                ranked = rank_batch(net, labels, [x], top_k=top_k, device=device)[0]
+                return self._reply(HTTPStatus.BAD_REQUEST, {"error": f"not a readable image: {e}"})
+            try:
+                with lock:
+                    ranked = rank_batch(net, labels, [x], top_k=top_k, device=device)[0]
+            except Exception as e:  # e.g. out of memory: answer, and keep serving
+                return self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
             self._reply(HTTPStatus.OK, {**ranked[0], "top_k": ranked})
 
     return ThreadingHTTPServer((host, port), Handler)

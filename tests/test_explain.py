@@ -33,6 +33,7 @@ def test_grad_cam_is_a_normalised_map_that_depends_on_the_class() -> None:
     for cam in cams:
         assert cam.shape == (64, 64) and cam.min() >= 0 and cam.max() <= 1 + 1e-6
     assert not np.allclose(cams[0], cams[1])  # another class, another explanation
+    assert all(p.grad is None for p in model.parameters())  # the shared cached model is left untouched
     _, index, probability = grad_cam(model, x)
     with torch.no_grad():
         probs = model(x).softmax(-1)[0]
@@ -60,3 +61,14 @@ def test_unknown_target_is_a_clear_error(model_dir: Path, tmp_path: Path) -> Non
         app, ["explain", str(tmp_path / "a.jpg"), "--model", str(model_dir), "--target", "acne"]
     )
     assert result.exit_code == 2 and "acne" in result.output and "melanoma" in result.output
+
+
+def test_same_file_names_in_two_folders_get_two_heatmaps(model_dir: Path, tmp_path: Path) -> None:
+    for i, folder in enumerate(("melanoma", "nevus")):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        render(i, 1, 64).save(tmp_path / "in" / folder / "img1.jpg")
+    result = CliRunner().invoke(
+        app, ["explain", str(tmp_path / "in"), "--model", str(model_dir), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["img1_2_gradcam.png", "img1_gradcam.png"]

@@ -66,3 +66,21 @@ def test_bad_uploads_get_4xx_and_the_server_stays_up(url: str) -> None:
     buf = io.BytesIO()
     render(0, 1, 64).save(buf, format="PNG")
     assert _post(url, buf.getvalue())[0] == 200
+
+
+def test_oversized_header_is_refused_before_decoding(url: str) -> None:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # claims 20000x20000 RGB
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    status, answer = _post(url, bomb)
+    assert status == 400 and "pixel" in answer["error"]
+
+
+def test_top_k_must_be_positive(model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="top_k"):
+        make_server(str(model_dir), port=0, top_k=0)

@@ -151,10 +151,11 @@ def group_images(
     variants = np.asarray(variants, dtype=np.uint64)
     if variants.ndim != 2 or len(variants) != n:
         raise ValueError(f"variants must have shape ({n}, k), got {variants.shape}")
-    # One row per exact content (its copies are already joined and have the same variants): every
-    # orientation's hash, tagged with its row. Equal (hash, row) entries, e.g. the flips of a symmetric
-    # image, are kept once. A row's upright hash is a query; queries are compared with all entries.
-    rows = np.fromiter(first_by_key.values(), dtype=np.int64, count=len(first_by_key))
+    # One row per upright pHash (rows sharing it are already joined above, so a cluster of near-identical
+    # images costs one entry, not k^2 pairs): every orientation's hash, tagged with its row. Equal
+    # (hash, row) entries, e.g. the flips of a symmetric image, are kept once. A row's upright hash is a
+    # query; queries are compared with all entries.
+    rows = np.fromiter(first_by_phash.values(), dtype=np.int64, count=len(first_by_phash))
     owners = np.repeat(rows, variants.shape[1])
     values = variants[rows].ravel()
     order = np.lexsort((owners, values))
@@ -168,7 +169,9 @@ def group_images(
     # Real hashes cluster, so buckets grow; the blocks keep memory bounded whatever their size.
     for q, t in _bucket_pairs(values, threshold, is_query):
         a, b = owners[q], owners[t]
-        for i, j in zip(a[a != b].tolist(), b[a != b].tolist(), strict=True):
+        keep = a != b
+        pairs = np.unique(np.stack([np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])], axis=1), axis=0)
+        for i, j in pairs.tolist():
             uf.union(i, j)
     return uf.groups()
 

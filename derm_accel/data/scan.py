@@ -116,8 +116,8 @@ def scan_source(src: Path, class_map: Mapping[str, str | None] | None = None) ->
     top_dirs = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
     pre_split = bool(top_dirs) and "train" in top_dirs and all(d in SPLIT_FOLDERS for d in top_dirs)
     split_like = [d for d in top_dirs if d in SPLIT_FOLDERS]
-    if "train" in split_like and len(split_like) > 1 and not pre_split:
-        # train/ + test/ beside other folders: neither a clean pre-split tree nor class folders named "train".
+    if split_like and not pre_split:
+        # Split folders beside other folders: neither a clean pre-split tree nor classes named "train"/"test".
         raise ScanError(
             f"{src} mixes split folders {split_like} with other folders {sorted(set(top_dirs) - set(split_like))}. "
             f"Move the others into the splits' class folders, or out of {src}."

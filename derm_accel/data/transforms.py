@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 from timm.data import create_transform
 from torchvision.transforms import v2
 
-from derm_accel.data.decode import to_rgb
+from derm_accel.data.decode import MAX_PIXELS, to_rgb
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
@@ -119,6 +119,10 @@ def decode_image(value: Any, min_size: int | None = None) -> Image.Image:
             scale = min_size / min(w, h)
             if scale < 1:
                 image.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
+        if image.width * image.height > MAX_PIXELS:  # from the header, before a byte is decoded
+            raise ValueError(
+                f"{image.width}x{image.height} pixels is over the {MAX_PIXELS:,}-pixel limit (decompression bomb?)"
+            )
         ImageOps.exif_transpose(image, in_place=True)
     return to_rgb(image)
 
