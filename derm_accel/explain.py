@@ -18,9 +18,9 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
-from derm_accel.data.transforms import decode_image, decode_size, eval_transform
+from derm_accel.data.transforms import decode_image
 from derm_accel.models import data_config
-from derm_accel.predict import cached_model, default_device, expand_inputs
+from derm_accel.predict import default_device, expand_inputs, prepared_model
 
 
 def grad_cam(
@@ -83,12 +83,10 @@ def explain(
     entry, as in :func:`derm_accel.predict`.
     """
     device = device or default_device()
-    net, labels = cached_model(model, device)
+    net, labels, transform, min_size = prepared_model(model, device)
     if target is not None and target not in labels:
         raise ValueError(f"--target {target!r} is not one of the model's classes: {labels}")
     cfg = data_config(net)
-    transform = eval_transform(cfg)
-    min_size = decode_size(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct"))  # decoded as predict does
     out_dir = Path(out_dir)
     written: set[Path] = set()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -43,19 +43,12 @@ def predict(
     "probability"}, ...]}``, or ``{"path", "error"}`` for a file that is missing or not a readable image.
     """
 
-    from derm_accel.data.transforms import decode_size, eval_transform
-    from derm_accel.models import data_config
-
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = device or default_device()
-    net, labels = cached_model(model, device)
-    cfg = data_config(net)
-    transform = eval_transform(cfg)
-    # Decode JPEGs at the smallest DCT scale that still covers the resize before the centre crop.
-    min_size = decode_size(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct"))
+    net, labels, transform, min_size = prepared_model(model, device)
     k = min(top_k, len(labels))
 
     entries = expand_inputs(images)
@@ -83,6 +76,20 @@ def predict(
             for (i, path, _), ranked in zip(good, ranked_batch, strict=True):
                 results[i] = {"path": path, **ranked[0], "top_k": ranked}
     return results
+
+
+def prepared_model(model: Any, device: str) -> tuple[Any, list[str], Any, int]:
+    """(model, label names, eval transform, draft-decode size): what predict, explain and serve all need.
+
+    Decoding at the smallest JPEG DCT scale that still covers the resize before the centre crop keeps every
+    entry point's pixels identical to each other.
+    """
+    from derm_accel.data.transforms import decode_size, eval_transform
+    from derm_accel.models import data_config
+
+    net, labels = cached_model(model, device)
+    cfg = data_config(net)
+    return net, labels, eval_transform(cfg), decode_size(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct"))
 
 
 def rank_batch(

@@ -17,10 +17,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from derm_accel.data.transforms import decode_image, decode_size, eval_transform
-from derm_accel.models import data_config
+from derm_accel.data.transforms import decode_image
 from derm_accel.paths import shareable_path
-from derm_accel.predict import cached_model, default_device, rank_batch
+from derm_accel.predict import default_device, prepared_model, rank_batch
 
 MAX_BYTES = 32 * 2**20  # a phone photo is a few MB; anything far larger is refused before it is read
 DECODE_SLOTS = 4
@@ -33,10 +32,7 @@ def make_server(
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     device = device or default_device()
-    net, labels = cached_model(model, device)
-    cfg = data_config(net)
-    transform = eval_transform(cfg)
-    min_size = decode_size(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct"))  # decoded as predict does
+    net, labels, transform, min_size = prepared_model(model, device)
     lock = threading.Lock()  # one model, one device: forward passes take turns
     decoding = threading.BoundedSemaphore(DECODE_SLOTS)  # bounds the memory of concurrent decodes
     shown = shareable_path(model) if Path(model).exists() else model
