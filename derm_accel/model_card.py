@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,25 +50,23 @@ class MissingLicenseError(ValueError):
     """No license is known for the weights; the user has to state one."""
 
 
-def read_optional_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``, or ``{}`` if the file is absent (every side file of a run is optional)."""
+def _read_optional(path: Path, parse: Callable[[str], Any], errors: type[Exception] | tuple, kind: str) -> dict:
+    """A mapping from ``path``, or ``{}`` if the file is absent (every side file of a run is optional)."""
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); fix or remove it.") from e
+        data = parse(path.read_text())
+    except errors as e:
+        raise ValueError(f"{path} is not valid {kind} ({e}); fix or remove it.") from e
     return data if isinstance(data, dict) else {}
+
+
+def read_optional_json(path: Path) -> dict[str, Any]:
+    return _read_optional(path, json.loads, json.JSONDecodeError, "JSON")
 
 
 def read_optional_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML ({e}); fix or remove it.") from e
-    return data if isinstance(data, dict) else {}
+    return _read_optional(path, yaml.safe_load, yaml.YAMLError, "YAML")
 
 
 def check_timm_config(config: Mapping[str, Any], where: Path) -> None:

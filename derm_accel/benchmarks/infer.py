@@ -160,7 +160,7 @@ def bench_infer(
                 pin_memory=on_gpu,
             )
         if "arrow" in source_list:
-            arrow_path, _ = build_arrow(src, workdir / f"arrow_{w}x{h}_{images}_320", max_size=320)
+            arrow_path = build_arrow(src, workdir / f"arrow_{w}x{h}_{images}_320", max_size=320)
             arrow = with_transform(load_all_splits(arrow_path), transform, min_size=resize_to)
             loaders["arrow"] = lambda: DataLoader(arrow, batch_size=batch_size, num_workers=workers, pin_memory=on_gpu)
     fixed = torch.randn(batch_size, 3, img_size, img_size)
