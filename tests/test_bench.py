@@ -297,20 +297,29 @@ def test_cli_bench_command_runs_the_bench(tmp_path):
 
 
 def test_gpu_check_loader_without_datasets_decodes_the_same(monkeypatch):
-    from derm_accel.benchmarks.data import model_data_config
-    from derm_accel.benchmarks.gpu_check import image_dataset, make_jpegs
-    from derm_accel.data.transforms import eval_transform
+    from torchvision.transforms.v2 import functional as F
 
-    items = make_jpegs(3)
-    transform = eval_transform(model_data_config("test_efficientnet", 32))
-    arrow, arrow_source = image_dataset(items, transform)
+    from derm_accel.benchmarks.gpu_check import image_loader, make_jpegs
+
+    items = make_jpegs(4)
+
+    def resize(x):  # deterministic, so the two loaders' batches can be compared whatever their order
+        return F.resize(x, [32, 32], antialias=True)
+
+    def contents(loader):
+        batch = next(iter(loader))
+        pairs = zip(batch["labels"].tolist(), batch["pixel_values"], strict=True)
+        return sorted(((label, x.sum().item(), x) for label, x in pairs), key=lambda t: t[:2])
+
+    options = {"img_size": 32, "batch_size": 4, "workers": 0, "pin_memory": False}
+    arrow, arrow_source = image_loader(items, resize, **options)
     monkeypatch.setitem(sys.modules, "datasets", None)  # as on a machine without `datasets`
-    plain, plain_source = image_dataset(items, transform)
-    assert "Arrow" in arrow_source and "datasets not installed" in plain_source
-    for i in range(3):
-        a, b = arrow[i], plain[i]
-        assert a["labels"] == b["labels"] == items[i][1]
-        assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["pixel_values"].shape == (3, 32, 32)
+    plain, plain_source = image_loader(items, resize, **options)
+    assert "train_loader" in arrow_source and "datasets not installed" in plain_source
+    a, b = contents(arrow), contents(plain)
+    assert [x[0] for x in a] == sorted(lab for _, lab in items)
+    for (la, _, xa), (lb, _, xb) in zip(a, b, strict=True):
+        assert la == lb and xa.shape == (3, 32, 32) and torch.equal(xa, xb)
 
 
 def test_gpu_check_dry_run(tmp_path):

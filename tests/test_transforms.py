@@ -5,11 +5,20 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from derm_accel.data.synthetic import render
-from derm_accel.data.transforms import BatchNormalize, decode_image, train_transform
+from derm_accel.data.transforms import (
+    BatchNormalize,
+    RandomResizedCropFlip,
+    decode_image,
+    decode_tensor,
+    pil_to_uint8,
+    train_transform,
+)
 
 CFG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
 
@@ -51,3 +60,81 @@ def test_uint8_pipeline_plus_batch_normalize_equals_float_pipeline() -> None:
     as_uint8 = train_transform(CFG, normalize=False)(image)
     assert as_uint8.dtype == torch.uint8 and as_uint8.shape == (3, 32, 32)
     torch.testing.assert_close(BatchNormalize(CFG)(as_uint8[None])[0], as_float, atol=1e-5, rtol=1e-5)
+
+
+def _exif_jpeg(image: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _bytes(image, "JPEG", quality=95, exif=exif)
+
+
+def _equal_decodes(value: dict, min_size: int | None = None) -> None:
+    as_tensor = decode_tensor(value, min_size)
+    as_pil = torch.from_numpy(np.asarray(decode_image(value, min_size)).copy()).permute(2, 0, 1)
+    assert as_tensor.dtype == torch.uint8 and as_tensor.shape == as_pil.shape
+    assert (as_tensor.int() - as_pil.int()).abs().max() <= 1  # same libjpeg-turbo; 1 level of slack across builds
+
+
+def test_decode_tensor_gives_decode_image_pixels_for_every_input_kind() -> None:
+    photo = render(2, 7, 96).resize((120, 80))
+    _equal_decodes({"bytes": _bytes(photo, "JPEG", quality=95)})
+    for orientation in range(1, 9):  # every EXIF orientation lands upright, as convert stores it
+        _equal_decodes({"bytes": _exif_jpeg(photo, orientation)})
+    _equal_decodes({"bytes": _bytes(photo.convert("L"), "JPEG")})
+    _equal_decodes({"bytes": _bytes(photo.convert("CMYK"), "JPEG")})  # Pillow path
+    _equal_decodes({"bytes": _bytes(photo.convert("RGBA"), "PNG")})  # Pillow path: alpha over white
+    big = photo.resize((960, 640))
+    _equal_decodes({"bytes": _bytes(big, "JPEG", quality=90)}, min_size=100)  # draft mode shrinks: Pillow path
+    assert decode_tensor({"bytes": _bytes(big, "JPEG", quality=90)}, 100).shape == (3, 160, 240)
+
+
+def test_decode_tensor_takes_the_torchcodec_path_for_stored_jpegs(monkeypatch) -> None:
+    pytest.importorskip("torchcodec.decoders", reason="torchcodec is not installed: the Pillow path is used")
+    from derm_accel.data import transforms
+
+    if transforms._jpeg_decoder() is None:
+        pytest.skip("torchcodec does not load against this torch build: the Pillow path is used")
+    data = _bytes(render(1, 3, 64), "JPEG", quality=95)
+    expected = decode_tensor({"bytes": data})
+
+    def no_pillow(*args, **kwargs):
+        raise AssertionError("fell back to Pillow")
+
+    monkeypatch.setattr(transforms, "decode_image", no_pillow)
+    assert torch.equal(decode_tensor({"bytes": data}), expected)
+    with pytest.raises(AssertionError, match="fell back"):
+        decode_tensor({"bytes": _bytes(render(1, 3, 64), "PNG")})
+
+
+def test_decode_tensor_refuses_decompression_bombs(monkeypatch) -> None:
+    from derm_accel.data import transforms
+
+    monkeypatch.setattr(transforms, "MAX_PIXELS", 100)
+    with pytest.raises(ValueError, match="decompression bomb"):
+        decode_tensor({"bytes": _bytes(render(0, 0, 32), "JPEG")})
+
+
+def test_crop_flip_is_seeded_and_takes_tensors_or_pil_alike() -> None:
+    image = render(3, 5, 80)
+    crop = RandomResizedCropFlip(
+        (32, 32), scale=(0.3, 1.0), ratio=(0.75, 1.33), hflip=0.5, vflip=0.5, interpolation=v2.InterpolationMode.BICUBIC
+    )
+    outs = []
+    for source in (image, pil_to_uint8(image), decode_tensor({"bytes": _bytes(image, "PNG")})):
+        torch.manual_seed(11)
+        outs.append(crop(source))
+    assert outs[0].shape == (3, 32, 32) and outs[0].dtype == torch.uint8
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    torch.manual_seed(12)
+    assert not torch.equal(crop(image), outs[0])
+
+
+def test_crop_flip_flips_what_it_is_told() -> None:
+    image = pil_to_uint8(render(4, 2, 40))
+    whole = {"scale": (1.0, 1.0), "ratio": (1.0, 1.0), "interpolation": v2.InterpolationMode.BILINEAR}
+    plain = RandomResizedCropFlip((40, 40), hflip=0.0, vflip=0.0, **whole)(image)
+    assert torch.equal(plain, image)  # the whole square image at its own size: untouched
+    assert torch.equal(RandomResizedCropFlip((40, 40), hflip=1.0, vflip=0.0, **whole)(image), image.flip(-1))
+    assert torch.equal(RandomResizedCropFlip((40, 40), hflip=0.0, vflip=1.0, **whole)(image), image.flip(-2))
+    both = RandomResizedCropFlip((40, 40), hflip=1.0, vflip=1.0, **whole)(image)
+    assert torch.equal(both, image.flip(-1).flip(-2))

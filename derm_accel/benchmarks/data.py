@@ -6,13 +6,15 @@ All pipelines read the same images in the same run, so their ratio holds even on
   RandomCrop + flip (the original study's pipeline).
 * ``folder_draft``: the same files, decoded with Pillow's draft mode down to the Arrow shorter side, then
   derm-accel's train transform: what draft mode alone buys.
-* ``arrow``: derm-accel's training input, the convert stage's shorter-side-320 JPEGs in Arrow, through
-  ``with_transform(train_transform)``.
-* ``arrow_uint8``: the same, leaving float conversion and normalisation to the GPU (uint8 batches).
+* ``arrow``: derm-accel's training loader (``train_loader``: shuffled, per-sample seeds, the convert stage's
+  shorter-side-320 JPEGs read from Arrow) with float conversion and normalisation in the workers.
+* ``arrow_uint8``: exactly what ``derm-accel train`` runs: the same loader shipping uint8 batches, float
+  conversion and normalisation left to the device.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from derm_accel.benchmarks.common import as_list, markdown_table, parse_size, provenance_lines
 from derm_accel.benchmarks.sources import build_arrow, load_all_splits, write_sources
-from derm_accel.data.transforms import AugmentConfig, decode_image, train_transform, with_transform
+from derm_accel.data.loaders import train_loader
+from derm_accel.data.transforms import AugmentConfig, decode_image, decode_size, train_transform
 
 PIPELINES = ("original", "folder_draft", "arrow", "arrow_uint8")
 
@@ -76,9 +79,19 @@ def _original_dataset(root: Path, keep: set[str], data_cfg: dict[str, Any]) -> D
     )
 
 
+def _train_loader(split: Any, transform: Any, batch_size: int, workers: int, img_size: int) -> DataLoader:
+    """The loader ``derm-accel train`` builds, with its decode size for the default augmentation."""
+    min_size = decode_size(img_size, math.sqrt(AugmentConfig().scale[0]))
+    return train_loader(split, transform, batch_size=batch_size, seed=0, min_size=min_size, num_workers=workers)
+
+
 def time_loader(dataset: Any, *, batch_size: int, workers: int, max_images: int | None = None) -> dict[str, float]:
-    """Steady-state images/s of a DataLoader: the first batch (worker start-up) is timed apart."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False, persistent_workers=False)
+    """Steady-state images/s of a DataLoader (or of a Dataset in one): the first batch (worker start-up) is
+    timed apart."""
+    if isinstance(dataset, DataLoader):
+        loader = dataset
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
     t0 = time.perf_counter()
     it = iter(loader)
     first = next(it)
@@ -144,15 +157,13 @@ def bench_data(
         keep = set(arrow["source_path"])
         samples = sorted((str(src / p), arrow.features["label"].str2int(p.split("/")[0])) for p in keep)
         make = {
-            "original": lambda src=src, keep=keep: _original_dataset(src, keep, data_cfg),
-            "folder_draft": lambda samples=samples: _DraftFolder(
+            "original": lambda nw, src=src, keep=keep: _original_dataset(src, keep, data_cfg),
+            "folder_draft": lambda nw, samples=samples: _DraftFolder(
                 samples, train_transform(data_cfg, AugmentConfig()), max_size
             ),
-            "arrow": lambda arrow=arrow: with_transform(
-                arrow, train_transform(data_cfg, AugmentConfig()), min_size=max_size
-            ),
-            "arrow_uint8": lambda arrow=arrow: with_transform(
-                arrow, uint8_train_transform(data_cfg), min_size=max_size
+            "arrow": lambda nw, arrow=arrow: _train_loader(arrow, train_transform(data_cfg), batch_size, nw, img_size),
+            "arrow_uint8": lambda nw, arrow=arrow: _train_loader(
+                arrow, uint8_train_transform(data_cfg), batch_size, nw, img_size
             ),
         }
         for nw in worker_counts:
@@ -160,7 +171,7 @@ def bench_data(
             runs: dict[str, list[dict[str, float]]] = {p: [] for p in pipes}
             for _ in range(max(1, repeats)):
                 for pipe in pipes:
-                    runs[pipe].append(time_loader(make[pipe](), batch_size=batch_size, workers=nw))
+                    runs[pipe].append(time_loader(make[pipe](nw), batch_size=batch_size, workers=nw))
             for pipe in pipes:
                 best = max(runs[pipe], key=lambda r: r["images_per_s"])
                 rows.append(

@@ -10,6 +10,7 @@ the same code at toy sizes on the CPU.
 from __future__ import annotations
 
 import io
+import math
 import os
 import time
 import traceback
@@ -112,27 +113,46 @@ class JpegBytes(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from derm_accel.data.transforms import decode_image
+        from derm_accel.data.transforms import decode_tensor
 
         data, label = self.items[i]
-        return {"pixel_values": self.transform(decode_image({"bytes": data}, self.min_size)), "labels": label}
+        return {"pixel_values": self.transform(decode_tensor({"bytes": data}, self.min_size)), "labels": label}
 
 
-def image_dataset(items: list[tuple[bytes, int]], transform: Callable) -> tuple[Any, str]:
-    """The Arrow path (``with_transform``) when ``datasets`` is installed, else the same decode in memory."""
+def image_loader(
+    items: list[tuple[bytes, int]],
+    transform: Callable,
+    *,
+    img_size: int,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool,
+) -> tuple[DataLoader, str]:
+    """``derm-accel train``'s loader over Arrow when ``datasets`` is installed, else the same decode in memory."""
+    from derm_accel.data.transforms import AugmentConfig, decode_size
+
+    min_size = decode_size(img_size, math.sqrt(AugmentConfig().scale[0]))
+    options: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory}
+    if workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=4)
     try:
-        from datasets import ClassLabel, Dataset, Features
+        from datasets import ClassLabel, Features
+        from datasets import Dataset as ArrowDataset
         from datasets import Image as ImageFeature
 
-        from derm_accel.data.transforms import with_transform
+        from derm_accel.data.loaders import train_loader
     except ImportError:
-        return JpegBytes(items, transform, ARROW_SHORT_SIDE), "in-memory JPEG bytes (datasets not installed)"
+        loader = DataLoader(
+            JpegBytes(items, transform, min_size), batch_size=batch_size, shuffle=True, drop_last=True, **options
+        )
+        return loader, "in-memory JPEG bytes (datasets not installed)"
     labels = sorted({lab for _, lab in items})
-    ds = Dataset.from_dict(
+    ds = ArrowDataset.from_dict(
         {"image": [{"bytes": b, "path": None} for b, _ in items], "label": [lab for _, lab in items]},
         features=Features({"image": ImageFeature(), "label": ClassLabel(num_classes=max(labels) + 1)}),
     )
-    return with_transform(ds, transform, min_size=ARROW_SHORT_SIDE), "Arrow (datasets) via with_transform"
+    loader = train_loader(ds, transform, batch_size=batch_size, seed=0, min_size=min_size, **options)
+    return loader, "Arrow (datasets) via derm_accel.data.loaders.train_loader"
 
 
 # ---------------------------------------------------------------- sections
@@ -209,7 +229,7 @@ def section_infer(s: dict[str, Any], deadline: float) -> list[dict[str, Any]]:
 def section_loader(s: dict[str, Any]) -> tuple[dict[str, Any], torch.nn.Module, list[tuple[bytes, int]]]:
     """Train from decoded JPEGs through the DataLoader and from one fixed tensor; the ratio says who waits."""
     from derm_accel.benchmarks.data import model_data_config
-    from derm_accel.data.transforms import train_transform
+    from derm_accel.data.transforms import BatchNormalize, train_transform
     from derm_accel.models import create_model
 
     size = s["sizes"][0]
@@ -221,18 +241,17 @@ def section_loader(s: dict[str, Any]) -> tuple[dict[str, Any], torch.nn.Module, 
     )
     gen_s = time.perf_counter() - t0
     data_cfg = model_data_config(s["model"], size)
-    dataset, source = image_dataset(items, train_transform(data_cfg))
     workers = s["loader_workers"]
-    loader = DataLoader(
-        dataset,
+    # Exactly the training input: uint8 crops from the workers, normalised on the device.
+    loader, source = image_loader(
+        items,
+        train_transform(data_cfg, normalize=False),
+        img_size=size,
         batch_size=s["train_batch"],
-        shuffle=True,
-        drop_last=True,
-        num_workers=workers,
+        workers=workers,
         pin_memory=device == "cuda",
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
     )
+    normalize = BatchNormalize(data_cfg)
 
     def batches():
         while True:
@@ -262,10 +281,8 @@ def section_loader(s: dict[str, Any]) -> tuple[dict[str, Any], torch.nn.Module, 
 
     def fetch() -> tuple[torch.Tensor, torch.Tensor]:
         b = next(it)
-        return (
-            b["pixel_values"].to(device, non_blocking=True).contiguous(memory_format=fmt),
-            b["labels"].to(device, non_blocking=True),
-        )
+        x = normalize(b["pixel_values"].to(device, non_blocking=True))
+        return x.contiguous(memory_format=fmt), b["labels"].to(device, non_blocking=True)
 
     warm = 1 if s["dry"] else 5
     for _ in range(warm):
