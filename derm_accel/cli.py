@@ -291,11 +291,12 @@ def quickstart(
 @app.command(
     epilog="**Examples**\n\n"
     "derm-accel bench data --opt workers=1,2\n\n"
+    "derm-accel bench steps --opt images=64\n\n"
     "derm-accel bench train --opt models=efficientnet_b3 --opt batch_size=8 --opt steps=3\n\n"
     "derm-accel bench infer --opt batch_size=64",
 )
 def bench(
-    kind: Annotated[str, typer.Argument(help="data | train | infer")],
+    kind: Annotated[str, typer.Argument(help="data | steps | train | infer | comm")],
     out: Annotated[Path | None, typer.Option(help="JSON output (default bench_results/KIND.json).")] = None,
     option: Annotated[
         list[str] | None, typer.Option("--opt", help="Benchmark option key=value (repeatable), e.g. --opt steps=5.")

@@ -73,6 +73,22 @@ def test_data_bench_writes_json_and_rewrites_docs_in_place(tmp_path):
     assert docs.read_text().startswith("# Benchmarks\n\nHand-written intro.\n")
 
 
+def test_steps_bench_times_each_step_both_ways(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n")
+    opts = dict(images=12, source_size="96x72", img_size=32, model="test_efficientnet", repeats=1)
+    run_bench("steps", out=tmp_path / "steps.json", docs=docs, workdir=tmp_path / "cache", **opts)
+    saved = json.loads((tmp_path / "steps.json").read_text())
+    assert [r["step"] for r in saved["results"]] == ["decode", "augment", "seed"]
+    for r in saved["results"]:
+        assert r["earlier_ms"] > 0 and r["current_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["earlier_ms"] / r["current_ms"], rel=0.02)
+    total = sum(r["current_ms"] for r in saved["results"])
+    assert saved["summary"]["current_ms"] == pytest.approx(total, rel=1e-3)
+    assert saved["settings"]["decode_min_size"] == 55  # what train decodes to for 32 px crops at scale >= 0.35
+    assert "| seed | torch.manual_seed in fork_rng |" in _section(docs, "steps")
+
+
 def test_uint8_transform_matches_train_transform_up_to_normalisation():
     from PIL import Image
 
@@ -251,7 +267,7 @@ def test_option_parsing():
     assert args.channels_last == "off,on" and args.batch_size == 2 and args.isolate is False and args.steps is None
     with pytest.raises(ValueError, match="Unknown benchmark"):
         run_bench("speed")
-    assert set(KINDS) == {"data", "train", "infer", "comm"}
+    assert set(KINDS) == {"data", "steps", "train", "infer", "comm"}
 
 
 def test_cli_options_are_coerced_to_the_bench_types():

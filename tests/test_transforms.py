@@ -92,7 +92,7 @@ def test_decode_tensor_takes_the_torchcodec_path_for_stored_jpegs(monkeypatch) -
     pytest.importorskip("torchcodec.decoders", reason="torchcodec is not installed: the Pillow path is used")
     from derm_accel.data import transforms
 
-    if transforms._jpeg_decoder() is None:
+    if transforms.jpeg_decoder() is None:
         pytest.skip("torchcodec does not load against this torch build: the Pillow path is used")
     data = _bytes(render(1, 3, 64), "JPEG", quality=95)
     expected = decode_tensor({"bytes": data})

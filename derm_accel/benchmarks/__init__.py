@@ -1,4 +1,4 @@
-"""Benchmarks: input pipeline, training step, inference and DDP communication.
+"""Benchmarks: input pipeline (end to end and step by step), training step, inference and DDP communication.
 
 ``run_bench(kind, **options)`` runs one, writes its JSON (default ``bench_results/<kind>.json``) and rewrites
 that kind's table in ``docs/benchmarks.md``, so the docs always show what the last run measured,
@@ -23,7 +23,7 @@ from derm_accel.benchmarks.common import (
     write_json,
 )
 
-KINDS = ("data", "train", "infer", "comm")
+KINDS = ("data", "steps", "train", "infer", "comm")
 
 
 def _registry() -> dict[str, tuple[Callable[..., dict[str, Any]], Callable[[dict[str, Any]], str]]]:
@@ -31,10 +31,12 @@ def _registry() -> dict[str, tuple[Callable[..., dict[str, Any]], Callable[[dict
     from derm_accel.benchmarks.comm import bench_comm, comm_markdown
     from derm_accel.benchmarks.data import bench_data, data_markdown
     from derm_accel.benchmarks.infer import bench_infer, infer_markdown
+    from derm_accel.benchmarks.steps import bench_steps, steps_markdown
     from derm_accel.benchmarks.train import bench_train, train_markdown
 
     return {
         "data": (bench_data, data_markdown),
+        "steps": (bench_steps, steps_markdown),
         "train": (bench_train, train_markdown),
         "infer": (bench_infer, infer_markdown),
         "comm": (bench_comm, comm_markdown),

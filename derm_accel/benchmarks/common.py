@@ -67,6 +67,12 @@ def machine_info(device: str | None = None) -> dict[str, Any]:
         info["timm"] = timm.__version__
     except ImportError:  # pragma: no cover - timm is a dependency
         pass
+    from derm_accel.data.transforms import jpeg_decoder
+
+    if jpeg_decoder() is not None:  # the training input's JPEG decoder
+        import torchcodec
+
+        info["torchcodec"] = torchcodec.__version__
     if hasattr(os, "getloadavg"):
         info["loadavg_1m"] = round(os.getloadavg()[0], 2)
     if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
@@ -85,7 +91,8 @@ def machine_label(info: dict[str, Any]) -> str:
     else:
         where = f"{info['cpu']}, {info['usable_cores']} usable cores"
     load = f", load avg {info['loadavg_1m']} at start" if "loadavg_1m" in info else ""
-    return f"{where}; torch {info['torch']}, torchvision {info['torchvision']}, Pillow {info['pillow']}{load}"
+    codec = f", torchcodec {info['torchcodec']}" if "torchcodec" in info else ""
+    return f"{where}; torch {info['torch']}, torchvision {info['torchvision']}{codec}, Pillow {info['pillow']}{load}"
 
 
 def resolve_device(device: str | None) -> str:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from derm_accel.benchmarks.common import as_list, markdown_table, parse_size, provenance_lines
 from derm_accel.benchmarks.sources import build_arrow, load_all_splits, write_sources
 from derm_accel.data.loaders import train_loader
-from derm_accel.data.transforms import AugmentConfig, decode_image, decode_size, train_transform
+from derm_accel.data.transforms import AugmentConfig, decode_image, decode_size, jpeg_decoder, train_transform
 
 PIPELINES = ("original", "folder_draft", "arrow", "arrow_uint8")
 
@@ -147,6 +147,7 @@ def bench_data(
         "model_preprocessing": model,
         "arrow_max_size": max_size,
         "augment": "RandomResizedCrop(0.35-1)+hflip+vflip",
+        "train_jpeg_decoder": "torchcodec" if jpeg_decoder() is not None else "Pillow",
         "repeats": repeats,
     }
     rows: list[dict[str, Any]] = []

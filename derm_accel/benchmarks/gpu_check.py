@@ -325,10 +325,18 @@ def section_loader(s: dict[str, Any]) -> tuple[dict[str, Any], torch.nn.Module, 
 
 
 def section_gpu_decode(s: dict[str, Any], items: list[tuple[bytes, int]]) -> dict[str, Any]:
-    """The same stored JPEGs decoded by nvJPEG (torchvision.io.decode_jpeg on the GPU) and augmented there:
-    the fast path when the CPU cannot feed the GPU."""
-    from torchvision.io import decode_jpeg
+    """The same stored JPEGs decoded by nvJPEG (torchcodec's batched decode_jpeg on the GPU, else
+    torchvision's) and augmented there: the fast path when the CPU cannot feed the GPU."""
     from torchvision.transforms import v2
+
+    try:
+        from torchcodec.decoders import decode_jpeg
+
+        decoder = "torchcodec.decoders.decode_jpeg"
+    except Exception:  # not installed, or a build for another torch
+        from torchvision.io import decode_jpeg
+
+        decoder = "torchvision.io.decode_jpeg"
 
     from derm_accel.benchmarks.data import model_data_config
 
@@ -360,6 +368,7 @@ def section_gpu_decode(s: dict[str, Any], items: list[tuple[bytes, int]]) -> dic
         "images": n,
         "batch_size": s["train_batch"],
         "decode_augment_img_s": round(n / (time.perf_counter() - t), 1),
+        "decoder": decoder,
     }
 
 

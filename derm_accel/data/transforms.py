@@ -172,7 +172,7 @@ def pil_to_uint8(image: Image.Image) -> torch.Tensor:
 
 
 @functools.cache
-def _jpeg_decoder() -> Callable[..., torch.Tensor] | None:
+def jpeg_decoder() -> Callable[..., torch.Tensor] | None:
     """torchcodec's JPEG decoder (libjpeg-turbo straight into a tensor), or None where it is missing or is a
     build that does not load against this torch."""
     try:
@@ -197,7 +197,7 @@ def decode_tensor(value: Any, min_size: int | None = None) -> torch.Tensor:
     if data is None:
         with open(value["path"], "rb") as f:
             data = f.read()
-    decoder = _jpeg_decoder()
+    decoder = jpeg_decoder()
     if decoder is not None:
         with Image.open(io.BytesIO(data)) as header:  # parses the header only
             fmt, mode, (w, h) = header.format, header.mode, header.size
