@@ -138,3 +138,12 @@ def test_crop_flip_flips_what_it_is_told() -> None:
     assert torch.equal(RandomResizedCropFlip((40, 40), hflip=0.0, vflip=1.0, **whole)(image), image.flip(-2))
     both = RandomResizedCropFlip((40, 40), hflip=1.0, vflip=1.0, **whole)(image)
     assert torch.equal(both, image.flip(-1).flip(-2))
+
+
+def test_truncated_jpeg_fails_the_same_way_on_both_paths() -> None:
+    data = _bytes(render(0, 1, 64), "JPEG", quality=95)
+    cut = {"bytes": data[: len(data) // 2]}
+    with pytest.raises(OSError, match="truncated"):
+        decode_image(cut)
+    with pytest.raises(OSError, match="truncated"):
+        decode_tensor(cut)

@@ -203,7 +203,10 @@ def decode_tensor(value: Any, min_size: int | None = None) -> torch.Tensor:
             fmt, mode, (w, h) = header.format, header.mode, header.size
         draft_would_shrink = bool(min_size) and min(w, h) >= 2 * min_size
         if fmt == "JPEG" and mode in ("RGB", "L") and w * h <= MAX_PIXELS and not draft_would_shrink:
-            return decoder(data, mode="RGB")
+            try:
+                return decoder(data, mode="RGB")
+            except RuntimeError:  # e.g. a truncated file: let Pillow decode it or say what is wrong
+                pass
     return pil_to_uint8(decode_image({"bytes": data}, min_size))
 
 
