@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import derm_accel
 from derm_accel.checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from derm_accel.config import OptimConfig, Recipe, RecipeError, load_recipe
 from derm_accel.data import loaders
-from derm_accel.data.transforms import BatchNormalize, decode_size, eval_transform, train_transform
+from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, train_transform
 from derm_accel.distributed import use_cpu_ranks_without_gpu
 from derm_accel.models import create_model, data_config, export_model
 from derm_accel.paths import shareable_path
@@ -89,12 +90,18 @@ def validate(
     num_classes: int,
     *,
     channels_last: bool = False,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 over the whole split, each sample counted exactly once across processes."""
+    """Loss, accuracy and macro-F1 over the whole split, each sample counted exactly once across processes.
+
+    ``normalize`` turns uint8 batches into the model's input on the device (:class:`BatchNormalize`).
+    """
     model.eval()
     preds, labels, losses = [], [], []
     for batch in loader:
         inputs = batch["pixel_values"]
+        if normalize is not None:
+            inputs = normalize(inputs)
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
@@ -221,11 +228,13 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
         min_size=decode_size(size, math.sqrt(d.augment.scale[0])),
         **loader_options,
     )
+    val_transform, val_decode = eval_input(data_cfg)  # uint8 too where timm's eval is resize + centre crop
     val_dl = loaders.eval_loader(
         val_split,
-        eval_transform(data_cfg),
+        val_transform,
         batch_size=d.batch_size,
         min_size=decode_size(size, data_cfg.get("crop_pct")),
+        decode=val_decode,
         **loader_options,
     )
     normalize = BatchNormalize(data_cfg)
@@ -419,7 +428,9 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
 
         # Validate (EMA weights when EMA is on), log, export the best, checkpoint, maybe stop early.
         eval_model = ema.module if ema is not None else model
-        metrics = validate(eval_model, val_dl, accelerator, len(label_names), channels_last=t.channels_last)
+        metrics = validate(
+            eval_model, val_dl, accelerator, len(label_names), channels_last=t.channels_last, normalize=normalize
+        )
         train_loss = _epoch_loss(accelerator, loss_sum, loss_count, prior)
         record = {
             "epoch": epoch + 1,

@@ -319,3 +319,25 @@ def test_label_mismatch_is_a_clear_error(data_dir, tmp_path):
 def test_calibrating_on_the_evaluated_split_is_refused(model_dir, data_dir, tmp_path):
     with pytest.raises(ValueError, match="validation"):
         evaluate_model(str(model_dir), data_dir, split="validation", calibrate=True, out_dir=tmp_path)
+
+
+def test_evaluate_scores_like_predict_on_the_same_images(model_dir, data_dir, tmp_path):
+    """evaluate decodes Arrow to uint8 tensors (torch resize); predict uses timm's Pillow transform on files."""
+    from datasets import Image as ImageFeature
+    from datasets import load_from_disk
+
+    from derm_accel.predict import predict
+
+    out = tmp_path / "report"
+    evaluate_model(str(model_dir), data_dir, out_dir=out, batch_size=4, num_workers=0)
+    rows, _, probs = _read_predictions(out / "predictions.csv")
+    test = load_from_disk(str(data_dir))["test"].cast_column("image", ImageFeature(decode=False))
+    files = []
+    for row in rows:
+        path = tmp_path / f"{row['index']}.jpg"
+        path.write_bytes(test[int(row["index"])]["image"]["bytes"])
+        files.append(path)
+    results = predict(files, str(model_dir), top_k=len(NAMES), device="cpu")
+    expected = np.array([[{t["label"]: t["probability"] for t in r["top_k"]}[n] for n in NAMES] for r in results])
+    assert np.abs(expected - probs).max() < 0.01
+    assert (expected.argmax(1) == probs.argmax(1)).all()

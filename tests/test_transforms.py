@@ -14,8 +14,11 @@ from derm_accel.data.synthetic import render
 from derm_accel.data.transforms import (
     BatchNormalize,
     RandomResizedCropFlip,
+    ResizeCenterCrop,
     decode_image,
     decode_tensor,
+    eval_input,
+    eval_transform,
     pil_to_uint8,
     train_transform,
 )
@@ -147,3 +150,34 @@ def test_truncated_jpeg_fails_the_same_way_on_both_paths() -> None:
         decode_image(cut)
     with pytest.raises(OSError, match="truncated"):
         decode_tensor(cut)
+
+
+def test_tensor_eval_path_matches_timms_pillow_transform() -> None:
+    cfg = {
+        "input_size": (3, 64, 64),
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "crop_pct": 0.9,
+        "crop_mode": "center",
+    }
+    transform, decode = eval_input(cfg)
+    assert isinstance(transform, ResizeCenterCrop) and decode is decode_tensor and transform.resize == 71
+    timm_pil = eval_transform(cfg)
+    std = torch.tensor(cfg["std"]).view(3, 1, 1)
+    for size in ((300, 220), (97, 131), (71, 71)):
+        value = {"bytes": _bytes(render(5, size[0], 128).resize(size), "JPEG", quality=95)}
+        ours = BatchNormalize(cfg)(transform(decode(value, None))[None])[0]
+        theirs = timm_pil(decode_image(value))
+        levels = (ours - theirs).abs() * std * 255  # difference in 0-255 pixel levels
+        assert ours.shape == theirs.shape == (3, 64, 64)
+        assert levels.max() <= 2.01 and levels.mean() < 0.1
+
+
+def test_eval_input_keeps_timms_transform_where_it_is_not_resize_and_centre_crop() -> None:
+    base = {"input_size": (3, 64, 64), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    for cfg in ({**base, "crop_mode": "squash"}, {**base, "input_size": (3, 64, 80)}):
+        transform, decode = eval_input(cfg)
+        assert decode is decode_image and not isinstance(transform, ResizeCenterCrop)
+        out = transform(decode({"bytes": _bytes(render(0, 0, 90), "PNG")}, None))
+        assert out.dtype == torch.float32 and out.shape == (3, *cfg["input_size"][-2:])

@@ -6,7 +6,10 @@ so each ratio says what one change buys:
 * decode: Pillow (``decode_image``) then a copy into a tensor, against ``decode_tensor`` (torchcodec);
 * augment: a ``v2.Compose`` of RandomResizedCrop and both flips, against ``RandomResizedCropFlip``;
 * seed: ``torch.manual_seed`` per sample (which also queues seeding for every GPU backend, with a stack
-  trace each time) against seeding the CPU generator only, both inside ``fork_rng`` as the loader does.
+  trace each time) against seeding the CPU generator only, both inside ``fork_rng`` as the loader does;
+* eval input (what ``evaluate`` and validation read): Pillow decode + timm's eval transform (resize,
+  centre crop, to float, normalise) against ``decode_tensor`` + ``ResizeCenterCrop`` (normalised on the
+  device).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from derm_accel.data.transforms import (
     decode_image,
     decode_size,
     decode_tensor,
+    eval_input,
+    eval_transform,
     pil_to_uint8,
     raw_images,
     train_transform,
@@ -72,7 +77,7 @@ def bench_steps(
     workdir: str | Path | None = None,
     repeats: int = 5,
 ) -> dict[str, Any]:
-    """Milliseconds per image of decode, augment and per-sample seeding, earlier way vs current way."""
+    """Milliseconds per image of decode, augment, per-sample seeding and the eval input, earlier vs current."""
     torch.set_num_threads(threads)
     w, h = parse_size(source_size)
     workdir = Path(workdir) if workdir else Path("bench_results") / "cache"
@@ -87,6 +92,10 @@ def bench_steps(
     decoded = [decode_tensor(c, min_size) for c in cells]
     crop_flip = train_transform(data_cfg, aug, normalize=False)
     assert isinstance(crop_flip, RandomResizedCropFlip)
+    eval_cfg = {**data_cfg, "crop_pct": data_cfg.get("crop_pct") or 0.875}
+    eval_size = decode_size(img_size, eval_cfg["crop_pct"])
+    timm_eval = eval_transform(eval_cfg)
+    tensor_eval, tensor_decode = eval_input(eval_cfg)
     cases: list[tuple[str, str, Callable[[Any], Any], list[Any]]] = [
         ("decode", "Pillow decode_image + copy to tensor", lambda c: pil_to_uint8(decode_image(c, min_size)), cells),
         ("decode", "decode_tensor (torchcodec)", lambda c: decode_tensor(c, min_size), cells),
@@ -94,6 +103,8 @@ def bench_steps(
         ("augment", "RandomResizedCropFlip", crop_flip, decoded),
         ("seed", "torch.manual_seed in fork_rng", _seeded(torch.manual_seed), seeds),
         ("seed", "CPU generator seed in fork_rng", _seeded(torch.default_generator.manual_seed), seeds),
+        ("eval input", "Pillow + timm eval transform", lambda c: timm_eval(decode_image(c, eval_size)), cells),
+        ("eval input", "decode_tensor + ResizeCenterCrop", lambda c: tensor_eval(tensor_decode(c, eval_size)), cells),
     ]
     best = [math.inf] * len(cases)
     for _ in range(max(1, repeats)):  # interleaved: a load spike hits both ways of a step alike
@@ -112,7 +123,8 @@ def bench_steps(
                 "speedup": round(best[i] / best[i + 1], 2),
             }
         )
-    earlier, current = sum(r["earlier_ms"] for r in rows), sum(r["current_ms"] for r in rows)
+    training = [r for r in rows if r["step"] in ("decode", "augment", "seed")]
+    earlier, current = sum(r["earlier_ms"] for r in training), sum(r["current_ms"] for r in training)
     settings = {
         "images": len(cells),
         "source_size": f"{w}x{h}",
@@ -120,6 +132,7 @@ def bench_steps(
         "img_size": img_size,
         "model_preprocessing": model,
         "decode_min_size": min_size,
+        "eval_decode_min_size": eval_size,
         "threads": threads,
         "repeats": repeats,
     }
@@ -136,5 +149,8 @@ def steps_markdown(results: dict[str, Any]) -> str:
         ],
     )
     s = results["summary"]
-    total = f"All three steps: {s['earlier_ms']:.3f} -> {s['current_ms']:.3f} ms per image ({s['speedup']:.2f}x)."
+    total = (
+        f"Training input, decode + augment + seed: {s['earlier_ms']:.3f} -> {s['current_ms']:.3f} ms per image "
+        f"({s['speedup']:.2f}x)."
+    )
     return f"{provenance_lines(results)}\n{table}\n\n{total}\n"

@@ -6,7 +6,7 @@ shards, and the gathered row indices prove that each sample was scored exactly o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -87,10 +87,12 @@ def predict_logits(
     tta: str | None = None,
     channels_last: bool = True,
     mixed_precision: str | None = None,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> InferenceResult:
     """Score ``dataset`` (items with ``pixel_values`` and ``labels``) on all ranks; every rank gets all rows.
 
     ``tta="flip"`` scores the original, horizontally and vertically flipped image in one forward pass.
+    ``normalize`` turns uint8 batches into the model's input on the device (:class:`BatchNormalize`).
     """
     if tta not in TTA_VIEWS:
         raise ValueError(
@@ -116,7 +118,10 @@ def predict_logits(
     logits_parts, label_parts, index_parts = [], [], []
     with torch.inference_mode():
         for batch in loader:
-            x = batch["pixel_values"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            x = batch["pixel_values"].to(device, non_blocking=True)
+            if normalize is not None:
+                x = normalize(x)
+            x = x.contiguous(memory_format=memory_format)
             x = _views(x, tta)
             autocast = (
                 torch.autocast(device.type, dtype=autocast_dtype)

@@ -16,7 +16,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from ..data.transforms import IMAGE_COLUMN, LABEL_COLUMN, decode_image, decode_size, eval_transform, with_transform
+from ..data.transforms import (
+    IMAGE_COLUMN,
+    LABEL_COLUMN,
+    BatchNormalize,
+    decode_image,
+    decode_size,
+    eval_input,
+    with_transform,
+)
 from ..distributed import use_cpu_ranks_without_gpu
 from ..models import data_config, load_model
 from ..paths import shareable_path
@@ -182,7 +190,7 @@ def evaluate_model(
         raise ValueError(f"{data} has no 'validation' split to fit the temperature on; drop --calibrate.")
 
     cfg = data_config(net)
-    transform = eval_transform(cfg)
+    transform, decode = eval_input(cfg)  # uint8 batches, normalised on the device, where timm's eval allows
     min_size = decode_size(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct"))
     infer = dict(
         batch_size=batch_size,
@@ -190,15 +198,15 @@ def evaluate_model(
         tta=tta,
         channels_last=channels_last,
         mixed_precision=mixed_precision,
+        normalize=BatchNormalize(cfg),
     )
     result = predict_logits(
-        net, with_transform(raw_split, transform, min_size=min_size), accelerator, **infer
+        net, with_transform(raw_split, transform, min_size=min_size, decode=decode), accelerator, **infer
     )
     val = None
     if calibrate:
-        val = predict_logits(
-            net, with_transform(dataset["validation"], transform, min_size=min_size), accelerator, **infer
-        )
+        val_split = with_transform(dataset["validation"], transform, min_size=min_size, decode=decode)
+        val = predict_logits(net, val_split, accelerator, **infer)
 
     metrics: dict[str, Any] | None = None
     if accelerator.is_main_process:
