@@ -78,9 +78,12 @@ def _equal_decodes(value: dict, min_size: int | None = None) -> None:
     assert (as_tensor.int() - as_pil.int()).abs().max() <= 1  # same libjpeg-turbo; 1 level of slack across builds
 
 
-def test_decode_tensor_gives_decode_image_pixels_for_every_input_kind() -> None:
+def test_decode_tensor_gives_decode_image_pixels_for_every_input_kind(tmp_path) -> None:
     photo = render(2, 7, 96).resize((120, 80))
     _equal_decodes({"bytes": _bytes(photo, "JPEG", quality=95)})
+    (tmp_path / "photo.jpg").write_bytes(_bytes(photo, "JPEG", quality=95))
+    _equal_decodes({"bytes": None, "path": str(tmp_path / "photo.jpg")})  # an Arrow cell that holds a path
+    assert torch.equal(decode_tensor(photo), pil_to_uint8(photo))  # an already decoded image
     for orientation in range(1, 9):  # every EXIF orientation lands upright, as convert stores it
         _equal_decodes({"bytes": _exif_jpeg(photo, orientation)})
     _equal_decodes({"bytes": _bytes(photo.convert("L"), "JPEG")})
