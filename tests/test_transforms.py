@@ -184,3 +184,17 @@ def test_eval_input_keeps_timms_transform_where_it_is_not_resize_and_centre_crop
         assert decode is decode_image and not isinstance(transform, ResizeCenterCrop)
         out = transform(decode({"bytes": _bytes(render(0, 0, 90), "PNG")}, None))
         assert out.dtype == torch.float32 and out.shape == (3, *cfg["input_size"][-2:])
+
+
+def test_decode_tensor_without_torchcodec_uses_pillow(monkeypatch) -> None:
+    import sys
+
+    from derm_accel.data import transforms
+
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # as where torchcodec is missing or broken
+    transforms.jpeg_decoder.cache_clear()
+    try:
+        assert transforms.jpeg_decoder() is None
+        _equal_decodes({"bytes": _bytes(render(1, 9, 64), "JPEG", quality=95)})
+    finally:
+        transforms.jpeg_decoder.cache_clear()
