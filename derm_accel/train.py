@@ -31,7 +31,7 @@ import derm_accel
 from derm_accel.checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from derm_accel.config import OptimConfig, Recipe, RecipeError, load_recipe
 from derm_accel.data import loaders
-from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, train_transform
+from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, train_decode_size, train_transform
 from derm_accel.distributed import use_cpu_ranks_without_gpu
 from derm_accel.models import create_model, data_config, export_model
 from derm_accel.paths import shareable_path
@@ -225,7 +225,7 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
         batch_size=d.batch_size,
         seed=t.seed,
         balance=d.balance,
-        min_size=decode_size(size, math.sqrt(d.augment.scale[0])),
+        min_size=train_decode_size(size, d.augment),
         **loader_options,
     )
     val_transform, val_decode = eval_input(data_cfg)  # uint8 too where timm's eval is resize + centre crop

@@ -14,7 +14,6 @@ All pipelines read the same images in the same run, so their ratio holds even on
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from derm_accel.benchmarks.common import as_list, markdown_table, parse_size, provenance_lines
 from derm_accel.benchmarks.sources import build_arrow, load_all_splits, write_sources
 from derm_accel.data.loaders import train_loader
-from derm_accel.data.transforms import AugmentConfig, decode_image, decode_size, jpeg_decoder, train_transform
+from derm_accel.data.transforms import AugmentConfig, decode_image, jpeg_decoder, train_decode_size, train_transform
 
 PIPELINES = ("original", "folder_draft", "arrow", "arrow_uint8")
 
@@ -81,7 +80,7 @@ def _original_dataset(root: Path, keep: set[str], data_cfg: dict[str, Any]) -> D
 
 def _train_loader(split: Any, transform: Any, batch_size: int, workers: int, img_size: int) -> DataLoader:
     """The loader ``derm-accel train`` builds, with its decode size for the default augmentation."""
-    min_size = decode_size(img_size, math.sqrt(AugmentConfig().scale[0]))
+    min_size = train_decode_size(img_size)
     return train_loader(split, transform, batch_size=batch_size, seed=0, min_size=min_size, num_workers=workers)
 
 

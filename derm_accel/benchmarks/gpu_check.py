@@ -10,7 +10,6 @@ the same code at toy sizes on the CPU.
 from __future__ import annotations
 
 import io
-import math
 import os
 import time
 import traceback
@@ -129,9 +128,9 @@ def image_loader(
     pin_memory: bool,
 ) -> tuple[DataLoader, str]:
     """``derm-accel train``'s loader over Arrow when ``datasets`` is installed, else the same decode in memory."""
-    from derm_accel.data.transforms import AugmentConfig, decode_size
+    from derm_accel.data.transforms import train_decode_size
 
-    min_size = decode_size(img_size, math.sqrt(AugmentConfig().scale[0]))
+    min_size = train_decode_size(img_size)
     options: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory}
     if workers > 0:
         options.update(persistent_workers=True, prefetch_factor=4)

@@ -36,6 +36,7 @@ from derm_accel.data.transforms import (
     eval_transform,
     pil_to_uint8,
     raw_images,
+    train_decode_size,
     train_transform,
 )
 
@@ -88,7 +89,7 @@ def bench_steps(
     seeds = list(range(len(cells)))
     data_cfg = model_data_config(model, img_size)
     aug = AugmentConfig()
-    min_size = decode_size(img_size, math.sqrt(aug.scale[0]))  # as derm-accel train decodes
+    min_size = train_decode_size(img_size, aug)  # as derm-accel train decodes
     decoded = [decode_tensor(c, min_size) for c in cells]
     crop_flip = train_transform(data_cfg, aug, normalize=False)
     assert isinstance(crop_flip, RandomResizedCropFlip)

@@ -177,6 +177,11 @@ def decode_size(input_size: int | tuple[int, ...], crop_fraction: float | None) 
     return math.ceil(side / (crop_fraction or 1.0))
 
 
+def train_decode_size(img_size: int, aug: AugmentConfig | None = None) -> int:
+    """The shorter side training decodes to: the smallest random crop must still cover ``img_size`` pixels."""
+    return decode_size(img_size, math.sqrt((aug or AugmentConfig()).scale[0]))
+
+
 def decode_image(value: Any, min_size: int | None = None) -> Image.Image:
     """Decode an Arrow image cell (PIL image, or dict with bytes/path) to upright 8-bit RGB.
 
