@@ -1,7 +1,9 @@
 """A JSON Lines tracker for Accelerate: one line per ``accelerator.log`` call.
 
 TensorBoard is for looking at curves; ``metrics.jsonl`` is for programs (plots in reports, tests, comparing
-runs) and needs nothing but ``json`` to read.
+runs) and needs nothing but ``json`` to read. The file is append-only: a resumed run writes a ``resume``
+record, and :func:`read_metrics` drops what the interrupted run logged after the checkpoint it resumed from
+(those steps are run, and logged, again).
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class JSONLTracker(GeneralTracker):
         self._write({"event": "config", "config": {k: _jsonable(v) for k, v in values.items()}})
 
     @on_main_process
+    def mark_resume(self, step: int, epochs_done: int) -> None:
+        """Record that training continues from the checkpoint at optimizer ``step`` after ``epochs_done`` epochs."""
+        self._write({"event": "resume", "step": step, "epochs_done": epochs_done})
+
+    @on_main_process
     def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
         self._write({"step": step, **{k: _jsonable(v) for k, v in values.items()}})
 
@@ -61,8 +68,25 @@ class JSONLTracker(GeneralTracker):
             f.write(json.dumps(record) + "\n")
 
 
+def _after(record: dict[str, Any], resume: dict[str, Any]) -> bool:
+    """Whether ``record`` was logged after the checkpoint that ``resume`` continues from."""
+    step = record.get("step")
+    if step is not None and step > resume["step"]:
+        return True
+    # An epoch's closing record shares the step of a checkpoint taken on the epoch's last batch.
+    return "train/loss_epoch" in record and record.get("epoch", 0) > resume["epochs_done"]
+
+
 def read_metrics(logging_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The logged records (without the config record), oldest first."""
+    """The logged records (without config and resume records), oldest first, as one uninterrupted run."""
     path = Path(logging_dir) / METRICS_FILE
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r.get("event") != "config"]
+    records: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if record.get("event") == "resume":
+            records = [r for r in records if not _after(r, record)]
+        elif record.get("event") != "config":
+            records.append(record)
+    return records

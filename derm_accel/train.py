@@ -310,6 +310,8 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
                 f"the same number of processes, data.batch_size and optim.grad_accum, or start a new output_dir."
             )
         accelerator.print(f"Resumed from {last_checkpoint}: epoch {state['epoch'] + 1}, step {state['global_step']}")
+        if accelerator.is_main_process:  # steps logged after that checkpoint are run, and logged, again
+            accelerator.get_tracker("jsonl").mark_resume(state["global_step"], state["epoch"])
     wall_before = state["wall_seconds"]
 
     def checkpoint() -> Path:

@@ -84,6 +84,46 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(data: Path, tmp_path: 
     assert not torch.equal(best[key], _weights(epoch_ckpt)[key])
 
 
+def test_resume_after_a_crash_logs_each_step_once(data: Path, tmp_path: Path) -> None:
+    """Steps logged after the last checkpoint are run again on resume; metrics.jsonl reads as one run."""
+    import shutil
+
+    sections = dict(optim={"grad_accum": 2})  # 6 batches per epoch, 3 optimizer steps
+    full = train(tiny_recipe(data, tmp_path / "full", **sections))
+    reset_accelerate()
+    crashed = tmp_path / "crashed"
+    # Checkpoints at step 3 (end of epoch 1) and 4 (stop); losing the second is a crash after step 4 was logged.
+    train(tiny_recipe(data, crashed, **sections), overrides=["train.stop_after_steps=4"])
+    shutil.rmtree(crashed / "checkpoints" / "step_000000004")
+    reset_accelerate()
+    train(tiny_recipe(data, crashed, **sections), resume="latest")
+
+    raw = [json.loads(line) for line in (crashed / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in raw if "train/loss" in r].count(4) == 2  # the file keeps both attempts
+    assert [(r["step"], r["epochs_done"]) for r in raw if r.get("event") == "resume"] == [(3, 1)]
+    resumed, uninterrupted = read_metrics(crashed / "logs"), read_metrics(full / "logs")
+    assert [(r["step"], sorted(r)) for r in resumed] == [(r["step"], sorted(r)) for r in uninterrupted]
+    for a, b in zip(resumed, uninterrupted, strict=True):
+        for key in ("train/loss", "val/loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
+
+
+def test_read_metrics_drops_what_a_crashed_attempt_logged_after_its_checkpoint(tmp_path: Path) -> None:
+    lines = [
+        {"event": "config", "config": {}},
+        {"step": 1, "train/loss": 3.0, "epoch": 1},
+        {"step": 2, "train/loss": 2.0, "epoch": 1},
+        {"step": 2, "train/loss_epoch": 2.5, "epoch": 1},  # epoch 1 closed at step 2, after the checkpoint
+        {"step": 3, "train/loss": 1.0, "epoch": 2},
+        {"event": "resume", "step": 2, "epochs_done": 0},  # that checkpoint was taken on epoch 1's last batch
+        {"step": 2, "train/loss_epoch": 2.4, "epoch": 1},
+        {"step": 3, "train/loss": 1.1, "epoch": 2},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert read_metrics(tmp_path) == [lines[1], lines[2], lines[6], lines[7]]
+
+
 def test_best_export_loads_with_plain_timm(data: Path, tmp_path: Path) -> None:
     run = train(
         tiny_recipe(data, tmp_path / "run", train={"epochs": 2, "channels_last": True}),
