@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from sklearn.metrics import f1_score
@@ -141,6 +142,18 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def published_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML for the exported model folder, which travels to the Hub: its local paths (data,
+    output, pretrained weights) relative to the working directory or cut to their last two parts, like every
+    other published file. The run folder's own recipe.yaml keeps the paths as given."""
+    raw = recipe.to_dict()
+    raw["data"]["path"] = shareable_path(raw["data"]["path"])
+    raw["output_dir"] = shareable_path(raw["output_dir"])
+    if raw["model"].get("pretrained_file"):
+        raw["model"]["pretrained_file"] = shareable_path(raw["model"]["pretrained_file"])
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resume: str | None = None) -> Path:
@@ -462,7 +475,7 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
                     run_dir / BEST_DIR,
                     label_names,
                     extra_files={
-                        "recipe.yaml": recipe.to_yaml(),
+                        "recipe.yaml": published_recipe(recipe),
                         "val_metrics.json": json.dumps(val_metrics, indent=2) + "\n",
                         "training_info.json": json.dumps(training_info(), indent=2) + "\n",
                     },

@@ -138,7 +138,13 @@ def test_best_export_loads_with_plain_timm(data: Path, tmp_path: Path) -> None:
     assert info["device_name"].startswith("CPU")
     val = json.loads((best / "val_metrics.json").read_text())
     assert val["num_samples"] == 15 and 0 <= val["macro_f1"] <= 1
-    assert yaml.safe_load((best / "recipe.yaml").read_text())["data"]["balance"] == "weighted_loss"
+    published = yaml.safe_load((best / "recipe.yaml").read_text())
+    assert published["data"]["balance"] == "weighted_loss"
+    # The exported folder goes to the Hub: no absolute local paths; the run's own recipe keeps them as given.
+    assert published["data"]["path"] == Path(*data.parts[-2:]).as_posix() and published["output_dir"] == (
+        Path(*run.parts[-2:]).as_posix()
+    )
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["data"]["path"] == str(data)
     run_info = json.loads((run / "run_info.json").read_text())
     assert run_info["versions"]["timm"] == timm.__version__
     assert run_info["accelerate"]["num_processes"] == 1
