@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.data import DEFAULT_CROP_PCT
 from torchvision.transforms import v2
 
 from derm_accel.benchmarks.common import markdown_table, parse_size, provenance_lines
@@ -93,7 +94,7 @@ def bench_steps(
     decoded = [decode_tensor(c, min_size) for c in cells]
     crop_flip = train_transform(data_cfg, aug, normalize=False)
     assert isinstance(crop_flip, RandomResizedCropFlip)
-    eval_cfg = {**data_cfg, "crop_pct": data_cfg.get("crop_pct") or 0.875}
+    eval_cfg = {**data_cfg, "crop_pct": data_cfg.get("crop_pct") or DEFAULT_CROP_PCT}
     eval_size = decode_size(img_size, eval_cfg["crop_pct"])
     timm_eval = eval_transform(eval_cfg)
     tensor_eval, tensor_decode = eval_input(eval_cfg)

@@ -67,12 +67,13 @@ class RandomResizedCropFlip:
     ) -> None:
         self.size, self.scale, self.ratio = list(size), scale, ratio
         self.hflip, self.vflip, self.interpolation = hflip, vflip, interpolation
+        self._flip_p = torch.tensor([hflip, vflip])
 
     def __call__(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
         x = image if isinstance(image, torch.Tensor) else pil_to_uint8(image)
         top, left, height, width = _RandomResizedCropParams.get_params(x, list(self.scale), list(self.ratio))
         x = F.resized_crop(x, top, left, height, width, self.size, interpolation=self.interpolation, antialias=True)
-        flip_h, flip_v = (torch.rand(2) < torch.tensor([self.hflip, self.vflip])).tolist()
+        flip_h, flip_v = (torch.rand(2) < self._flip_p).tolist()
         dims = [d for d, flip in ((-1, flip_h), (-2, flip_v)) if flip]
         return x.flip(dims) if dims else x
 
