@@ -19,7 +19,7 @@ from typing import Any
 import timm
 import torch
 from safetensors.torch import load_file
-from timm.data import resolve_data_config
+from timm.data import DEFAULT_CROP_PCT, resolve_data_config
 from timm.models import save_for_hf
 
 CONFIG_NAME = "config.json"
@@ -119,6 +119,48 @@ def load_backbone_weights(model: torch.nn.Module, path: str | os.PathLike) -> No
         model.default_cfg = merged
 
 
+def base_weights(
+    name: str, *, pretrained: bool = False, pretrained_file: str | os.PathLike | None = None
+) -> dict[str, Any] | None:
+    """Where a model's starting weights came from, for the model card's ``base_model``; None when from scratch.
+
+    timm's own weights name their Hub repo (``timm/ARCH.TAG``). A local folder names what its ``config.json``
+    records: a Hub id when it has one, else its folder name, tag and ``origin_url``.
+    """
+    if pretrained_file is not None:
+        path = Path(pretrained_file)
+        cfg = _weights_and_config(path)[1].get("pretrained_cfg", {}) if path.exists() else {}
+        info = {"hub_id": cfg.get("hf_hub_id"), "name": path.name, "tag": cfg.get("tag")}
+        info["origin_url"] = cfg.get("origin_url")
+        return {k: v for k, v in info.items() if v}
+    if not pretrained:
+        return None
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    return {"hub_id": hub_id, "name": name} if hub_id else {"name": name}
+
+
+# pretrained_cfg keys that describe the ImageNet source weights, not the exported model.
+INHERITED_CFG_KEYS = (
+    "url", "file", "hf_hub_id", "hf_hub_filename", "source", "tag", "license", "origin_url", "description",
+    "paper_name", "paper_ids", "notes", "label_offset", "label_descriptions", "pool_size", "test_pool_size",
+)
+
+
+def honest_pretrained_cfg(pretrained_cfg: dict[str, Any], *, license: str | None = None) -> dict[str, Any]:
+    """``pretrained_cfg`` as the exported model's own: no ImageNet tag, license, origin or Hub id, and the test
+    preprocessing equal to the one training validated with and evaluate uses (``test_input_size`` =
+    ``input_size``, ``test_crop_pct`` = ``crop_pct``), so timm's ``resolve_model_data_config(use_test_size=True)``
+    and validate.py preprocess like derm-accel does."""
+    cfg = {k: v for k, v in pretrained_cfg.items() if k not in INHERITED_CFG_KEYS}
+    cfg["crop_pct"] = cfg.get("crop_pct") or DEFAULT_CROP_PCT
+    cfg["test_input_size"] = list(cfg["input_size"])
+    cfg["test_crop_pct"] = cfg["crop_pct"]
+    if license:
+        cfg["license"] = license
+    return cfg
+
+
 def data_config(model: torch.nn.Module) -> dict[str, Any]:
     """The preprocessing a model expects (input size, crop_pct, interpolation, mean, std)."""
     return resolve_data_config({}, model=model)
@@ -130,8 +172,13 @@ def export_model(
     label_names: Sequence[str],
     *,
     extra_files: dict[str, str | bytes] | None = None,
+    license: str | None = None,
 ) -> Path:
-    """Write ``model`` in timm's Hub layout, atomically: a reader never sees half a folder."""
+    """Write ``model`` in timm's Hub layout, atomically: a reader never sees half a folder.
+
+    ``config.json`` describes the trained model only (:func:`honest_pretrained_cfg`), with ``license`` as its
+    license when given.
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
@@ -151,7 +198,8 @@ def export_model(
         cfg_path = tmp / CONFIG_NAME
         config = json.loads(cfg_path.read_text())
         # timm keeps pretrained_cfg keys it knows; make sure label names also live there for pipelines.
-        config.setdefault("pretrained_cfg", {})["num_classes"] = model.num_classes
+        config["pretrained_cfg"] = honest_pretrained_cfg(config.get("pretrained_cfg", {}), license=license)
+        config["pretrained_cfg"]["num_classes"] = model.num_classes
         config["pretrained_cfg"]["label_names"] = list(label_names)
         cfg_path.write_text(json.dumps(config, indent=2) + "\n")
         for name, content in (extra_files or {}).items():
@@ -233,6 +281,54 @@ def ensure_hub_safetensors(hub_id: str) -> Path:
         ) from e
 
 
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors in ``state`` that hold NaN or inf."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_model_folder(model_dir: str | os.PathLike) -> None:
+    """Refuse a model folder that would not load for others: ``config.json``'s architecture must take
+    ``model.safetensors`` exactly (same keys, same shapes), every weight must be finite, the label names must
+    match the classifier, and one forward pass must give finite logits. Raises ``ValueError`` saying which."""
+    model_dir = Path(model_dir)
+    weights, config_path = model_dir / WEIGHTS_NAME, model_dir / CONFIG_NAME
+    arch = read_config(model_dir).get("architecture")
+    try:
+        model = timm.create_model(f"local-dir:{model_dir.resolve()}", pretrained=False)
+    except Exception as e:
+        raise ValueError(f"{config_path}: timm cannot build architecture {arch!r} from it ({e}).") from e
+    state = load_file(str(weights), device="cpu")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state
+              and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{weights} does not fit the architecture {arch!r} that {config_path} names: {len(missing)} missing "
+            f"keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape "
+            f"mismatches {shapes[:3]}. Export the weights and config together (RUN/best from `derm-accel train`)."
+        )
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise ValueError(
+            f"{weights}: {len(bad)} tensors hold NaN or inf (first: {bad[0]}); the training diverged. Publish "
+            f"a checkpoint with finite weights."
+        )
+    model.load_state_dict(state, strict=True)
+    labels = model.pretrained_cfg.get("label_names") or []
+    if labels and len(labels) != model.num_classes:
+        raise ValueError(f"{config_path}: {len(labels)} label_names for a model with {model.num_classes} classes.")
+    size = tuple(data_config(model)["input_size"])
+    with torch.no_grad():
+        logits = model.eval()(torch.zeros(1, *size))
+    if tuple(logits.shape) != (1, model.num_classes) or not bool(torch.isfinite(logits).all()):
+        raise ValueError(
+            f"{model_dir}: a forward pass on one {size} input gives logits of shape {tuple(logits.shape)} "
+            f"(finite: {bool(torch.isfinite(logits).all())}), not {model.num_classes} finite values."
+        )
+
+
 def load_model(source: str, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[str]]:
     """Load a trained classifier and its label names from a folder or the Hub, in eval mode.
 
@@ -252,7 +348,14 @@ def load_model(source: str, *, device: str | torch.device = "cpu") -> tuple[torc
                 f"A model folder from `derm-accel train` holds {WEIGHTS_NAME} and config.json."
             )
     model = timm.create_model(name, pretrained=False)
-    model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+    state = load_file(str(weights), device="cpu")
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise ValueError(
+            f"{weights}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); its predictions would be "
+            f"NaN. Use a model whose training did not diverge."
+        )
+    model.load_state_dict(state, strict=True)
     label_names = list(getattr(model, "pretrained_cfg", {}).get("label_names") or [])
     if not label_names:
         label_names = [str(i) for i in range(model.num_classes)]
