@@ -20,7 +20,12 @@ from PIL import Image
 
 from derm_accel.data.transforms import decode_image
 from derm_accel.models import data_config
+from derm_accel.paths import fit_name
 from derm_accel.predict import default_device, expand_inputs, prepared_model
+
+
+class NotConvolutionalError(ValueError):
+    """Grad-CAM needs a convolutional feature map, and this model has none."""
 
 
 def grad_cam(
@@ -30,7 +35,7 @@ def grad_cam(
     with torch.no_grad():
         features = model.forward_features(pixel_values)
     if features.ndim != 4:
-        raise ValueError(
+        raise NotConvolutionalError(
             f"Grad-CAM needs a convolutional feature map; {type(model).__name__} gives "
             f"{tuple(features.shape)}. Use a CNN such as efficientnet_b3 or densenet121."
         )
@@ -83,7 +88,7 @@ def explain(
     entry, as in :func:`derm_accel.predict`.
     """
     device = device or default_device()
-    net, labels, transform, min_size = prepared_model(model, device)
+    net, labels, transform, min_size, _ = prepared_model(model, device)
     if target is not None and target not in labels:
         raise ValueError(f"--target {target!r} is not one of the model's classes: {labels}")
     cfg = data_config(net)
@@ -101,15 +106,28 @@ def explain(
         if error is not None:
             results.append({"path": path, "error": error})
             continue
-        x = transform(image).unsqueeze(0).to(device)
-        with torch.enable_grad():
-            cam, index, probability = grad_cam(net, x, None if target is None else labels.index(target))
-        heatmap = out_dir / f"{Path(path).stem}_gradcam.png"
-        for n in range(2, len(written) + 2):  # same file name in two class folders: never overwrite
-            if heatmap not in written:
-                break
-            heatmap = out_dir / f"{Path(path).stem}_{n}_gradcam.png"
-        written.add(heatmap)
-        overlay(_as_seen(x, cfg), cam).save(heatmap)
+        try:
+            x = transform(image).unsqueeze(0).to(device)
+            with torch.enable_grad():
+                cam, index, probability = grad_cam(net, x, None if target is None else labels.index(target))
+            heatmap = _heatmap_path(out_dir, Path(path).stem, written)
+            overlay(_as_seen(x, cfg), cam).save(heatmap)
+        except NotConvolutionalError:
+            raise  # the model's fault, the same for every file
+        except Exception as e:  # e.g. an unwritable name: this file fails, the others go on
+            results.append({"path": path, "error": f"could not explain: {type(e).__name__}: {e}"})
+            continue
         results.append({"path": path, "label": labels[index], "probability": probability, "heatmap": str(heatmap)})
     return results
+
+
+def _heatmap_path(out_dir: Path, stem: str, written: set[Path]) -> Path:
+    """``<stem>_gradcam.png``, cut to the file-name limit (keeping names unique) and never one written before:
+    the same file name in two class folders gets ``<stem>_2_gradcam.png``."""
+    heatmap = out_dir / fit_name(stem, "_gradcam.png")
+    for n in range(2, len(written) + 2):
+        if heatmap not in written:
+            break
+        heatmap = out_dir / fit_name(f"{stem}_{n}", "_gradcam.png")
+    written.add(heatmap)
+    return heatmap

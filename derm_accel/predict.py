@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import torch
@@ -24,8 +24,12 @@ if TYPE_CHECKING:
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 MODEL_CACHE_SIZE = 4
 
-_cache: OrderedDict[tuple[str, str, float], tuple[Any, list[str]]] = OrderedDict()
+_cache: OrderedDict[tuple[str, str, float], tuple[Any, list[str], Any]] = OrderedDict()
 _cache_lock = threading.Lock()
+
+
+class NonFiniteOutputError(ValueError):
+    """The model's outputs hold NaN or inf: nothing trustworthy can be reported."""
 
 
 def predict(
@@ -35,6 +39,7 @@ def predict(
     top_k: int = 3,
     batch_size: int = 32,
     device: str | None = None,
+    guard: bool = True,
 ) -> list[dict[str, Any]]:
     """Classify image files and folders (searched recursively); one result dict per image, in input order.
 
@@ -48,8 +53,9 @@ def predict(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = device or default_device()
-    net, labels, transform, min_size = prepared_model(model, device)
-    k = min(top_k, len(labels))
+    prepared = prepared_model(model, device)
+    transform, min_size = prepared.transform, prepared.min_size
+    k = min(top_k, len(prepared.labels))
 
     entries = expand_inputs(images)
     results: list[dict[str, Any]] = [{"path": path, "error": error} if error else {} for path, error in entries]
@@ -72,14 +78,24 @@ def predict(
                     results[i] = {"path": path, "error": err}
             if not good:
                 continue
-            ranked_batch = rank_batch(net, labels, [x for _, _, x in good], top_k=k, device=device)
-            for (i, path, _), ranked in zip(good, ranked_batch, strict=True):
-                results[i] = {"path": path, **ranked[0], "top_k": ranked}
+            classified = classify_batch(prepared, [x for _, _, x in good], top_k=k, device=device, guard=guard)
+            for (i, path, _), result in zip(good, classified, strict=True):
+                results[i] = {"path": path, **result}
     return results
 
 
-def prepared_model(model: Any, device: str) -> tuple[Any, list[str], Any, int]:
-    """(model, label names, eval transform, draft-decode size): what predict, explain and serve all need.
+class PreparedModel(NamedTuple):
+    """What predict, explain, serve and the demo all need: one model, one preprocessing, one guard."""
+
+    net: Any
+    labels: list[str]
+    transform: Any  # timm's eval transform: PIL image -> normalised tensor
+    min_size: int  # draft-decode size that still covers the resize before the centre crop
+    guard: Any = None  # DomainGuard, or None when the model folder has none
+
+
+def prepared_model(model: Any, device: str) -> PreparedModel:
+    """The model, its label names, eval transform, draft-decode size and domain guard (None if it has none).
 
     Decoding at the smallest JPEG DCT scale that still covers the resize before the centre crop keeps every
     entry point's pixels identical to each other.
@@ -87,21 +103,70 @@ def prepared_model(model: Any, device: str) -> tuple[Any, list[str], Any, int]:
     from derm_accel.data.transforms import decode_size, eval_transform
     from derm_accel.models import data_config
 
-    net, labels = cached_model(model, device)
+    net, labels, guard = cached_model(model, device)
     cfg = data_config(net)
-    return net, labels, eval_transform(cfg), decode_size(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct"))
+    min_size = decode_size(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct"))
+    return PreparedModel(net, labels, eval_transform(cfg), min_size, guard)
+
+
+def classify_batch(
+    prepared: PreparedModel, tensors: Sequence[Any], *, top_k: int, device: str, guard: bool = True
+) -> list[dict[str, Any]]:
+    """One result per preprocessed image: ``label``, ``probability``, ``top_k`` and the guard's verdict.
+
+    With a domain guard (and ``guard=True``) the logits and the guard's features come from one forward pass;
+    every result carries ``ood_score``, ``in_domain``, ``abstain`` and ``reason``. The guard never changes the
+    predicted label: it only says whether the answer should be trusted.
+    """
+    import torch
+
+    from derm_accel.guard.features import forward_with_features
+    from derm_accel.guard.model import verdict
+
+    use_guard = guard and prepared.guard is not None
+    batch = torch.stack(list(tensors)).to(device).contiguous(memory_format=torch.channels_last)
+    # bf16 autocast on CUDA, fp32 elsewhere: the fastest settings that keep top-1 unchanged.
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
+        if use_guard:
+            logits, features = forward_with_features(prepared.net, batch)
+            scores = prepared.guard.score(features).float().cpu().tolist()
+        else:
+            logits, scores = prepared.net(batch), [None] * len(batch)
+    ranked = rank_logits(logits, prepared.labels, top_k=top_k)
+    results = []
+    for top, score in zip(ranked, scores, strict=True):
+        result = {**top[0], "top_k": top}
+        if use_guard:
+            result.update(verdict(prepared.guard, score, top[0]["probability"]))
+        elif prepared.guard is not None:
+            result.update(ood_score=None, in_domain=None, abstain=False, reason="domain guard turned off")
+        else:
+            result.update(verdict(None, None, top[0]["probability"]))
+        results.append(result)
+    return results
 
 
 def rank_batch(
     net: Any, labels: Sequence[str], tensors: Sequence[Any], *, top_k: int, device: str
 ) -> list[list[dict[str, Any]]]:
-    """The ``top_k`` classes of each preprocessed image tensor, most probable first."""
+    """The ``top_k`` classes of each preprocessed image tensor, most probable first (no guard)."""
     import torch
 
     batch = torch.stack(list(tensors)).to(device).contiguous(memory_format=torch.channels_last)
-    # bf16 autocast on CUDA, fp32 elsewhere: the fastest settings that keep top-1 unchanged.
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
-        probs = net(batch).float().softmax(dim=-1).cpu()
+        logits = net(batch)
+    return rank_logits(logits, labels, top_k=top_k)
+
+
+def rank_logits(logits: Any, labels: Sequence[str], *, top_k: int) -> list[list[dict[str, Any]]]:
+    """Softmax in float32 and the ``top_k`` classes of each row, most probable first."""
+    probs = logits.float().softmax(dim=-1).cpu()
+    finite = probs.isfinite().all(dim=-1)
+    if not bool(finite.all()):  # never NaN in an answer (it is not even valid JSON)
+        raise NonFiniteOutputError(
+            f"the model gave NaN/inf outputs for {int((~finite).sum())} of {len(finite)} images; its weights "
+            f"or its numerics are broken (a diverged training run?). No prediction was made for them."
+        )
     values, indices = probs.topk(min(top_k, len(labels)), dim=-1)
     return [
         [{"label": labels[j], "probability": float(v)} for v, j in zip(vals, idxs, strict=True)]
@@ -164,8 +229,9 @@ def default_device() -> str:
     return "cpu"
 
 
-def cached_model(model: Any, device: str) -> tuple[Any, list[str]]:
-    """A model in eval mode on ``device`` and its label names, from the per-process LRU cache if there."""
+def cached_model(model: Any, device: str) -> tuple[Any, list[str], Any]:
+    """A model in eval mode on ``device``, its label names and its domain guard (or None), from the per-process
+    LRU cache if there."""
     import torch
 
     if isinstance(model, torch.nn.Module):
@@ -173,7 +239,7 @@ def cached_model(model: Any, device: str) -> tuple[Any, list[str]]:
         num_classes = getattr(model, "num_classes", None)
         if not labels or (num_classes is not None and len(labels) != num_classes):
             labels = [str(i) for i in range(num_classes or 0)] or labels
-        return model.to(device).eval(), labels
+        return model.to(device).eval(), labels, getattr(model, "domain_guard", None)
 
     from derm_accel.models import WEIGHTS_NAME, resolve_model_source
 
@@ -187,11 +253,13 @@ def cached_model(model: Any, device: str) -> tuple[Any, list[str]]:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
+    from derm_accel.guard.model import load_guard
     from derm_accel.models import load_model
 
     net, labels = load_model(source, device=device)
+    guard = load_guard(source)
     # channels_last: 1.4x faster inference on CPU and the layout tensor cores want (docs/benchmarks.md).
-    loaded = (net.to(memory_format=torch.channels_last), labels)
+    loaded = (net.to(memory_format=torch.channels_last), labels, None if guard is None else guard.to(device))
     with _cache_lock:
         _cache[key] = loaded
         _cache.move_to_end(key)

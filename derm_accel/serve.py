@@ -19,7 +19,7 @@ from typing import Any
 
 from derm_accel.data.transforms import decode_image
 from derm_accel.paths import shareable_path
-from derm_accel.predict import default_device, prepared_model, rank_batch
+from derm_accel.predict import classify_batch, default_device, prepared_model
 
 MAX_BYTES = 32 * 2**20  # a phone photo is a few MB; anything far larger is refused before it is read
 DECODE_SLOTS = 4
@@ -32,7 +32,8 @@ def make_server(
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     device = device or default_device()
-    net, labels, transform, min_size = prepared_model(model, device)
+    prepared = prepared_model(model, device)
+    labels, transform, min_size = prepared.labels, prepared.transform, prepared.min_size
     lock = threading.Lock()  # one model, one device: forward passes take turns
     decoding = threading.BoundedSemaphore(DECODE_SLOTS)  # bounds the memory of concurrent decodes
     shown = shareable_path(model) if Path(model).exists() else model
@@ -74,9 +75,9 @@ def make_server(
                 return self._reply(HTTPStatus.BAD_REQUEST, {"error": f"not a readable image: {e}"})
             try:
                 with lock:
-                    ranked = rank_batch(net, labels, [x], top_k=top_k, device=device)[0]
+                    result = classify_batch(prepared, [x], top_k=top_k, device=device)[0]
             except Exception as e:  # e.g. out of memory: answer, and keep serving
                 return self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
-            self._reply(HTTPStatus.OK, {**ranked[0], "top_k": ranked})
+            self._reply(HTTPStatus.OK, result)
 
     return ThreadingHTTPServer((host, port), Handler)

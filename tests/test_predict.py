@@ -61,7 +61,9 @@ def test_predict_gives_label_probability_and_top_k(model_dir: Path, images: Path
     probs = _reference(model_dir, paths)
     assert [r["path"] for r in results] == [str(p) for p in paths]
     for r, p in zip(results, probs, strict=True):
-        assert set(r) == {"path", "label", "probability", "top_k"}
+        assert set(r) == {"path", "label", "probability", "top_k", "ood_score", "in_domain", "abstain", "reason"}
+        assert (r["ood_score"], r["in_domain"], r["abstain"]) == (None, None, False)  # this model has no guard
+        assert "no domain guard" in r["reason"]
         assert len(r["top_k"]) == 2
         assert r["label"] == LABELS[int(p.argmax())]
         assert r["probability"] == pytest.approx(float(p.max()), abs=1e-6)
