@@ -174,12 +174,30 @@ def _section_model_details(repo_id: str, config: Mapping[str, Any], license_id: 
         f"`{pcfg['interpolation']}` interpolation, mean {list(pcfg['mean'])}, std {list(pcfg['std'])}",
         "- **Weights:** `model.safetensors`; config in timm's format (`config.json`)",
         f"- **License:** `{license_id}`",
+        f"- **Pretrained weights:** {_base_weights_text(info)}",
         f"- **Trained with:** derm-accel {info.get('derm_accel_version', '')}".rstrip(),
         f"- **Repository:** `{repo_id}`",
     ]
     if license_id == "other":
         lines.append("- The license of the training images was not stated; check it before any use beyond research.")
     return "\n".join(lines)
+
+
+def _base_hub_id(base: Any) -> str | None:
+    """The Hub id of the pretrained weights the model started from (the card's ``base_model``), if recorded."""
+    hub_id = base.get("hub_id") if isinstance(base, Mapping) else None
+    return hub_id if isinstance(hub_id, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id) else None
+
+
+def _base_weights_text(info: Mapping[str, Any]) -> str:
+    base = info.get("base_model")
+    if not isinstance(base, Mapping) or not base:
+        return "none (trained from scratch)" if "base_model" in info and base is None else "not recorded"
+    hub_id = _base_hub_id(base)
+    if hub_id:
+        return f"[{hub_id}](https://huggingface.co/{hub_id})"
+    text = f"local folder `{base.get('name', '?')}`" + (f" (tag `{base['tag']}`)" if base.get("tag") else "")
+    return text + (f", from {base['origin_url']}" if base.get("origin_url") else "")
 
 
 _INTENDED_USE = """## Intended use
@@ -464,6 +482,7 @@ def build_model_card(
         pipeline_tag="image-classification",
         license=license_id,
         license_name=license_name,
+        base_model=_base_hub_id(info.get("base_model")),
         tags=CARD_TAGS,
         datasets=[hub_dataset] if hub_dataset else None,
         metrics=sorted({m for k, m, _, _ in _EVAL_METRICS if _number(metrics.get(k)) is not None}) or None,

@@ -107,3 +107,42 @@ def test_base_weights_of_a_local_folder_record_its_origin() -> None:
     assert info["name"] == LITE0_WEIGHTS.name
     assert info["origin_url"].startswith("https://")
     assert "hub_id" not in info  # that folder records no Hub id: none is made up
+
+
+def _card_meta(model_dir: Path, info_update: dict) -> tuple[dict, str]:
+    import yaml
+
+    from derm_accel.model_card import build_model_card
+
+    path = model_dir / "training_info.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **info_update}))
+    text = str(build_model_card(model_dir, "derm-lab/tiny", report_dir=model_dir.parent / "report"))
+    return yaml.safe_load(text.split("---")[1]), text
+
+
+def test_model_card_names_base_model_and_dataset(tmp_path: Path) -> None:
+    from tests.hub_fixtures import write_model_dir, write_report_dir
+
+    model_dir = write_model_dir(tmp_path)
+    write_report_dir(tmp_path)
+    meta, text = _card_meta(
+        model_dir,
+        {
+            "base_model": {"hub_id": "timm/tf_efficientnet_lite0.in1k", "name": "tf_efficientnet_lite0"},
+            "dataset": {"name": "derm-sample", "hub_id": "derm-lab/derm-sample"},
+        },
+    )
+    assert meta["base_model"] == "timm/tf_efficientnet_lite0.in1k"
+    assert meta["datasets"] == ["derm-lab/derm-sample"]
+    (result,) = meta["model-index"][0]["results"]
+    assert result["dataset"] == {"name": "derm-sample", "type": "derm-lab/derm-sample", "split": "test"}
+    assert "(https://huggingface.co/timm/tf_efficientnet_lite0.in1k)" in text
+
+    meta, text = _card_meta(
+        model_dir,
+        {"base_model": {"name": "efficientnet_lite0.in1k", "origin_url": "https://example.org/w"}, "dataset": {}},
+    )
+    assert "base_model" not in meta and "datasets" not in meta  # a local folder is no Hub id
+    assert "local folder `efficientnet_lite0.in1k`, from https://example.org/w" in text
+    meta, text = _card_meta(model_dir, {"base_model": None})
+    assert "**Pretrained weights:** none (trained from scratch)" in text
