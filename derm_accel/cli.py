@@ -40,10 +40,19 @@ def _fail(error: Exception) -> None:
 @app.command(
     epilog="**Examples**\n\n"
     "derm-accel convert ~/kaggle/skin-diseases data/derm\n\n"
-    "derm-accel convert SRC data/derm --class-map classes.yaml --max-size 384 --num-proc 8 --overwrite",
+    "derm-accel convert SRC data/derm --class-map classes.yaml --max-size 384 --num-proc 8 --overwrite\n\n"
+    "derm-accel convert HAM10000/ data/ham --metadata HAM10000/HAM10000_metadata.csv --preset ham10000\n\n"
+    "derm-accel convert imgs/ data/ext --metadata meta.csv --image-column file --label-column dx "
+    "--group-column patient_id --eval-only",
 )
 def convert(
-    src: Annotated[Path, typer.Argument(help="Folder with one sub-folder per class (images found recursively).")],
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder with one sub-folder per class, or (with --metadata) any folder of images (searched "
+            "recursively)."
+        ),
+    ],
     out: Annotated[Path, typer.Argument(help="Output folder for the DatasetDict (datasets.load_from_disk).")],
     class_map: Annotated[
         Path | None, typer.Option(help="YAML/JSON mapping folder -> class name; null drops a folder.")
@@ -61,18 +70,54 @@ def convert(
     license: Annotated[str | None, typer.Option(help="License of the images, recorded in the dataset card.")] = None,
     push_to_hub: Annotated[str | None, typer.Option(help="Also push the dataset to this Hub repo (ORG/NAME).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    metadata: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="CSV/TSV/Parquet with one row per image (label, patient, age...); repeat to join several tables "
+            "on the image column."
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Column names of a public layout: ham10000|isic2019|isic2020|pad-ufes-20|fitzpatrick17k|ddi."
+        ),
+    ] = None,
+    image_column: Annotated[
+        str | None, typer.Option(help="Metadata column naming each image file (with or without extension).")
+    ] = None,
+    label_column: Annotated[
+        str | None, typer.Option(help="Metadata column holding the label; 'A,B,C' reads one-hot columns.")
+    ] = None,
+    group_column: Annotated[
+        list[str] | None,
+        typer.Option(help="Patient/lesion column whose images stay in one split (repeatable; 'none' for none)."),
+    ] = None,
+    eval_only: Annotated[bool, typer.Option(help="Put every image in the test split (external validation).")] = False,
 ) -> None:
     """Convert class folders into a stratified, leakage-free Hugging Face Arrow dataset (train/validation/test).
+
+    With --metadata, SRC is a folder of images and labels, patient/lesion groups and typed extra columns come from
+    the table.
 
     Every file ends up either as a row or in OUT/conversion_report.json with its reason.
     """
     from derm_accel.data.convert import convert_folders
+    from derm_accel.data.metadata import metadata_spec
 
     try:
+        if not metadata and (preset or image_column or label_column or group_column):
+            raise ValueError("--preset, --image-column, --label-column and --group-column need --metadata FILE.")
+        spec = None
+        if metadata:
+            spec = metadata_spec(
+                metadata, preset=preset, image_column=image_column, label_column=label_column,
+                group_columns=group_column,
+            )
         report = convert_folders(
             src, out, class_map=class_map, val_frac=val_frac, test_frac=test_frac, seed=seed, max_size=max_size,
             quality=quality, near_threshold=near_threshold, conflicts=conflicts, num_proc=num_proc,
-            overwrite=overwrite, license=license, push_to_hub=push_to_hub,
+            overwrite=overwrite, license=license, push_to_hub=push_to_hub, metadata=spec, eval_only=eval_only,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(e)

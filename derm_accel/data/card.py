@@ -10,6 +10,7 @@ from typing import Any
 
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from derm_accel.data.metadata import FILE_REASONS, card_lines
 from derm_accel.data.split import SPLITS
 
 _REASONS = {
@@ -24,6 +25,7 @@ _REASONS = {
     "duplicate": "exact copy (same decoded pixels) of a kept image of the same class",
     "conflict": "same or near-identical image under different labels",
     "cross_split_duplicate": "same or near-identical content already in an earlier pre-made split",
+    **FILE_REASONS,
 }
 
 
@@ -56,7 +58,8 @@ def card_body(report: dict[str, Any], *, title: str) -> str:
     names = report["class_names"]
     lines = [f"# {title}", ""]
     lines += [
-        f"Image classification data converted from class folders by derm-accel: "
+        f"Image classification data converted from "
+        f"{'images and a metadata table' if report.get('metadata') else 'class folders'} by derm-accel: "
         f"{report['rows_total']} images "
         f"in {len(names)} classes, from {report['files_total']} files.",
         "",
@@ -65,6 +68,7 @@ def card_body(report: dict[str, Any], *, title: str) -> str:
         "`source_path` (relative to the source folder), `orig_width`, `orig_height` (after EXIF rotation), "
         "`content_hash` (sha256 of the decoded RGB pixels), `phash` (64-bit perceptual hash, "
         "`imagehash.phash` of the upright image).",
+        *card_lines(report),
         "",
         "## Images per class and split",
         "",
@@ -77,7 +81,9 @@ def card_body(report: dict[str, Any], *, title: str) -> str:
     totals = [splits[s]["rows"] for s in SPLITS]
     lines.append("| **total** | " + " | ".join(map(str, totals)) + f" | {sum(totals)} |")
     lines += ["", "## Split", ""]
-    if report["layout"] == "pre_split":
+    if report.get("eval_only"):
+        lines.append("Every image is in the `test` split: this is an evaluation-only (external validation) set.")
+    elif report["layout"] == "pre_split":
         lines.append(
             "The source already had split folders; they were kept. Content found in more than one split was "
             "kept in the earliest (train, then validation, then test) and dropped from the later ones."

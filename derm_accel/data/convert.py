@@ -42,6 +42,14 @@ from derm_accel.data.decode import (
     decode_task,
 )
 from derm_accel.data.dedupe import CONFLICT_POLICIES, DUPLICATES_HOW, group_images, resolve_groups
+from derm_accel.data.metadata import (
+    MetadataSpec,
+    join_groups,
+    row_metadata,
+    scan_metadata,
+    unit_label,
+    with_metadata_features,
+)
 from derm_accel.data.report import REPORT_NAME, check_accounting, split_counts, versions
 from derm_accel.data.scan import ScanError, ScanResult, Skip, SourceFile, load_class_map, scan_source
 from derm_accel.data.schema import dataset_features
@@ -148,6 +156,7 @@ def _stage(
                         "orig_height": result.height,
                         "content_hash": result.content_hash,
                         "phash": result.phash,
+                        **row_metadata(scan, result.index),
                     }
                 )
             )
@@ -202,11 +211,15 @@ def convert_folders(
     license: str | None = None,
     push_to_hub: str | None = None,
     progress: bool = True,
+    metadata: MetadataSpec | None = None,
+    eval_only: bool = False,
 ) -> dict:
     """Convert SRC (class folders, or train/ val/ test/ folders of class folders) to a DatasetDict at OUT.
 
     Writes ``OUT`` (``datasets.load_from_disk``), ``OUT/conversion_report.json`` and the card
     ``OUT/README.md``; with ``push_to_hub`` also uploads them to that Hub dataset repo. Returns the report.
+    ``metadata`` (see ``metadata.metadata_spec``): SRC is a folder of images and labels, groups and extra
+    columns come from a table. ``eval_only`` puts every image in the ``test`` split (external validation).
     """
     started = time.time()
     src = Path(src).expanduser().resolve()
@@ -215,7 +228,7 @@ def convert_folders(
     num_proc = num_proc if num_proc > 0 else (os.cpu_count() or 1)
     try:
         mapping = load_class_map(class_map)
-        scan = scan_source(src, mapping)
+        scan = scan_source(src, mapping) if metadata is None else scan_metadata(src, metadata, mapping)
     except ScanError as exc:
         raise ConvertError(str(exc)) from exc
     if not scan.files:
@@ -226,7 +239,7 @@ def convert_folders(
             "Expected SRC/<class>/<images> or SRC/train|val|test/<class>/<images>."
         )
 
-    features = dataset_features(scan.class_names)
+    features = with_metadata_features(dataset_features(scan.class_names), scan)
     options = DecodeOptions(max_size=max_size, quality=quality)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -253,19 +266,22 @@ def convert_folders(
             splits=splits_hint,
             conflicts=conflicts,
         )
-        if scan.layout == "pre_split":
-            group_splits = [splits_hint[g[0]] or "train" for g in resolution.kept]
+        kept, grouping = join_groups(resolution.kept, scan, row_files)  # patients/lesions: one split each
+        if eval_only:
+            group_splits = ["test"] * len(kept)
+        elif scan.layout == "pre_split":
+            group_splits = [splits_hint[g[0]] or "train" for g in kept]
         else:
             group_splits = stratified_group_split(
-                [labels[g[0]] for g in resolution.kept],
-                [len(g) for g in resolution.kept],
-                [paths[g[0]] for g in resolution.kept],
+                [unit_label(g, labels) for g in kept],
+                [len(g) for g in kept],
+                [paths[g[0]] for g in kept],
                 val_frac=val_frac,
                 test_frac=test_frac,
                 seed=seed,
             )
         rows_by_split: dict[str, list[int]] = {s: [] for s in SPLITS}
-        for group, split in zip(resolution.kept, group_splits, strict=True):
+        for group, split in zip(kept, group_splits, strict=True):
             rows_by_split[split].extend(group)
         for rows in rows_by_split.values():
             rows.sort()
@@ -302,6 +318,9 @@ def convert_folders(
                 **resolution.summary,
                 "how": DUPLICATES_HOW,
             },
+            "eval_only": eval_only,
+            "metadata": getattr(scan, "report", None),
+            "grouping": grouping,
             "parameters": {
                 "class_map": str(class_map) if isinstance(class_map, (str, Path)) else class_map,
                 "val_frac": val_frac,

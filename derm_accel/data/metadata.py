@@ -1,0 +1,584 @@
+"""Images plus a metadata table (CSV, TSV or Parquet), the way HAM10000, ISIC, PAD-UFES-20, Fitzpatrick17k and
+DDI ship: one row per image with its label, patient or lesion id, age, sex, body site, skin type...
+
+This module reads the table, types its columns, matches rows to the files found under SRC and returns a
+:class:`MetadataScan` that ``convert`` consumes like a class-folder scan. It accounts for every file (a row or a
+skip with its reason) and every table row (matched to a file, or skipped with its reason). Group columns
+(patient, lesion) later join the duplicate groups, so all images of one patient land in one split.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import ClassLabel, Features, Value
+
+from derm_accel.data.dedupe import UnionFind
+from derm_accel.data.presets import Preset, get_preset, guess_preset
+from derm_accel.data.scan import ScanError, ScanResult, Skip, SourceFile, _is_hidden, _walk_files
+from derm_accel.data.schema import dataset_features
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".txt", ".parquet", ".pq")
+NULL_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none"})
+UNKNOWN_LABELS = frozenset({"unknown", "unk"})
+CLASSLABEL_MAX = 100  # string columns with at most this many values (each seen twice on average) -> ClassLabel
+NO_GROUPS = "none"
+_RESERVED = frozenset(dataset_features([]).keys()) | {"labels", "pixel_values", "index"}
+_INT = re.compile(r"[+-]?\d+")
+
+ROW_REASONS = {
+    "image_not_found": "no file under SRC has this name (with or without extension)",
+    "ambiguous_image": "several files under SRC match this name",
+    "duplicate_row": "another row already names the same image",
+    "missing_image_name": "the image column is empty",
+}
+FILE_REASONS = {
+    "no_metadata_row": "no row of the metadata table names this file",
+    "metadata_file": "the metadata table itself",
+    "ambiguous_match": "a row's name matches several files, so none of them is used",
+    "missing_label": "its row has an empty label",
+    "unknown_label": "its row's label is 'unknown' (or 'UNK')",
+    "ambiguous_label": "its row has several one-hot label columns set",
+}
+
+
+@dataclass(frozen=True)
+class MetadataSpec:
+    """Which table(s) and which columns: explicit options win over the preset."""
+
+    files: tuple[Path, ...]
+    image_column: str
+    label_column: str | None = None
+    label_columns: tuple[str, ...] = ()
+    group_columns: tuple[str, ...] = ()
+    na_values: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    preset: str | None = None
+    hint: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "files": [p.name for p in self.files],
+            "preset": self.preset,
+            "image_column": self.image_column,
+            "label_column": self.label_column,
+            "label_columns": list(self.label_columns),
+            "group_columns": list(self.group_columns),
+            "na_values": {k: list(v) for k, v in self.na_values.items()},
+        }
+
+
+def metadata_spec(
+    files: str | Path | Sequence[str | Path],
+    *,
+    preset: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    group_columns: Sequence[str] | None = None,
+) -> MetadataSpec:
+    """Build the spec from the CLI options. ``label_column`` "A,B,C" means one-hot columns A, B and C;
+    ``group_columns=["none"]`` turns a preset's grouping off."""
+    paths = (files,) if isinstance(files, (str, Path)) else tuple(files)
+    if not paths:
+        raise ScanError("--metadata needs at least one CSV, TSV or Parquet file.")
+    chosen: Preset | None = get_preset(preset)
+    label_columns: tuple[str, ...] = ()
+    if label_column and "," in label_column:
+        label_columns = tuple(c.strip() for c in label_column.split(",") if c.strip())
+        label_column = None
+    elif not label_column and chosen is not None:
+        label_column, label_columns = chosen.label_column, chosen.label_columns
+    groups = tuple(group_columns) if group_columns else (chosen.group_columns if chosen else ())
+    if [g.lower() for g in groups] == [NO_GROUPS]:
+        groups = ()
+    image = image_column or (chosen.image_column if chosen else None)
+    if not image or not (label_column or label_columns):
+        missing = " and ".join(
+            n for n, v in (("--image-column", image), ("--label-column", label_column or label_columns)) if not v
+        )
+        raise ScanError(f"Metadata conversion needs {missing} (or --preset NAME).")
+    return MetadataSpec(
+        files=tuple(Path(p).expanduser().resolve() for p in paths),
+        image_column=image,
+        label_column=label_column,
+        label_columns=label_columns,
+        group_columns=groups,
+        na_values=dict(chosen.na_values) if chosen else {},
+        preset=preset,
+        hint=chosen.hint if chosen else "",
+    )
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str | None:
+    """A table cell as stripped text; empty cells and NA codes become None."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    text = str(value).strip()
+    return None if text.lower() in NULL_TOKENS else text
+
+
+def _delimiter(path: Path, sample: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".tab"):
+        return "\t"
+    if suffix == ".csv":
+        return ","
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=",\t;|").delimiter
+    except csv.Error:
+        return ","
+
+
+def read_table(path: Path) -> tuple[list[str], list[dict[str, str | None]], list[int]]:
+    """Header, rows (cells as text or None) and each row's line number in the file (1 = header)."""
+    if not path.is_file():
+        raise ScanError(f"Metadata file {path} does not exist; pass a CSV, TSV or Parquet file with --metadata.")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        header = list(table.column_names)
+        rows = [{k: _cell(v) for k, v in r.items()} for r in table.to_pylist()]
+        return header, rows, list(range(1, len(rows) + 1))
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ScanError(f"Metadata file {path} is not UTF-8 text ({exc}); save it as UTF-8 CSV.") from exc
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(path, text[:4096]))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise ScanError(f"Metadata file {path} is empty; it needs a header row and one row per image.") from None
+    rows, lines = [], []
+    for values in reader:
+        if not any(v.strip() for v in values):
+            continue  # blank line
+        if len(values) != len(header):
+            raise ScanError(
+                f"{path}, line {reader.line_num}: {len(values)} cells for {len(header)} header columns; "
+                "fix the quoting or the delimiter of that line."
+            )
+        rows.append({h: _cell(v) for h, v in zip(header, values, strict=True)})
+        lines.append(reader.line_num)
+    return header, rows, lines
+
+
+def _usable_columns(header: list[str], path: Path) -> tuple[list[str], list[str]]:
+    """Named columns, and the unnamed ones (an index written by pandas) that are left out."""
+    seen = Counter(header)
+    twice = sorted(h for h, n in seen.items() if n > 1 and h)
+    if twice:
+        raise ScanError(f"Metadata file {path} has repeated column names {twice}; rename them.")
+    unnamed = [h for h in header if not h or re.fullmatch(r"Unnamed: \d+", h)]
+    return [h for h in header if h not in unnamed], unnamed
+
+
+@dataclass
+class Table:
+    """The merged rows of every metadata file, keyed by the image column."""
+
+    columns: list[str]
+    rows: list[dict[str, str | None]]
+    where: list[str]  # "file:line" of each row
+    skipped: list[dict[str, Any]]
+    unnamed_columns: list[str]
+
+
+def load_tables(spec: MetadataSpec) -> Table:
+    """Read every file; rows of later files join the first row naming the same image (outer join)."""
+    columns: list[str] = []
+    rows: list[dict[str, str | None]] = []
+    where: list[str] = []
+    skipped: list[dict[str, Any]] = []
+    unnamed_all: list[str] = []
+    by_image: dict[str, int] = {}
+    for path in spec.files:
+        header, file_rows, lines = read_table(path)
+        usable, unnamed = _usable_columns(header, path)
+        unnamed_all += [f"{path.name}:{h or '(empty)'}" for h in unnamed]
+        if spec.image_column not in usable:
+            guess = guess_preset(usable)
+            raise ScanError(
+                f"Metadata file {path} has no image column {spec.image_column!r}; its columns are {usable}. "
+                "Pass --image-column NAME" + (f", or --preset {guess} (its columns match)." if guess else ".")
+            )
+        clash = sorted((set(usable) & set(columns)) - {spec.image_column})
+        if clash:
+            raise ScanError(f"Column(s) {clash} of {path} also appear in an earlier metadata file; keep one.")
+        columns += [c for c in usable if c != spec.image_column or not columns]
+        in_this_file: dict[str, str] = {}
+        for row, line in zip(file_rows, lines, strict=True):
+            ref = f"{path.name}:{line}"
+            image = row.get(spec.image_column)
+            if image is None:
+                skipped.append({"row": ref, "image": None, "reason": "missing_image_name", "detail": ""})
+                continue
+            if image in in_this_file:
+                skipped.append(
+                    {
+                        "row": ref,
+                        "image": image,
+                        "reason": "duplicate_row",
+                        "detail": f"same image as {in_this_file[image]}",
+                    }
+                )
+                continue
+            in_this_file[image] = ref
+            cells = {c: row[c] for c in usable}
+            if image in by_image:  # the same image in an earlier file: join its columns
+                rows[by_image[image]].update(cells)
+                continue
+            by_image[image] = len(rows)
+            rows.append(cells)
+            where.append(ref)
+    for row in rows:
+        for c in columns:
+            row.setdefault(c, None)
+    for column, codes in spec.na_values.items():
+        for row in rows:
+            if row.get(column) in codes:
+                row[column] = None
+    return Table(columns, rows, where, skipped, unnamed_all)
+
+
+# ---- typing ----------------------------------------------------------------------------------------------
+
+
+def infer_feature(values: Sequence[str | None], categorical: bool = True) -> tuple[Any, list[Any], str]:
+    """The datasets feature of a column, its encoded values (None stays None) and a short type name.
+
+    Text columns with few distinct values become a ClassLabel when ``categorical`` (not for ids)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return Value("string"), list(values), "string (all empty)"
+    lowered = {v.lower() for v in present}
+    if lowered <= {"true", "false"}:
+        return Value("bool"), [None if v is None else v.lower() == "true" for v in values], "bool"
+    if all(_INT.fullmatch(v) and not re.match(r"[+-]?0\d", v) for v in present):
+        ints = [None if v is None else int(v) for v in values]
+        if all(-(2**63) <= i < 2**63 for i in ints if i is not None):
+            return Value("int64"), ints, "int"
+    try:
+        floats = [None if v is None else float(v) for v in values]
+    except ValueError:
+        floats = None
+    if floats is not None:
+        return Value("float64"), floats, "float"
+    distinct = sorted(set(present))
+    if categorical and len(distinct) <= CLASSLABEL_MAX and 2 * len(distinct) <= len(present):
+        return ClassLabel(names=distinct), list(values), "ClassLabel"
+    return Value("string"), list(values), "string"
+
+
+# ---- matching --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FileIndex:
+    rels: list[str]
+    by_name: dict[str, list[int]]
+    by_stem: dict[str, list[int]]
+
+    def candidates(self, value: str) -> list[int]:
+        value = value.replace("\\", "/").removeprefix("./")
+        if "/" in value:
+            return [i for i, rel in enumerate(self.rels) if rel == value or rel.endswith("/" + value)]
+        return self.by_name.get(value) or self.by_stem.get(value, [])
+
+
+def index_files(src: Path, tables: Sequence[Path]) -> tuple[FileIndex, list[str], list[Skip]]:
+    """Every file under SRC: visible ones indexed by name and (image files) by stem; the rest as skips."""
+    table_paths = {p.resolve() for p in tables}
+    rels, paths, skipped = [], [], []
+    by_name: dict[str, list[int]] = {}
+    by_stem: dict[str, list[int]] = {}
+    for path in _walk_files(src):
+        rel_path = path.relative_to(src)
+        rel = rel_path.as_posix()
+        if _is_hidden(rel_path.parts):
+            skipped.append(Skip(rel, "hidden", "file or folder name starts with '.'"))
+            continue
+        if path.resolve() in table_paths:
+            skipped.append(Skip(rel, "metadata_file", "the metadata table itself"))
+            continue
+        i = len(rels)
+        rels.append(rel)
+        paths.append(str(path))
+        by_name.setdefault(path.name, []).append(i)
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            by_stem.setdefault(path.stem, []).append(i)
+    return FileIndex(rels, by_name, by_stem), paths, skipped
+
+
+# ---- labels ----------------------------------------------------------------------------------------------
+
+
+def _raw_label(row: Mapping[str, str | None], spec: MetadataSpec) -> tuple[str | None, str]:
+    """The label text of a row, or (None, reason)."""
+    if spec.label_column:
+        value = row.get(spec.label_column)
+        return (value, "") if value is not None else (None, "missing_label")
+    hot = []
+    for column in spec.label_columns:
+        value = row.get(column)
+        try:
+            if value is not None and float(value) > 0.5:
+                hot.append(column)
+        except ValueError:
+            return None, "missing_label"
+    if len(hot) > 1:
+        return None, "ambiguous_label"
+    return (hot[0], "") if hot else (None, "missing_label")
+
+
+def _check_label_columns(spec: MetadataSpec, columns: list[str]) -> None:
+    wanted = [spec.label_column] if spec.label_column else list(spec.label_columns)
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        guess = guess_preset(columns)
+        raise ScanError(
+            f"Metadata has no label column(s) {missing}; its columns are {columns}. Pass --label-column NAME"
+            + (f", or --preset {guess}." if guess and guess != spec.preset else ".")
+        )
+    missing = [c for c in spec.group_columns if c not in columns]
+    if missing:
+        raise ScanError(
+            f"Metadata has no group column(s) {missing}; its columns are {columns}. "
+            + (f"{spec.hint}. " if spec.hint else "")
+            + "Pass the right --group-column, or --group-column none to split image by image (this can leak "
+            "images of one patient or lesion across splits)."
+        )
+
+
+# ---- the scan --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MetadataScan(ScanResult):
+    """A :class:`ScanResult` whose files come from a metadata table, with each file's extra columns."""
+
+    extra: list[dict[str, Any]] = field(default_factory=list)  # per file: metadata column -> encoded value
+    group_keys: list[tuple[str, ...]] = field(default_factory=list)  # per file: "column=value" of group columns
+    features: dict[str, Any] = field(default_factory=dict)  # metadata column -> datasets feature
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _class_of(raw: str, class_map: Mapping[str, str | None]) -> tuple[str | None, str]:
+    if raw in class_map:
+        target = class_map[raw]
+        return (target, "") if target is not None else (None, "dropped_class")
+    if raw.lower() in UNKNOWN_LABELS:
+        return None, "unknown_label"
+    return raw, ""
+
+
+def scan_metadata(src: Path, spec: MetadataSpec, class_map: Mapping[str, str | None] | None = None) -> MetadataScan:
+    """Match the table's rows to the files under ``src``; type the other columns; account for everything."""
+    class_map = dict(class_map or {})
+    table = load_tables(spec)
+    _check_label_columns(spec, table.columns)
+    index, paths, skipped = index_files(src, spec.files)
+
+    row_file: list[int | None] = [None] * len(table.rows)
+    claimed: dict[int, int] = {}
+    ambiguous: dict[int, str] = {}
+    row_skips = list(table.skipped)
+    for r, row in enumerate(table.rows):
+        image = row[spec.image_column]
+        found = index.candidates(image)
+        if not found:
+            row_skips.append({"row": table.where[r], "image": image, "reason": "image_not_found", "detail": ""})
+        elif len(found) > 1:
+            names = [index.rels[i] for i in found]
+            row_skips.append(
+                {"row": table.where[r], "image": image, "reason": "ambiguous_image", "detail": ", ".join(names[:5])}
+            )
+            for i in found:
+                ambiguous.setdefault(i, image)
+        elif found[0] in claimed:
+            first = table.where[claimed[found[0]]]
+            row_skips.append(
+                {"row": table.where[r], "image": image, "reason": "duplicate_row", "detail": f"same file as {first}"}
+            )
+        else:
+            claimed[found[0]] = r
+            row_file[r] = found[0]
+
+    raw_labels = {_raw_label(table.rows[r], spec)[0] for r in claimed.values()} - {None}
+    unknown_keys = sorted(set(class_map) - raw_labels)
+    if unknown_keys:
+        raise ScanError(
+            f"Class map names labels that no matched row carries: {unknown_keys}. "
+            f"Labels found: {sorted(raw_labels)[:50]}."
+        )
+
+    consumed = {spec.image_column, *([spec.label_column] if spec.label_column else spec.label_columns)}
+    carried = [c for c in table.columns if c not in consumed]
+    matched_rows = sorted(claimed.values())
+    features: dict[str, Any] = {}
+    encoded: dict[str, list[Any]] = {}
+    types: dict[str, str] = {}
+    renamed: dict[str, str] = {}
+    for column in carried:
+        name = f"meta_{column}" if column in _RESERVED else column
+        if name != column:
+            renamed[column] = name
+        cells = [table.rows[r][column] for r in matched_rows]
+        feature, values, kind = infer_feature(cells, categorical=column not in spec.group_columns)
+        features[name], encoded[name], types[name] = feature, values, kind
+    position = {r: k for k, r in enumerate(matched_rows)}
+
+    files: list[SourceFile] = []
+    extra: list[dict[str, Any]] = []
+    group_keys: list[tuple[str, ...]] = []
+    folders: dict[str, str | None] = {}
+    for i, rel in enumerate(index.rels):
+        if i in ambiguous:
+            skipped.append(Skip(rel, "ambiguous_match", f"the name {ambiguous[i]!r} matches several files"))
+            continue
+        r = claimed.get(i)
+        if r is None:
+            skipped.append(Skip(rel, "no_metadata_row", f"no row of the metadata names {Path(rel).name}"))
+            continue
+        raw, reason = _raw_label(table.rows[r], spec)
+        target = None
+        if raw is not None:
+            target, reason = _class_of(raw, class_map)
+            folders[raw] = class_map.get(raw, raw) if reason != "unknown_label" else None
+        if target is None:
+            skipped.append(Skip(rel, reason, f"row {table.where[r]}"))
+            continue
+        files.append(SourceFile(rel, paths[i], "", target))
+        k = position[r]
+        extra.append({name: encoded[name][k] for name in features})
+        group_keys.append(tuple(f"{g}={table.rows[r][g]}" for g in spec.group_columns if table.rows[r][g] is not None))
+
+    rows_total = len(table.rows) + len(table.skipped)
+    if len(claimed) + len(row_skips) != rows_total:
+        raise RuntimeError(
+            f"metadata accounting is off: {rows_total} rows, {len(claimed)} matched, {len(row_skips)} skipped"
+        )
+    if not claimed:
+        sample_rows = [row[spec.image_column] for row in table.rows[:3]]
+        raise ScanError(
+            f"No row of {', '.join(p.name for p in spec.files)} matches a file under {src}: the image column "
+            f"{spec.image_column!r} holds e.g. {sample_rows}, the files are e.g. {index.rels[:3]}. Rows are "
+            "matched by file name, with or without extension, or by a path relative to SRC."
+        )
+    report = {
+        **spec.as_dict(),
+        "rows_total": rows_total,
+        "rows_matched": len(claimed),
+        "rows_skipped_total": len(row_skips),
+        "rows_skipped_by_reason": dict(sorted(Counter(s["reason"] for s in row_skips).items())),
+        "rows_skipped": sorted(row_skips, key=lambda s: (s["reason"], s["row"])),
+        "columns": types,
+        "renamed_columns": renamed,
+        "unnamed_columns_left_out": table.unnamed_columns,
+    }
+    return MetadataScan(
+        files=files,
+        skipped=skipped,
+        class_names=sorted({f.class_name for f in files}),
+        layout="metadata",
+        folders=dict(sorted(folders.items())),
+        extra=extra,
+        group_keys=group_keys,
+        features=features,
+        report=report,
+    )
+
+
+# ---- convert's hooks -------------------------------------------------------------------------------------
+
+
+def with_metadata_features(features: Features, scan: ScanResult) -> Features:
+    """The dataset schema plus the typed metadata columns (unchanged for class folders)."""
+    if isinstance(scan, MetadataScan):
+        features = Features({**features, **scan.features})
+    return features
+
+
+def row_metadata(scan: ScanResult, file_index: int) -> dict[str, Any]:
+    return scan.extra[file_index] if isinstance(scan, MetadataScan) else {}
+
+
+def join_groups(
+    groups: list[list[int]], scan: ScanResult, row_files: Sequence[int]
+) -> tuple[list[list[int]], dict[str, Any] | None]:
+    """Merge duplicate groups whose rows share a value of a group column (patient, lesion).
+
+    ``groups`` hold row indices; ``row_files[row]`` is the row's file index. Empty group cells join nothing.
+    """
+    if not isinstance(scan, MetadataScan) or not any(scan.group_keys):
+        return groups, None
+    uf = UnionFind(len(groups))
+    first: dict[str, int] = {}
+    for g, members in enumerate(groups):
+        for row in members:
+            for key in scan.group_keys[row_files[row]]:
+                uf.union(first.setdefault(key, g), g)
+    merged = [sorted(i for g in unit for i in groups[g]) for unit in uf.groups()]
+    merged.sort(key=lambda m: m[0])
+    return merged, {
+        "columns": sorted({k.split("=", 1)[0] for keys in scan.group_keys for k in keys}),
+        "units": len(merged),
+        "units_with_several_images": sum(len(m) > 1 for m in merged),
+        "largest_unit": max((len(m) for m in merged), default=0),
+        "how": "rows sharing a value of any group column, and their exact or near copies, form one unit that "
+        "lies wholly in one split; empty group cells join nothing",
+    }
+
+
+def unit_label(rows: Sequence[int], labels: Sequence[int]) -> int:
+    """The label a unit is stratified by: its most common label (a patient can have several)."""
+    return Counter(labels[i] for i in rows).most_common(1)[0][0]
+
+
+def card_lines(report: Mapping[str, Any]) -> list[str]:
+    """Dataset-card lines: the source table, its typed columns and what was not matched."""
+    meta = report.get("metadata")
+    if not meta:
+        return []
+    label = meta["label_column"] or "one-hot columns " + ", ".join(meta["label_columns"])
+    lines = [
+        "",
+        f"Labels and metadata come from {', '.join(f'`{f}`' for f in meta['files'])}"
+        + (f" (preset `{meta['preset']}`)" if meta.get("preset") else "")
+        + f": image column `{meta['image_column']}`, label from {label}. Metadata columns carried (empty "
+        "cells are null):",
+        "",
+        "| column | type |",
+        "|---|---|",
+        *[f"| `{c}` | {t} |" for c, t in meta["columns"].items()],
+        "",
+        f"{meta['rows_matched']} of {meta['rows_total']} table rows matched an image.",
+    ]
+    if meta["rows_skipped_by_reason"]:
+        lines.append(
+            "Rows not used: "
+            + ", ".join(f"{n} {r} ({ROW_REASONS.get(r, '')})" for r, n in meta["rows_skipped_by_reason"].items())
+            + "; each is listed in `conversion_report.json`."
+        )
+    grouping = report.get("grouping")
+    if grouping:
+        lines += [
+            "",
+            f"Images sharing {', '.join(f'`{c}`' for c in grouping['columns'])} were kept in one split: "
+            f"{grouping['units']} units, {grouping['units_with_several_images']} with several images, the "
+            f"largest {grouping['largest_unit']}.",
+        ]
+    return lines
