@@ -267,18 +267,17 @@ def infer_feature(values: Sequence[str | None], categorical: bool = True) -> tup
     lowered = {v.lower() for v in present}
     if lowered <= {"true", "false"}:
         return Value("bool"), [None if v is None else v.lower() == "true" for v in values], "bool"
-    if all(_INT.fullmatch(v) and not re.match(r"[+-]?0\d", v) for v in present):
-        ints = [None if v is None else int(v) for v in values]
-        if all(-(2**63) <= i < 2**63 for i in ints if i is not None):
-            return Value("int64"), ints, "int"
-    try:
-        floats = [None if v is None else float(v) for v in values]
-    except ValueError:
-        floats = None
-    if floats is not None:
-        return Value("float64"), floats, "float"
+    if not any(re.match(r"[+-]?0\d", v) for v in present):  # codes with leading zeros stay text
+        if all(_INT.fullmatch(v) for v in present):
+            ints = [None if v is None else int(v) for v in values]
+            if all(-(2**63) <= i < 2**63 for i in ints if i is not None):
+                return Value("int64"), ints, "int"
+        try:
+            return Value("float64"), [None if v is None else float(v) for v in values], "float"
+        except ValueError:
+            pass
     distinct = sorted(set(present))
-    if categorical and len(distinct) <= CLASSLABEL_MAX and 2 * len(distinct) <= len(present):
+    if categorical and len(distinct) <= min(CLASSLABEL_MAX, max(2, len(present) // 2)):
         return ClassLabel(names=distinct), list(values), "ClassLabel"
     return Value("string"), list(values), "string"
 
