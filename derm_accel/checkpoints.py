@@ -2,15 +2,17 @@
 
 A checkpoint is written into a hidden temporary folder and renamed into place only when every process has
 finished writing, so a job killed mid-save never leaves a half checkpoint that ``--resume latest`` would pick.
-Beside Accelerate's files each checkpoint holds ``trainer_state.json``: the position in the run (epoch,
-batches done in it, optimizer steps) and the early-stopping bookkeeping.
+Beside Accelerate's files each checkpoint holds ``trainer_state.json``: a :class:`TrainState`, the position
+in the run (epoch, batches done in it, optimizer steps) and the early-stopping bookkeeping.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,36 @@ from accelerate import Accelerator
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"
 _NAME = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; saved with every checkpoint as ``trainer_state.json`` and restored on resume."""
+
+    epoch: int = 0  # epochs completed
+    batches_done: int = 0  # per-process batches run in the current epoch
+    global_step: int = 0  # optimizer steps
+    best_macro_f1: float = -1.0
+    best_epoch: int | None = None
+    bad_epochs: int = 0  # epochs since the best val macro-F1
+    train_images: int = 0  # over all processes, whole epochs only
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
+    # (mean, count) of the train loss of the current epoch's batches so far, so a resumed epoch reports them all.
+    partial_epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0])
+    # The position inside an epoch and the schedule are counted in per-process batches: a resume must run with
+    # the same layout, or it would skip the wrong samples and jump the learning rate.
+    layout: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        """Read a saved state; keys a newer or older version wrote beside these are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
 
 
 def checkpoint_name(global_step: int) -> str:
@@ -37,7 +69,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def save_checkpoint(
     accelerator: Accelerator,
     run_dir: str | Path,
-    trainer_state: dict[str, Any],
+    trainer_state: TrainState,
     *,
     keep: int,
 ) -> Path:
@@ -46,7 +78,7 @@ def save_checkpoint(
     Every process must call this (Accelerate writes one RNG file per process).
     """
     root = Path(run_dir) / CHECKPOINT_DIR
-    final = root / checkpoint_name(int(trainer_state["global_step"]))
+    final = root / checkpoint_name(trainer_state.global_step)
     tmp = root / f".tmp-{final.name}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -55,7 +87,7 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_NAME).write_text(json.dumps(trainer_state, indent=2) + "\n")
+        (tmp / STATE_NAME).write_text(json.dumps(trainer_state.to_dict(), indent=2) + "\n")
         if final.exists():  # the same step saved again (e.g. epoch end right after a step checkpoint)
             shutil.rmtree(final)
         tmp.rename(final)
@@ -87,8 +119,12 @@ def resolve_checkpoint(resume: str, run_dir: str | Path) -> Path:
     )
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: str | Path) -> dict[str, Any]:
+def read_state(checkpoint: str | Path) -> TrainState:
+    """The trainer state saved in ``checkpoint``, without loading the weights."""
+    return TrainState.from_dict(json.loads((Path(checkpoint) / STATE_NAME).read_text()))
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: str | Path) -> TrainState:
     """Restore everything ``save_checkpoint`` saved; return the trainer state."""
-    checkpoint = Path(checkpoint)
     accelerator.load_state(str(checkpoint))
-    return json.loads((checkpoint / STATE_NAME).read_text())
+    return read_state(checkpoint)

@@ -1,8 +1,10 @@
 """The training stage: a plain PyTorch loop driven by Accelerate, from a laptop CPU to several GPU nodes.
 
-``train()`` reads top to bottom like Accelerate's ``complete_cv_example.py``: build the Accelerator, data,
-model, optimizer and schedule; ``accelerator.prepare`` them; then for each epoch train under
-``accelerator.accumulate``, validate with ``gather_for_metrics``, log, checkpoint and export the best model.
+``train()`` reads top to bottom like torchvision's classification reference: :func:`setup` builds the
+Accelerator, data, model, optimizer, schedule, EMA and loss, prepared by Accelerate, into a :class:`Run`;
+:func:`resume_state` restores a checkpoint's :class:`TrainState`; then each epoch is :func:`train_one_epoch`
+(steps under ``accelerator.accumulate``) and :func:`end_epoch` (validate with ``gather_for_metrics``, log,
+export the best model, checkpoint, early stopping); :func:`finish` says why it stopped and closes the run.
 
 Launch with ``accelerate launch -m derm_accel train --recipe recipes/effnet_b3_plus.yaml`` (or
 ``derm-accel train`` for one process). The same recipe, seed and data give the same batches on any number
@@ -16,6 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +32,15 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 import derm_accel
-from derm_accel.checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
-from derm_accel.config import OptimConfig, Recipe, RecipeError, load_recipe
+from derm_accel.checkpoints import (
+    TrainState,
+    list_checkpoints,
+    load_checkpoint,
+    read_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from derm_accel.config import DataConfig, OptimConfig, Recipe, RecipeError, load_recipe
 from derm_accel.data import loaders
 from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, train_decode_size, train_transform
 from derm_accel.distributed import use_cpu_ranks_without_gpu
@@ -121,12 +131,6 @@ def validate(
     }
 
 
-def _epoch_loss(accelerator: Accelerator, loss_sum: torch.Tensor, count: int, prior: tuple[float, int]) -> float:
-    """Mean train loss of the epoch over all processes, including the batches run before a resume."""
-    local = (loss_sum + prior[0] * prior[1]) / max(count + prior[1], 1)
-    return accelerator.reduce(local, "mean").item()
-
-
 def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """TensorBoard hparams take only scalars and strings."""
     out: dict[str, Any] = {}
@@ -156,25 +160,139 @@ def published_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(raw, sort_keys=False)
 
 
+# Why training ends before train.epochs; train_one_epoch and end_epoch return one of these, or None to go on.
+STEP_LIMIT = "train.stop_after_steps"  # this invocation ran its steps; a checkpoint holds the position
+EARLY_STOPPING = "train.early_stopping_patience"  # val macro-F1 stopped improving
+
+
+@dataclass
+class Run:
+    """What :func:`setup` builds for one invocation of :func:`train`; the epoch functions only read it, apart
+    from the last three fields (this invocation's bookkeeping, never saved)."""
+
+    recipe: Recipe
+    run_dir: Path
+    accelerator: Accelerator
+    model: torch.nn.Module  # prepared: DDP-wrapped and compiled where asked
+    optimizer: Any
+    scheduler: Any
+    train_dl: Any
+    val_dl: Any
+    normalize: BatchNormalize  # uint8 batches to the model's input, on the device
+    loss_fn: torch.nn.Module
+    ema: Any | None  # timm ModelEmaV3 when optim.ema
+    label_names: list[str]
+    data_cfg: dict[str, Any]
+    updates_per_epoch: int
+    dataset_license: str | None  # the one convert recorded for the images
+    clock: float = 0.0  # time.time() up to which wall time is counted in TrainState.wall_seconds
+    first_step: int = 0  # the optimizer step this invocation started from
+    last_checkpoint: Path | None = None
+
+    def eval_model(self) -> torch.nn.Module:
+        """The model validated and exported: the EMA when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def export_model(self) -> torch.nn.Module:
+        """The model exported: the EMA, or the prepared model without its DDP and compile wrappers."""
+        if self.ema is not None:
+            return self.ema.module
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+
+@dataclass
+class EpochStats:
+    """What :func:`train_one_epoch` hands :func:`end_epoch`."""
+
+    stop: str | None = None  # STEP_LIMIT when the epoch was left part-way (checkpointed); None: it ran to its end
+    loss: float = 0.0  # mean train loss of all the epoch's batches, those run before a resume included
+    images_per_s: float = 0.0
+
+
 def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resume: str | None = None) -> Path:
     """Train the recipe's model; return the run folder (``RUN/best`` holds the exported best model)."""
-    started = time.time()
     recipe = load_recipe(recipe, overrides)
-    m, d, o, t = recipe.model, recipe.data, recipe.optim, recipe.train
+    run = setup(recipe, resume)
+    state = resume_state(run, resume)
+    start_logging(run, state, resumed=bool(resume))
+    stop = None
+    for epoch in range(state.epoch, recipe.train.epochs):
+        stats = train_one_epoch(run, state, epoch)
+        stop = stats.stop or end_epoch(run, state, epoch, stats)
+        if stop:
+            break
+    finish(run, state, stop)
+    return run.run_dir
+
+
+# --- set-up ---------------------------------------------------------------------------------------------------
+
+
+def setup(recipe: Recipe, resume: str | None = None) -> Run:
+    """Build the Accelerator, data, model, optimizer, schedule, EMA and loss, and ``prepare`` them; writes nothing."""
+    started = time.time()
+    d, o, t = recipe.data, recipe.optim, recipe.train
     run_dir = Path(recipe.output_dir)
     if resume is None and list_checkpoints(run_dir):
         raise FileExistsError(
             f"{run_dir} already holds checkpoints. Continue it with --resume latest, or choose a new "
             f"output_dir (--set output_dir=runs/NEW)."
         )
+    accelerator = build_accelerator(recipe, run_dir)
+    train_split, val_split = load_splits(d)
+    label_names = list(train_split.features["label"].names)
+    with accelerator.main_process_first():  # one Hub download per machine
+        model = build_model(recipe, len(label_names))
+    data_cfg = data_config(model)
+    train_dl, val_dl = build_loaders(recipe, data_cfg, train_split, val_split)
+    # Optimizer on the plain model; channels_last and compile before prepare.
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, o)
+    if t.compile:
+        model = torch.compile(model)
+    model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+    updates_per_epoch = math.ceil(len(train_dl) / o.grad_accum)
+    if t.max_steps_per_epoch:
+        updates_per_epoch = min(updates_per_epoch, t.max_steps_per_epoch)
+    ticks = 1 if accelerator.split_batches else accelerator.num_processes
+    schedule = build_schedule(
+        optimizer.optimizer, o, updates_per_epoch=updates_per_epoch, epochs=t.epochs, ticks_per_update=ticks
+    )
+    return Run(
+        recipe=recipe,
+        run_dir=run_dir,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=accelerator.prepare(schedule),
+        train_dl=train_dl,
+        val_dl=val_dl,
+        normalize=BatchNormalize(data_cfg),
+        loss_fn=build_loss(recipe, train_split, len(label_names), accelerator.device),
+        ema=build_ema(accelerator, model, o),
+        label_names=label_names,
+        data_cfg=data_cfg,
+        updates_per_epoch=updates_per_epoch,
+        dataset_license=train_split.info.license or None,
+        clock=started,
+    )
 
-    # 1. Accelerator: mixed precision (None: from `accelerate launch`/config), accumulation, trackers.
+
+def build_trackers(recipe: Recipe, run_dir: Path) -> list[Any]:
+    """TensorBoard for looking at curves; ``logs/metrics.jsonl`` for programs."""
+    return ["tensorboard", JSONLTracker("train", run_dir / LOG_DIR)]
+
+
+def build_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
+    """Mixed precision (None: from ``accelerate launch``/config), accumulation, trackers; seeds every process."""
+    t = recipe.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     use_cpu_ranks_without_gpu()
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
-        gradient_accumulation_steps=o.grad_accum,
-        log_with=["tensorboard", JSONLTracker("train", run_dir / LOG_DIR)],
+        gradient_accumulation_steps=recipe.optim.grad_accum,
+        log_with=build_trackers(recipe, run_dir),
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / LOG_DIR)),
     )
     if accelerator.num_processes != world_size:
@@ -188,8 +306,11 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
     torch.backends.cudnn.benchmark = not t.deterministic
     # Per-process seeds (dropout differs across ranks); DDP broadcasts rank 0's initial weights.
     set_seed(t.seed, device_specific=True, deterministic=t.deterministic)
+    return accelerator
 
-    # 2. Data: the converted DatasetDict; class names come from its ClassLabel.
+
+def load_splits(d: DataConfig) -> tuple[Any, Any]:
+    """The train and validation splits of the converted DatasetDict at ``data.path``."""
     from datasets import load_from_disk
 
     if not (Path(d.path) / "dataset_dict.json").exists():
@@ -203,30 +324,36 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
             raise RecipeError(
                 f"{d.path} has no '{split}' split (it has {sorted(dataset)}); fix data.train_split/val_split."
             )
-    train_split, val_split = dataset[d.train_split], dataset[d.val_split]
-    label_names = list(train_split.features["label"].names)
+    return dataset[d.train_split], dataset[d.val_split]
 
-    # 3. Model, and the preprocessing its pretrained config asks for.
-    with accelerator.main_process_first():  # one Hub download per machine
-        try:
-            model = create_model(
-                m.name,
-                len(label_names),
-                pretrained=m.pretrained,
-                pretrained_file=m.pretrained_file,
-                drop_rate=m.drop_rate,
-                drop_path_rate=m.drop_path_rate,
-            )
-        except TypeError as exc:
-            if "drop_path_rate" not in str(exc):
-                raise
-            raise RecipeError(f"{m.name} has no stochastic depth (drop path); set model.drop_path_rate=0") from exc
-    if d.image_size:  # recorded in the exported config, so evaluation and prediction use the same size
-        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, d.image_size, d.image_size)}
+
+def build_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
+    """The recipe's timm model; ``data.image_size`` is recorded in its config, so evaluation and prediction
+    use the same size."""
+    m, size = recipe.model, recipe.data.image_size
+    try:
+        model = create_model(
+            m.name,
+            num_classes,
+            pretrained=m.pretrained,
+            pretrained_file=m.pretrained_file,
+            drop_rate=m.drop_rate,
+            drop_path_rate=m.drop_path_rate,
+        )
+    except TypeError as exc:
+        if "drop_path_rate" not in str(exc):
+            raise
+        raise RecipeError(f"{m.name} has no stochastic depth (drop path); set model.drop_path_rate=0") from exc
+    if size:
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, size, size)}
         model.default_cfg = model.pretrained_cfg
-    data_cfg = data_config(model)
-    size = data_cfg["input_size"][-1]
-    loader_options = dict(
+    return model
+
+
+def build_loaders(recipe: Recipe, data_cfg: dict[str, Any], train_split: Any, val_split: Any) -> tuple[Any, Any]:
+    """Train and validation loaders yielding uint8 batches (normalised on the device by :class:`BatchNormalize`)."""
+    d, size = recipe.data, data_cfg["input_size"][-1]
+    options = dict(
         num_workers=d.num_workers,
         pin_memory=d.pin_memory,
         persistent_workers=d.persistent_workers,
@@ -234,12 +361,12 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
     )
     train_dl = loaders.train_loader(
         train_split,
-        train_transform(data_cfg, d.augment, normalize=False),  # uint8: normalised on the device, per batch
+        train_transform(data_cfg, d.augment, normalize=False),
         batch_size=d.batch_size,
-        seed=t.seed,
+        seed=recipe.train.seed,
         balance=d.balance,
         min_size=train_decode_size(size, d.augment),
-        **loader_options,
+        **options,
     )
     val_transform, val_decode = eval_input(data_cfg)  # uint8 too where timm's eval is resize + centre crop
     val_dl = loaders.eval_loader(
@@ -248,257 +375,286 @@ def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resum
         batch_size=d.batch_size,
         min_size=decode_size(size, data_cfg.get("crop_pct")),
         decode=val_decode,
-        **loader_options,
+        **options,
     )
-    normalize = BatchNormalize(data_cfg)
-    class_weights = None
-    if d.balance == "weighted_loss":
-        class_weights = loaders.class_weights(loaders.split_labels(train_split), len(label_names))
+    return train_dl, val_dl
 
-    # 4. Optimizer on the plain model; channels_last and compile before prepare.
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, o)
-    if t.compile:
-        model = torch.compile(model)
-    model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
-    updates_per_epoch = math.ceil(len(train_dl) / o.grad_accum)
-    if t.max_steps_per_epoch:
-        updates_per_epoch = min(updates_per_epoch, t.max_steps_per_epoch)
-    ticks = 1 if accelerator.split_batches else accelerator.num_processes
-    scheduler = accelerator.prepare(
-        build_schedule(
-            optimizer.optimizer,
-            o,
-            updates_per_epoch=updates_per_epoch,
-            epochs=t.epochs,
-            ticks_per_update=ticks,
+
+def build_loss(recipe: Recipe, train_split: Any, num_classes: int, device: torch.device) -> torch.nn.Module:
+    """Cross-entropy with label smoothing, weighted by inverse class frequency for ``data.balance=weighted_loss``."""
+    weight = None
+    if recipe.data.balance == "weighted_loss":
+        weight = loaders.class_weights(loaders.split_labels(train_split), num_classes).to(device)
+    return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.optim.label_smoothing)
+
+
+def build_ema(accelerator: Accelerator, model: torch.nn.Module, o: OptimConfig) -> Any | None:
+    """timm's ModelEmaV3 of the plain model, saved with every checkpoint; None without ``optim.ema``."""
+    if not o.ema:
+        return None
+    from timm.utils import ModelEmaV3
+
+    ema = ModelEmaV3(accelerator.unwrap_model(model, keep_torch_compile=False), decay=o.ema_decay)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+def resume_state(run: Run, resume: str | None) -> TrainState:
+    """A fresh state, or the one in the checkpoint ``resume`` names, with weights, optimizer, scheduler, scaler,
+    RNG and EMA restored and the position inside the epoch."""
+    acc, d, o = run.accelerator, run.recipe.data, run.recipe.optim
+    layout = {"num_processes": acc.num_processes, "batch_size": d.batch_size, "grad_accum": o.grad_accum}
+    if not resume:
+        return TrainState(layout=layout)
+    checkpoint = resolve_checkpoint(resume, run.run_dir)
+    saved = read_state(checkpoint)
+    if saved.layout and saved.layout != layout:
+        raise RecipeError(
+            f"{checkpoint} was written with {saved.layout} but this run has {layout}. Resume with "
+            f"the same number of processes, data.batch_size and optim.grad_accum, or start a new output_dir."
         )
-    )
-    ema = None
-    if o.ema:
-        from timm.utils import ModelEmaV3
+    state = load_checkpoint(acc, checkpoint)
+    state.layout = layout
+    run.first_step, run.last_checkpoint = state.global_step, checkpoint
+    acc.print(f"Resumed from {checkpoint}: epoch {state.epoch + 1}, step {state.global_step}")
+    return state
 
-        ema = ModelEmaV3(accelerator.unwrap_model(model, keep_torch_compile=False), decay=o.ema_decay)
-        accelerator.register_for_checkpointing(ema)
-    loss_fn = torch.nn.CrossEntropyLoss(
-        weight=None if class_weights is None else class_weights.to(accelerator.device),
-        label_smoothing=o.label_smoothing,
-    )
 
-    # 5. Run folder: resolved recipe, environment, trackers.
-    accelerator.init_trackers("train", config=_flat(recipe.to_dict()))
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-        run_info = collect_run_info(accelerator)
-        run_info.update(label_names=label_names, data_config=data_cfg, updates_per_epoch=updates_per_epoch)
-        _write_json(run_dir / "run_info.json", json.loads(json.dumps(run_info, default=str)))
+def start_logging(run: Run, state: TrainState, *, resumed: bool) -> None:
+    """Start the trackers and write the run folder's recipe.yaml and run_info.json (main process)."""
+    acc = run.accelerator
+    acc.init_trackers("train", config=_flat(run.recipe.to_dict()))
+    if not acc.is_main_process:
+        return
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "recipe.yaml").write_text(run.recipe.to_yaml())
+    run_info = collect_run_info(acc)
+    run_info.update(label_names=run.label_names, data_config=run.data_cfg, updates_per_epoch=run.updates_per_epoch)
+    _write_json(run.run_dir / "run_info.json", json.loads(json.dumps(run_info, default=str)))
+    if resumed:  # steps logged after that checkpoint are run, and logged, again
+        acc.get_tracker("jsonl").mark_resume(state.global_step, state.epoch)
 
-    # 6. Resume: weights, optimizer, scheduler, scaler, RNG, EMA, and the position inside the epoch.
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "batches_done": 0,
-        "global_step": 0,
-        "best_macro_f1": -1.0,
-        "best_epoch": None,
-        "bad_epochs": 0,
-        "train_images": 0,
-        "train_seconds": 0.0,
-        "wall_seconds": 0.0,
-        "history": [],
-        "partial_epoch_loss": [0.0, 0],
-        # The position inside an epoch and the schedule are counted in per-process batches: a resume must
-        # run with the same layout, or it would skip the wrong samples and jump the learning rate.
-        "layout": {"num_processes": accelerator.num_processes, "batch_size": d.batch_size, "grad_accum": o.grad_accum},
-    }
-    last_checkpoint: Path | None = None
-    if resume:
-        last_checkpoint = resolve_checkpoint(resume, run_dir)
-        layout = state["layout"]
-        state = load_checkpoint(accelerator, last_checkpoint)
-        if state.get("layout", layout) != layout:
-            raise RecipeError(
-                f"{last_checkpoint} was written with {state['layout']} but this run has {layout}. Resume with "
-                f"the same number of processes, data.batch_size and optim.grad_accum, or start a new output_dir."
-            )
-        accelerator.print(f"Resumed from {last_checkpoint}: epoch {state['epoch'] + 1}, step {state['global_step']}")
-        if accelerator.is_main_process:  # steps logged after that checkpoint are run, and logged, again
-            accelerator.get_tracker("jsonl").mark_resume(state["global_step"], state["epoch"])
-    wall_before = state["wall_seconds"]
 
-    def checkpoint() -> Path:
-        state["wall_seconds"] = wall_before + time.time() - started
-        return save_checkpoint(accelerator, run_dir, state, keep=t.keep_checkpoints)
+# --- the epoch --------------------------------------------------------------------------------------------------
 
-    def best_model() -> torch.nn.Module:
-        return ema.module if ema is not None else accelerator.unwrap_model(model, keep_torch_compile=False)
 
-    def training_info() -> dict[str, Any]:
-        return {
-            "epochs_run": state["epoch"],
-            "epochs_planned": t.epochs,
-            "best_epoch": state["best_epoch"],
-            "best_val_macro_f1": state["best_macro_f1"],
-            "global_steps": state["global_step"],
-            "model": m.name,
-            "input_size": list(data_cfg["input_size"]),
-            "ema": o.ema,
-            "mixed_precision": accelerator.mixed_precision,
-            "num_processes": accelerator.num_processes,
-            "distributed_type": str(accelerator.distributed_type.value),
-            "device_name": device_name(accelerator.device),
-            "train_images_per_s": state["train_images"] / max(state["train_seconds"], 1e-9),
-            "wall_time_s": wall_before + time.time() - started,
-            "dataset_path": shareable_path(d.path),  # published with the model: no absolute local paths
-            "dataset_class_names": label_names,
-            # The recipe's license, else the one convert recorded for the images (--license).
-            "license": recipe.license or train_split.info.license or None,
-            "derm_accel_version": derm_accel.__version__,
-        }
+class _MeanLoss:
+    """Running mean of per-batch losses, kept on the device (no sync per step); ``prior`` is the (mean, count)
+    of batches run before a resume."""
 
-    # 7. Epochs.
-    stopped_early, steps_this_run = False, 0
-    for epoch in range(state["epoch"], t.epochs):
-        model.train()
-        train_dl.set_epoch(epoch)  # reseeds the sampler: the order depends only on (seed, epoch)
-        loader = accelerator.skip_first_batches(train_dl, state["batches_done"]) if state["batches_done"] else train_dl
-        progress = tqdm(
-            total=updates_per_epoch,
-            initial=math.ceil(state["batches_done"] / o.grad_accum),
-            desc=f"epoch {epoch + 1}/{t.epochs}",
-            disable=not accelerator.is_main_process,
-        )
-        loss_sum, loss_count, images = torch.zeros((), device=accelerator.device), 0, 0
-        prior = tuple(state["partial_epoch_loss"])  # (mean, count) of this epoch's batches before a resume
-        window_loss, window_count = torch.zeros((), device=accelerator.device), 0
-        epoch_start, paused = time.perf_counter(), 0.0
+    def __init__(self, device: torch.device, prior: tuple[float, int] = (0.0, 0)) -> None:
+        self.sum, self.count, self.prior = torch.zeros((), device=device), 0, prior
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss
+        self.count += 1
+
+    def reduce(self, accelerator: Accelerator) -> float:
+        """The mean over all processes (every process must call this)."""
+        mean, count = self.prior
+        return accelerator.reduce((self.sum + mean * count) / max(self.count + count, 1), "mean").item()
+
+
+def _step_limit_reached(run: Run, state: TrainState) -> bool:
+    limit = run.recipe.train.stop_after_steps
+    return limit is not None and state.global_step - run.first_step >= limit
+
+
+def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
+    """Train ``epoch`` from ``state.batches_done``; leave it part-way, checkpointed, at ``train.stop_after_steps``."""
+    acc, o, t = run.accelerator, run.recipe.optim, run.recipe.train
+    run.model.train()
+    run.train_dl.set_epoch(epoch)  # reseeds the sampler: the order depends only on (seed, epoch)
+    loader = acc.skip_first_batches(run.train_dl, state.batches_done) if state.batches_done else run.train_dl
+    epoch_loss = _MeanLoss(acc.device, prior=tuple(state.partial_epoch_loss))
+    window, images, stop = _MeanLoss(acc.device), 0, None
+    started, paused = time.perf_counter(), 0.0
+    with tqdm(
+        total=run.updates_per_epoch,
+        initial=math.ceil(state.batches_done / o.grad_accum),
+        desc=f"epoch {epoch + 1}/{t.epochs}",
+        disable=not acc.is_main_process,
+    ) as progress:
         for batch in loader:
-            inputs, labels = normalize(batch["pixel_values"]), batch["labels"]
-            if t.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with accelerator.accumulate(model):
-                loss = loss_fn(model(inputs), labels)
-                # Every process checks every step, so all stop together before a bad gradient is applied.
-                losses = accelerator.gather(loss.detach().float().reshape(1))
-                if not torch.isfinite(losses).all().item():
-                    progress.close()
-                    bad = {rank: value for rank, value in enumerate(losses.tolist()) if not math.isfinite(value)}
-                    raise NonFiniteLossError(
-                        f"Loss is {bad} (process: value) at epoch {epoch + 1}, "
-                        f"batch {state['batches_done'] + 1} (after optimizer step {state['global_step']}). "
-                        f"Last good checkpoint: {last_checkpoint or 'none'}. Lower optim.lr, set "
-                        f"optim.grad_clip, or use bf16 instead of fp16, then continue with --resume latest."
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and o.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            state["batches_done"] += 1
-            images += inputs.shape[0]
-            loss_sum += loss.detach().float()
-            window_loss += loss.detach().float()
-            loss_count += 1
-            window_count += 1
-            if not accelerator.sync_gradients:
+            loss = train_step(run, state, batch, epoch)
+            state.batches_done += 1
+            images += batch["labels"].shape[0]
+            epoch_loss.add(loss)
+            window.add(loss)
+            if not acc.sync_gradients:
                 continue
-            state["global_step"] += 1
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), step=state["global_step"])
+            state.global_step += 1
+            if run.ema is not None:
+                run.ema.update(acc.unwrap_model(run.model, keep_torch_compile=False), step=state.global_step)
             progress.update(1)
-            step = state["global_step"]
-            if step % t.log_every_steps == 0:
-                train_loss = accelerator.reduce(window_loss / window_count, "mean").item()
-                lr = scheduler.get_last_lr()[0]
-                accelerator.log({"train/loss": train_loss, "train/lr": lr, "epoch": epoch + 1}, step=step)
-                progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
-                window_loss, window_count = torch.zeros((), device=accelerator.device), 0
-            steps_this_run += 1
-            if t.max_steps_per_epoch and math.ceil(state["batches_done"] / o.grad_accum) >= t.max_steps_per_epoch:
-                if hasattr(loader, "end"):
-                    loader.end()  # leaving the loop early: unregister it from Accelerate's gradient state
+            if state.global_step % t.log_every_steps == 0:
+                _log_step(run, state, epoch, window.reduce(acc), progress)
+                window = _MeanLoss(acc.device)
+            if t.max_steps_per_epoch and math.ceil(state.batches_done / o.grad_accum) >= t.max_steps_per_epoch:
                 break
-            stop_now = t.stop_after_steps is not None and steps_this_run >= t.stop_after_steps
-            if stop_now or (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0):
+            stop = STEP_LIMIT if _step_limit_reached(run, state) else None
+            if stop or (t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0):
                 pause = time.perf_counter()
-                # So that a resumed epoch reports the train loss of all its batches.
-                state["partial_epoch_loss"] = [
-                    _epoch_loss(accelerator, loss_sum, loss_count, prior),
-                    prior[1] + loss_count,
-                ]
-                last_checkpoint = checkpoint()
+                state.partial_epoch_loss = [epoch_loss.reduce(acc), epoch_loss.count + epoch_loss.prior[1]]
+                checkpoint(run, state)
                 paused += time.perf_counter() - pause
-            if stop_now:
-                progress.close()
-                accelerator.print(f"Stopped after {steps_this_run} steps (train.stop_after_steps); --resume latest")
-                accelerator.end_training()
-                return run_dir
-        progress.close()
-        seconds = time.perf_counter() - epoch_start - paused
-        epoch_images = images * accelerator.num_processes
-        state["train_images"] += epoch_images
-        state["train_seconds"] += seconds
+            if stop:
+                break
+    if hasattr(loader, "end"):
+        loader.end()  # in case the loop was left early: unregister it from Accelerate's gradient state
+    if stop:
+        return EpochStats(stop)
+    seconds = time.perf_counter() - started - paused
+    state.train_images += images * acc.num_processes
+    state.train_seconds += seconds
+    return EpochStats(None, epoch_loss.reduce(acc), images * acc.num_processes / max(seconds, 1e-9))
 
-        # Validate (EMA weights when EMA is on), log, export the best, checkpoint, maybe stop early.
-        eval_model = ema.module if ema is not None else model
-        metrics = validate(
-            eval_model, val_dl, accelerator, len(label_names), channels_last=t.channels_last, normalize=normalize
-        )
-        train_loss = _epoch_loss(accelerator, loss_sum, loss_count, prior)
-        record = {
-            "epoch": epoch + 1,
-            "train/loss_epoch": train_loss,
-            "train/lr": scheduler.get_last_lr()[0],
-            "train/images_per_s": epoch_images / max(seconds, 1e-9),
-            **{f"val/{k}": v for k, v in metrics.items()},
-        }
-        accelerator.log(record, step=state["global_step"])
-        accelerator.print(
-            f"epoch {epoch + 1}: train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
-            f"acc {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-            f"{record['train/images_per_s']:.1f} img/s"
-        )
-        state["history"].append(record)
-        state["epoch"], state["batches_done"], state["partial_epoch_loss"] = epoch + 1, 0, [0.0, 0]
-        if metrics["macro_f1"] > state["best_macro_f1"]:
-            state["best_macro_f1"], state["best_epoch"], state["bad_epochs"] = (
-                metrics["macro_f1"],
-                epoch + 1,
-                0,
-            )
-            if accelerator.is_main_process:
-                val_metrics = {"split": d.val_split, "epoch": epoch + 1, **metrics}
-                export_model(
-                    best_model(),
-                    run_dir / BEST_DIR,
-                    label_names,
-                    extra_files={
-                        "recipe.yaml": published_recipe(recipe),
-                        "val_metrics.json": json.dumps(val_metrics, indent=2) + "\n",
-                        "training_info.json": json.dumps(training_info(), indent=2) + "\n",
-                    },
-                )
-        else:
-            state["bad_epochs"] += 1
-        last_checkpoint = checkpoint()
-        if t.early_stopping_patience and state["bad_epochs"] >= t.early_stopping_patience:
-            accelerator.print(
-                f"Early stopping: no better val macro-F1 for {state['bad_epochs']} epochs "
-                f"(best {state['best_macro_f1']:.4f} at epoch {state['best_epoch']})."
-            )
-            stopped_early = True
-            break
-        if t.stop_after_steps is not None and steps_this_run >= t.stop_after_steps and epoch + 1 < t.epochs:
-            accelerator.print(f"Stopped after {steps_this_run} steps (train.stop_after_steps); --resume latest")
-            break
 
-    # 8. Final bookkeeping: the best model's training_info covers the whole run.
-    if accelerator.is_main_process and (run_dir / BEST_DIR).is_dir():
-        info = training_info()
-        info["stopped_early"] = stopped_early
-        _write_json(run_dir / BEST_DIR / "training_info.json", info)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return run_dir
+def train_step(run: Run, state: TrainState, batch: dict[str, torch.Tensor], epoch: int) -> torch.Tensor:
+    """Forward and backward of one batch; the optimizer steps every ``optim.grad_accum`` batches. Returns the
+    detached loss."""
+    acc, o = run.accelerator, run.recipe.optim
+    inputs, labels = run.normalize(batch["pixel_values"]), batch["labels"]
+    if run.recipe.train.channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    with acc.accumulate(run.model):
+        loss = run.loss_fn(run.model(inputs), labels)
+        _check_finite(run, state, loss, epoch)
+        acc.backward(loss)
+        if acc.sync_gradients and o.grad_clip:
+            acc.clip_grad_norm_(run.model.parameters(), o.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach().float()
+
+
+def _check_finite(run: Run, state: TrainState, loss: torch.Tensor, epoch: int) -> None:
+    """Every process checks every step, so all stop together before a bad gradient is applied."""
+    losses = run.accelerator.gather(loss.detach().float().reshape(1))
+    if torch.isfinite(losses).all().item():
+        return
+    bad = {rank: value for rank, value in enumerate(losses.tolist()) if not math.isfinite(value)}
+    raise NonFiniteLossError(
+        f"Loss is {bad} (process: value) at epoch {epoch + 1}, "
+        f"batch {state.batches_done + 1} (after optimizer step {state.global_step}). "
+        f"Last good checkpoint: {run.last_checkpoint or 'none'}. Lower optim.lr, set "
+        f"optim.grad_clip, or use bf16 instead of fp16, then continue with --resume latest."
+    )
+
+
+def _log_step(run: Run, state: TrainState, epoch: int, train_loss: float, progress: tqdm) -> None:
+    lr = run.scheduler.get_last_lr()[0]
+    run.accelerator.log({"train/loss": train_loss, "train/lr": lr, "epoch": epoch + 1}, step=state.global_step)
+    progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
+
+
+def checkpoint(run: Run, state: TrainState) -> None:
+    """Save everything a resume needs (every process calls this)."""
+    now = time.time()
+    state.wall_seconds += now - run.clock
+    run.clock = now
+    run.last_checkpoint = save_checkpoint(run.accelerator, run.run_dir, state, keep=run.recipe.train.keep_checkpoints)
+
+
+# --- after each epoch, and at the end ---------------------------------------------------------------------------
+
+
+def end_epoch(run: Run, state: TrainState, epoch: int, stats: EpochStats) -> str | None:
+    """Validate (the EMA when EMA is on), log, export a better model, checkpoint; return why to stop, if so."""
+    acc, t = run.accelerator, run.recipe.train
+    metrics = validate(
+        run.eval_model(),
+        run.val_dl,
+        acc,
+        len(run.label_names),
+        channels_last=t.channels_last,
+        normalize=run.normalize,
+    )
+    record = {
+        "epoch": epoch + 1,
+        "train/loss_epoch": stats.loss,
+        "train/lr": run.scheduler.get_last_lr()[0],
+        "train/images_per_s": stats.images_per_s,
+        **{f"val/{k}": v for k, v in metrics.items()},
+    }
+    acc.log(record, step=state.global_step)
+    acc.print(
+        f"epoch {epoch + 1}: train loss {stats.loss:.4f}, val loss {metrics['loss']:.4f}, "
+        f"acc {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, {stats.images_per_s:.1f} img/s"
+    )
+    state.history.append(record)
+    state.epoch, state.batches_done, state.partial_epoch_loss = epoch + 1, 0, [0.0, 0]
+    if metrics["macro_f1"] > state.best_macro_f1:
+        state.best_macro_f1, state.best_epoch, state.bad_epochs = metrics["macro_f1"], epoch + 1, 0
+        if acc.is_main_process:
+            export_best(run, state, {"split": run.recipe.data.val_split, "epoch": epoch + 1, **metrics})
+    else:
+        state.bad_epochs += 1
+    checkpoint(run, state)
+    if t.early_stopping_patience and state.bad_epochs >= t.early_stopping_patience:
+        return EARLY_STOPPING
+    if _step_limit_reached(run, state) and epoch + 1 < t.epochs:
+        return STEP_LIMIT
+    return None
+
+
+def export_best(run: Run, state: TrainState, val_metrics: dict[str, Any]) -> None:
+    """Write the model validated this epoch to ``RUN/best`` with its recipe, metrics and training info."""
+    export_model(
+        run.export_model(),
+        run.run_dir / BEST_DIR,
+        run.label_names,
+        extra_files={
+            "recipe.yaml": published_recipe(run.recipe),
+            "val_metrics.json": json.dumps(val_metrics, indent=2) + "\n",
+            "training_info.json": json.dumps(training_info(run, state), indent=2) + "\n",
+        },
+    )
+
+
+def training_info(run: Run, state: TrainState) -> dict[str, Any]:
+    """``best/training_info.json``: how the exported model was trained (published with it)."""
+    acc, recipe = run.accelerator, run.recipe
+    return {
+        "epochs_run": state.epoch,
+        "epochs_planned": recipe.train.epochs,
+        "best_epoch": state.best_epoch,
+        "best_val_macro_f1": state.best_macro_f1,
+        "global_steps": state.global_step,
+        "model": recipe.model.name,
+        "input_size": list(run.data_cfg["input_size"]),
+        "ema": recipe.optim.ema,
+        "mixed_precision": acc.mixed_precision,
+        "num_processes": acc.num_processes,
+        "distributed_type": str(acc.distributed_type.value),
+        "device_name": device_name(acc.device),
+        "train_images_per_s": state.train_images / max(state.train_seconds, 1e-9),
+        "wall_time_s": state.wall_seconds + time.time() - run.clock,
+        "dataset_path": shareable_path(recipe.data.path),  # published with the model: no absolute local paths
+        "dataset_class_names": run.label_names,
+        # The recipe's license, else the one convert recorded for the images (--license).
+        "license": recipe.license or run.dataset_license,
+        "derm_accel_version": derm_accel.__version__,
+    }
+
+
+def stop_message(run: Run, state: TrainState, stop: str) -> str:
+    if stop == EARLY_STOPPING:
+        return (
+            f"Early stopping: no better val macro-F1 for {state.bad_epochs} epochs "
+            f"(best {state.best_macro_f1:.4f} at epoch {state.best_epoch})."
+        )
+    return f"Stopped after {state.global_step - run.first_step} steps (train.stop_after_steps); --resume latest"
+
+
+def finish(run: Run, state: TrainState, stop: str | None) -> None:
+    """Say why training stopped early; at an epoch's end, give the exported model's training_info the whole run."""
+    acc = run.accelerator
+    if stop:
+        acc.print(stop_message(run, state, stop))
+    best = run.run_dir / BEST_DIR
+    if acc.is_main_process and best.is_dir() and state.batches_done == 0:
+        _write_json(best / "training_info.json", {**training_info(run, state), "stopped_early": stop == EARLY_STOPPING})
+    acc.wait_for_everyone()
+    acc.end_training()
