@@ -94,6 +94,12 @@ def convert(
         typer.Option(help="Patient/lesion column whose images stay in one split (repeatable; 'none' for none)."),
     ] = None,
     eval_only: Annotated[bool, typer.Option(help="Put every image in the test split (external validation).")] = False,
+    drop_empty_classes: Annotated[
+        bool, typer.Option(help="Leave out classes whose files were all skipped (default: fail and name them).")
+    ] = False,
+    follow_external_links: Annotated[
+        bool, typer.Option(help="Include files reached through links that lead outside SRC (default: skip them).")
+    ] = False,
 ) -> None:
     """Convert class folders into a stratified, leakage-free Hugging Face Arrow dataset (train/validation/test).
 
@@ -118,6 +124,7 @@ def convert(
             src, out, class_map=class_map, val_frac=val_frac, test_frac=test_frac, seed=seed, max_size=max_size,
             quality=quality, near_threshold=near_threshold, conflicts=conflicts, num_proc=num_proc,
             overwrite=overwrite, license=license, push_to_hub=push_to_hub, metadata=spec, eval_only=eval_only,
+            drop_empty_classes=drop_empty_classes, follow_external_links=follow_external_links,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(e)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from derm_accel.model_card import build_model_card
+from derm_accel.paths import temp_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ def stage_upload(
                 f"(RUN/best written by `derm-accel train`)."
             )
     _check_safetensors(model_dir / "model.safetensors")
+    from derm_accel.models import check_model_folder  # torch and timm only when a push is staged
+
+    check_model_folder(model_dir)  # config and weights agree, weights finite: it loads for everyone
     if report_dir is not None and not (Path(report_dir) / "metrics.json").is_file():
         raise FileNotFoundError(
             f"{Path(report_dir) / 'metrics.json'} not found; pass the folder `derm-accel evaluate` wrote."
@@ -75,7 +79,7 @@ def stage_upload(
         )
     # Stage beside ``out`` and swap it in at the end: ``out`` is never left half-written.
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
     try:
         for name in MODEL_FILES + RUN_FILES:
             if (model_dir / name).is_file():

@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 from timm.data import DEFAULT_CROP_PCT, resolve_data_config
 from timm.models import save_for_hf
 
+from derm_accel.paths import fit_name, temp_prefix
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -187,7 +189,7 @@ def export_model(
         model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
     if len(label_names) != model.num_classes:
         raise ValueError(f"{len(label_names)} label names for a model with {model.num_classes} classes")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir.name), dir=out_dir.parent))
     try:
         save_for_hf(
             model,
@@ -207,7 +209,7 @@ def export_model(
             with open(tmp / name, mode) as f:
                 f.write(content)
         if out_dir.exists():
-            old = out_dir.with_name(out_dir.name + ".old")
+            old = out_dir.with_name(fit_name(out_dir.name, ".old"))
             shutil.rmtree(old, ignore_errors=True)
             out_dir.rename(old)
             tmp.rename(out_dir)

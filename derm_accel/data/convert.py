@@ -19,7 +19,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -27,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, DatasetDict, DatasetInfo
+from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo
 from datasets.arrow_writer import ArrowWriter
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm.auto import tqdm
 
 from derm_accel.data.card import build_card
 from derm_accel.data.decode import (
+    MAX_DECODE_PIXELS,
     MAX_PIXELS,
     ORIENTATIONS,
     Decoded,
@@ -50,11 +50,19 @@ from derm_accel.data.metadata import (
     unit_label,
     with_metadata_features,
 )
-from derm_accel.data.report import REPORT_NAME, check_accounting, split_counts, versions
+from derm_accel.data.report import (
+    REPORT_NAME,
+    check_accounting,
+    is_failed_conversion,
+    split_counts,
+    versions,
+    write_failure_report,
+)
 from derm_accel.data.scan import ScanError, ScanResult, Skip, SourceFile, load_class_map, scan_source
 from derm_accel.data.schema import dataset_features
 from derm_accel.data.split import SPLITS, stratified_group_split
-from derm_accel.paths import shareable_path
+from derm_accel.data.tempdirs import make_temp_dir, remove_stale_temp_dirs
+from derm_accel.paths import fit_name, shareable_path
 
 CARD_TITLE = "Skin disease images"
 
@@ -96,7 +104,7 @@ def _check_arguments(
         raise ConvertError(f"Output {out} lies inside the source folder {src}; write it elsewhere.")
     if src.is_relative_to(out):
         raise ConvertError(f"Source {src} lies inside the output folder {out}; writing OUT would destroy it.")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not is_failed_conversion(out):
         if not overwrite:
             raise ConvertError(f"Output {out} already exists; pass overwrite=True (--overwrite) to replace it.")
         if not (out / REPORT_NAME).is_file():
@@ -183,7 +191,7 @@ def _quiet(enabled: bool) -> Iterator[None]:
 def _replace(tmp_out: Path, out: Path) -> None:
     """Move the finished folder into place; an old OUT is only removed once the new one is there."""
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(fit_name(f".{out.name}", f".old-{os.getpid()}"))
         out.rename(old)
         tmp_out.rename(out)
         if old.is_dir():
@@ -192,6 +200,61 @@ def _replace(tmp_out: Path, out: Path) -> None:
             old.unlink(missing_ok=True)
     else:
         tmp_out.rename(out)
+
+
+def _skips(scan: ScanResult, failed: dict[int, Decoded], resolution: Any) -> list[Skip]:
+    """Every file that did not become a row, with its reason, sorted."""
+    skipped = list(scan.skipped)
+    skipped += [Skip(scan.files[i].rel, d.reason or "unreadable", d.detail) for i, d in failed.items()]
+    skipped += list(resolution.skipped.values())
+    return sorted(skipped, key=lambda s: (s.path, s.reason))
+
+
+def _failure(src: Path, out: Path, scan: ScanResult, skipped: list[Skip], empty: list[str]) -> ConvertError:
+    """Write the report of a conversion that cannot produce a usable dataset; the error to raise."""
+    reasons = dict(sorted(Counter(s.reason for s in skipped).items()))
+    if len(empty) == len(scan.class_names):
+        message = f"No image under {src} could be converted (skipped: {reasons})."
+    else:
+        message = (
+            f"Classes {empty} have no usable image left (every file was skipped). Fix or remove those files, or "
+            f"pass --drop-empty-classes to leave these classes out of the label set."
+        )
+    report = {
+        "format_version": 1,
+        "error": message,
+        "src": shareable_path(src),
+        "layout": scan.layout,
+        "files_total": len(scan.files) + len(scan.skipped),
+        "rows_total": 0,
+        "class_names": scan.class_names,
+        "empty_classes": empty,
+        "skipped_total": len(skipped),
+        "skipped_by_reason": reasons,
+        "versions": versions(),
+        "skipped": [s.as_dict() for s in skipped],
+    }
+    path = write_failure_report(out, report)
+    return ConvertError(f"{message} Nothing was written to {out}; every skipped file and its reason: {path}")
+
+
+def _drop_classes(
+    staging: Dataset, labels: list[int], class_names: list[str], empty: list[int]
+) -> tuple[Dataset, list[int], list[str]]:
+    """The staged rows relabelled without the ``empty`` classes (rows already dropped as duplicates get -1)."""
+    keep = [c for c in range(len(class_names)) if c not in set(empty)]
+    new_id = {old: new for new, old in enumerate(keep)}
+    names = [class_names[c] for c in keep]
+    features = staging.features.copy()
+    features["label"] = ClassLabel(names=names)
+    staging = staging.map(
+        lambda batch: {"label": [new_id.get(x, -1) for x in batch["label"]]},
+        batched=True,
+        features=features,
+        load_from_cache_file=False,
+        desc="convert: dropping empty classes",
+    )
+    return staging, [new_id.get(x, -1) for x in labels], names
 
 
 def convert_folders(
@@ -213,6 +276,8 @@ def convert_folders(
     progress: bool = True,
     metadata: MetadataSpec | None = None,
     eval_only: bool = False,
+    drop_empty_classes: bool = False,
+    follow_external_links: bool = False,
 ) -> dict:
     """Convert SRC (class folders, or train/ val/ test/ folders of class folders) to a DatasetDict at OUT.
 
@@ -220,6 +285,10 @@ def convert_folders(
     ``OUT/README.md``; with ``push_to_hub`` also uploads them to that Hub dataset repo. Returns the report.
     ``metadata`` (see ``metadata.metadata_spec``): SRC is a folder of images and labels, groups and extra
     columns come from a table. ``eval_only`` puts every image in the ``test`` split (external validation).
+
+    Fails (:class:`ConvertError`, report written) when no image converts, or when a class is left with no
+    images, unless ``drop_empty_classes`` drops such classes from the label set. Files reached through links
+    that lead outside SRC are skipped unless ``follow_external_links``.
     """
     started = time.time()
     src = Path(src).expanduser().resolve()
@@ -228,7 +297,11 @@ def convert_folders(
     num_proc = num_proc if num_proc > 0 else (os.cpu_count() or 1)
     try:
         mapping = load_class_map(class_map)
-        scan = scan_source(src, mapping) if metadata is None else scan_metadata(src, metadata, mapping)
+        scan = (
+            scan_source(src, mapping, follow_external_links=follow_external_links)
+            if metadata is None
+            else scan_metadata(src, metadata, mapping)
+        )
     except ScanError as exc:
         raise ConvertError(str(exc)) from exc
     if not scan.files:
@@ -242,7 +315,8 @@ def convert_folders(
     features = with_metadata_features(dataset_features(scan.class_names), scan)
     options = DecodeOptions(max_size=max_size, quality=quality)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temp_dirs(out, "tmp")  # left by a killed run; only folders provably ours
+    tmp = make_temp_dir(out, "tmp")
     try:
         info = DatasetInfo(
             description="Skin disease images converted from class folders by derm-accel.",
@@ -267,6 +341,12 @@ def convert_folders(
             conflicts=conflicts,
         )
         kept, grouping = join_groups(resolution.kept, scan, row_files)  # patients/lesions: one split each
+        class_names = scan.class_names
+        empty = sorted({*range(len(class_names))} - {labels[i] for unit in kept for i in unit})
+        if empty and (not drop_empty_classes or len(empty) == len(class_names)):
+            raise _failure(src, out, scan, _skips(scan, failed, resolution), [class_names[c] for c in empty])
+        if empty:
+            staging, labels, class_names = _drop_classes(staging, labels, class_names, empty)
         if eval_only:
             group_splits = ["test"] * len(kept)
         elif scan.layout == "pre_split":
@@ -286,10 +366,7 @@ def convert_folders(
         for rows in rows_by_split.values():
             rows.sort()
 
-        skipped = list(scan.skipped)
-        skipped += [Skip(files[i].rel, d.reason or "unreadable", d.detail) for i, d in failed.items()]
-        skipped += list(resolution.skipped.values())
-        skipped.sort(key=lambda s: (s.path, s.reason))
+        skipped = _skips(scan, failed, resolution)
         kept_paths = [paths[i] for rows in rows_by_split.values() for i in rows]
         all_files = [f.rel for f in files] + [s.path for s in scan.skipped]
         check_accounting(all_files, kept_paths, skipped)
@@ -308,10 +385,11 @@ def convert_folders(
             "files_total": len(all_files),
             "rows_total": len(kept_paths),
             "skipped_total": len(skipped),
-            "class_names": scan.class_names,
+            "class_names": class_names,
             "class_map": dict(scan.folders),
             "empty_class_folders": scan.empty_folders,
-            "splits": split_counts(rows_by_split, labels, scan.class_names),
+            "dropped_empty_classes": [scan.class_names[c] for c in empty],
+            "splits": split_counts(rows_by_split, labels, class_names),
             "empty_splits": [s for s in SPLITS if not rows_by_split[s]],
             "skipped_by_reason": dict(sorted(Counter(s.reason for s in skipped).items())),
             "duplicates": {
@@ -331,7 +409,10 @@ def convert_folders(
                 "near_threshold": near_threshold,
                 "conflicts": conflicts,
                 "max_pixels": MAX_PIXELS,
+                "max_decode_pixels": MAX_DECODE_PIXELS,
                 "num_proc": num_proc,
+                "drop_empty_classes": drop_empty_classes,
+                "follow_external_links": follow_external_links,
             },
             "seed": seed,
             "license": license,

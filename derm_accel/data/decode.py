@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +21,10 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Pillow's own default; a header claiming more pixels is refused before any pixel is decoded.
 MAX_PIXELS = 89_478_485
+# The decode budget: at most this many pixels are ever decoded from one file (~120 MB as RGB). A larger JPEG
+# is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's draft mode) until it fits; a larger
+# image in any other format is refused. Holds in convert, predict, explain, evaluate and serve alike.
+MAX_DECODE_PIXELS = 40_000_000
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
@@ -71,7 +78,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def content_hash(rgb: Image.Image) -> str:
     """sha256 of the decoded pixels and size: re-encoded exact copies (PNG vs JPEG q100 lossless) match."""
     h = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
-    h.update(rgb.tobytes())
+    rows = max(1, 2**22 // (3 * rgb.width))  # ~4 MB strips: no second full copy of a large image
+    for top in range(0, rgb.height, rows):
+        h.update(rgb.crop((0, top, rgb.width, min(rgb.height, top + rows))).tobytes())
     return h.hexdigest()
 
 
@@ -136,9 +145,87 @@ def target_size(width: int, height: int, max_size: int) -> tuple[int, int]:
     return max(1, round(width * max_size / height)), max_size
 
 
+class ImageTooLargeError(ValueError):
+    """The image has more pixels than may be decoded (header limit, or the decode budget)."""
+
+
+def open_bounded(
+    source: bytes | str | os.PathLike,
+    min_size: int | None = None,
+    *,
+    max_pixels: int = MAX_PIXELS,
+    max_decode_pixels: int | None = None,
+) -> Image.Image:
+    """Open an image lazily (header only) so that decoding it stays within the decode budget.
+
+    A JPEG is set to decode at the smallest DCT scale that keeps its shorter side at least ``min_size``, and
+    at least at the scale that brings it under ``max_decode_pixels`` (default :data:`MAX_DECODE_PIXELS`).
+    Raises :class:`ImageTooLargeError` for a header over ``max_pixels`` or an image that would still decode
+    to more than ``max_decode_pixels``. The returned image's ``size`` is what ``load()`` will decode;
+    ``info["original_size"]`` is the header's size.
+    """
+    max_decode_pixels = max_decode_pixels or MAX_DECODE_PIXELS
+    image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    w, h = image.size
+    image.info["original_size"] = (w, h)
+    if w * h > max_pixels:
+        raise ImageTooLargeError(f"{w}x{h} pixels is over the {max_pixels:,}-pixel limit (decompression bomb?)")
+    if image.format == "JPEG":
+        scale = 1
+        while scale < 8 and -(-w // scale) * -(-h // scale) > max_decode_pixels:
+            scale *= 2  # libjpeg decodes at 1/1, 1/2, 1/4 or 1/8
+        if min_size:  # a smaller decode where the shorter side still keeps min_size pixels
+            while scale < 8 and min(w, h) // (scale * 2) >= min_size:
+                scale *= 2
+        if scale > 1:
+            image.draft("RGB", (w // scale, h // scale))
+    if image.width * image.height > max_decode_pixels:
+        raise ImageTooLargeError(
+            f"{w}x{h} {image.format or 'image'} would decode to {image.width * image.height:,} pixels, over the "
+            f"{max_decode_pixels:,}-pixel decode budget (only JPEGs are decoded at reduced scale); "
+            f"downscale it first"
+        )
+    return image
+
+
+class PixelBudget:
+    """A semaphore counted in bytes of decoded pixels: concurrent decodes wait until theirs fit.
+
+    ``hold(nbytes)`` blocks while the bytes already held plus ``nbytes`` exceed ``capacity``; one image larger
+    than the whole budget waits until it runs alone. With ``timeout`` a wait that lasts longer raises
+    ``TimeoutError``.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1 byte, got {capacity}")
+        self.capacity = capacity
+        self.in_use = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int, timeout: float | None = None) -> Iterator[None]:
+        nbytes = max(0, min(int(nbytes), self.capacity))
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.in_use + nbytes <= self.capacity, timeout):
+                raise TimeoutError(f"waited over {timeout} s for {nbytes:,} bytes of decode budget")
+            self.in_use += nbytes
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= nbytes
+                self._changed.notify_all()
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """Bytes the decoded RGB pixels of a lazily opened image take: what :class:`PixelBudget` counts."""
+    return image.width * image.height * 3
+
+
 def _classify_error(exc: BaseException) -> str:
     message = str(exc).lower()
-    if isinstance(exc, Image.DecompressionBombError):
+    if isinstance(exc, (Image.DecompressionBombError, ImageTooLargeError)):
         return "too_large"
     if "truncated" in message or "premature end" in message or "broken data stream" in message:
         return "truncated"
@@ -166,20 +253,15 @@ def decode_bytes(index: int, data: bytes, options: DecodeOptions) -> Decoded:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # bomb warnings are handled below; EXIF chatter is noise
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > options.max_pixels:
-                return Decoded(
-                    index,
-                    reason="too_large",
-                    detail=f"header says {width}x{height} = {width * height} pixels > {options.max_pixels}",
-                )
+            image = open_bounded(data, max_pixels=options.max_pixels)  # too large: ImageTooLargeError
+            original_size = image.info["original_size"]
             image.load()
             # Broken EXIF: the pixels are still good, keep them as stored.
             with contextlib.suppress(Exception):
                 image = ImageOps.exif_transpose(image) or image
             rgb = to_rgb(image)
             rgb.load()
+            del image  # the source mode's pixels are not needed once RGB exists
     except Exception as exc:
         return Decoded(index, reason=_classify_error(exc), detail=f"{type(exc).__name__}: {exc}")
     try:
@@ -192,11 +274,16 @@ def decode_bytes(index: int, data: bytes, options: DecodeOptions) -> Decoded:
         stored.save(buf, format="JPEG", quality=options.quality)
     except Exception as exc:  # e.g. out of memory on a huge image: report, don't stop the run
         return Decoded(index, reason="unreadable", detail=f"{type(exc).__name__}: {exc}")
+    width, height = rgb.size
+    if (rgb.width * rgb.height) != original_size[0] * original_size[1]:
+        # Decoded at reduced scale: record the original size, upright like ``rgb``.
+        w0, h0 = original_size
+        width, height = (w0, h0) if (rgb.width >= rgb.height) == (w0 >= h0) else (h0, w0)
     return Decoded(
         index,
         jpeg=buf.getvalue(),
-        width=rgb.width,
-        height=rgb.height,
+        width=width,
+        height=height,
         content_hash=digest,
         phash=f"{variants[0]:016x}",  # the same text as str(imagehash.phash(rgb))
         phash_variants=variants,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from derm_accel.data.scan import Skip
 from derm_accel.data.split import SPLITS
+from derm_accel.paths import fit_name
 
 REPORT_NAME = "conversion_report.json"
 
@@ -67,3 +71,25 @@ def check_accounting(all_files: Iterable[str], row_paths: Iterable[str], skipped
             f"conversion accounting is off: {len(files)} files, {len(rows)} rows, {len(skip_paths)} skipped; "
             f"counted twice {twice[:5]}, missing {missing[:5]}, unknown {extra[:5]}"
         )
+
+
+def is_failed_conversion(out: Path) -> bool:
+    """``out`` holds nothing but the report of a conversion that failed (so a new run may replace it)."""
+    try:
+        if not out.is_dir() or [p.name for p in out.iterdir()] != [REPORT_NAME]:
+            return False
+        return json.loads((out / REPORT_NAME).read_text(encoding="utf-8")).get("status") == "failed"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_failure_report(out: Path, report: dict[str, Any]) -> Path:
+    """Write the report of a failed conversion where the user looks for it: ``OUT/conversion_report.json``,
+    unless OUT holds an earlier conversion (kept untouched), then beside it as ``OUT.failed-report.json``."""
+    holds_dataset = out.is_dir() and any(out.iterdir()) and not is_failed_conversion(out)
+    path = out.with_name(fit_name(out.name, ".failed-report.json")) if holds_dataset else out / REPORT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(fit_name(f".{path.name}", ".tmp"))
+    tmp.write_text(json.dumps({"status": "failed", **report}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -110,9 +110,22 @@ def _walk_files(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def scan_source(src: Path, class_map: Mapping[str, str | None] | None = None) -> ScanResult:
-    """List SRC's files with their class; detect a pre-split tree (train/ + val|validation/ + test/)."""
+def _leaves_tree(path: Path, root_real: str) -> bool:
+    """Whether ``path`` (through file or folder links) resolves to a place outside ``root_real``."""
+    real = os.path.realpath(path)
+    return os.path.commonpath([real, root_real]) != root_real
+
+
+def scan_source(
+    src: Path, class_map: Mapping[str, str | None] | None = None, *, follow_external_links: bool = False
+) -> ScanResult:
+    """List SRC's files with their class; detect a pre-split tree (train/ + val|validation/ + test/).
+
+    A file reached through a link that leads outside SRC is skipped (``external_link``) unless
+    ``follow_external_links``: a stray link must not pull someone else's files into a dataset.
+    """
     class_map = dict(class_map or {})
+    root_real = os.path.realpath(src)
     top_dirs = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
     pre_split = bool(top_dirs) and "train" in top_dirs and all(d in SPLIT_FOLDERS for d in top_dirs)
     split_like = [d for d in top_dirs if d in SPLIT_FOLDERS]
@@ -147,6 +160,11 @@ def scan_source(src: Path, class_map: Mapping[str, str | None] | None = None) ->
         parts = rel_path.parts
         if _is_hidden(parts):
             skipped.append(Skip(rel, "hidden", "file or folder name starts with '.'"))
+            continue
+        if not follow_external_links and _leaves_tree(path, root_real):
+            skipped.append(
+                Skip(rel, "external_link", "a link leads outside SRC; pass --follow-external-links to include it")
+            )
             continue
         if len(parts) <= depth:
             where = "a split folder" if pre_split and len(parts) == 2 else "SRC"

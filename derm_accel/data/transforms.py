@@ -21,7 +21,7 @@ from torchvision.transforms import RandomResizedCrop as _RandomResizedCropParams
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from derm_accel.data.decode import MAX_PIXELS, to_rgb
+from derm_accel.data.decode import MAX_DECODE_PIXELS, MAX_PIXELS, open_bounded, to_rgb
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
@@ -189,24 +189,22 @@ def decode_image(value: Any, min_size: int | None = None) -> Image.Image:
     Files and bytes get the same treatment as in `convert` (EXIF orientation applied, alpha over white, 16-bit
     scaled), so a photo predicted from a folder looks like the training images did. With ``min_size`` a JPEG
     is decoded at the smallest DCT scale that still keeps its shorter side at least
-    ``min_size`` (Pillow's draft mode), which is several times faster on large sources.
+    ``min_size`` (Pillow's draft mode), which is several times faster on large sources. Decoding stays within
+    the decode budget (:data:`~derm_accel.data.decode.MAX_DECODE_PIXELS`, see :func:`open_image`).
     """
     if isinstance(value, Image.Image):
         image = value
     else:
-        data = value.get("bytes") if isinstance(value, dict) else None
-        image = Image.open(io.BytesIO(data)) if data is not None else Image.open(value["path"])
-        if min_size and image.format == "JPEG":
-            w, h = image.size
-            scale = min_size / min(w, h)
-            if scale < 1:
-                image.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
-        if image.width * image.height > MAX_PIXELS:  # from the header, before a byte is decoded
-            raise ValueError(
-                f"{image.width}x{image.height} pixels is over the {MAX_PIXELS:,}-pixel limit (decompression bomb?)"
-            )
+        image = open_image(value, min_size)
         ImageOps.exif_transpose(image, in_place=True)
     return to_rgb(image)
+
+
+def open_image(value: Any, min_size: int | None = None) -> Image.Image:
+    """An Arrow image cell (dict with bytes/path) opened lazily within the decode budget (header read, draft
+    scale set): ``size`` is what decoding will produce. Too many pixels: ``ImageTooLargeError``."""
+    data = value.get("bytes") if isinstance(value, dict) else None
+    return open_bounded(data if data is not None else value["path"], min_size, max_pixels=MAX_PIXELS)
 
 
 def pil_to_uint8(image: Image.Image) -> torch.Tensor:
@@ -246,7 +244,8 @@ def decode_tensor(value: Any, min_size: int | None = None) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as header:  # parses the header only
             fmt, mode, (w, h) = header.format, header.mode, header.size
         draft_would_shrink = bool(min_size) and min(w, h) >= 2 * min_size
-        if fmt == "JPEG" and mode in ("RGB", "L") and w * h <= MAX_PIXELS and not draft_would_shrink:
+        within_budget = w * h <= min(MAX_PIXELS, MAX_DECODE_PIXELS)  # else Pillow decodes it at reduced scale
+        if fmt == "JPEG" and mode in ("RGB", "L") and within_budget and not draft_would_shrink:
             try:
                 return decoder(data, mode="RGB")
             except RuntimeError:  # e.g. a truncated file: let Pillow decode it or say what is wrong
