@@ -289,7 +289,9 @@ def explain(
 @app.command(
     epilog="**Examples**\n\n"
     "derm-accel serve --model runs/effnet_b3/best --port 8000\n\n"
-    "curl --data-binary @lesion.jpg http://127.0.0.1:8000/predict",
+    "curl -F file=@lesion.jpg http://127.0.0.1:8000/predict\n\n"
+    "curl --data-binary @lesion.jpg http://127.0.0.1:8000/predict\n\n"
+    "derm-accel serve --model my-lab/effnet-b3-derm35 --cors-origin https://lab.example.org",
 )
 def serve(
     model: Annotated[str, typer.Option(help="Model folder (RUN/best) or Hub repo id ORG/NAME.")],
@@ -297,20 +299,20 @@ def serve(
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    top_k: Annotated[int, typer.Option(help="Classes per answer.")] = 3,
+    top_k: Annotated[int, typer.Option(help="Classes per answer (a request may ask ?top_k=N).")] = 3,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(help="Origin allowed to call the API from a browser (repeatable; '*' for any). Default: none."),
+    ] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body accepted (413 above it).")] = 32.0,
 ) -> None:
-    """Serve predictions over HTTP: POST image bytes to /predict, GET /health. For research tools, not clinics."""
-    from derm_accel.serve import make_server
+    """HTTP API (FastAPI): POST /predict (multipart `file` or raw bytes), POST /predict/batch, GET /health,
+    OpenAPI at /docs. Answers like `predict --json`. For research tools, not clinics."""
+    from derm_accel.serve import create_app, run
 
-    try:
-        server = make_server(model, host=host, port=port, top_k=top_k)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _fail(e)
-    typer.echo(f"serving {model} on http://{host}:{server.server_address[1]} (POST /predict, GET /health)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.server_close()
+    api = create_app(model, top_k=top_k, cors_origins=cors_origin or (), max_bytes=int(max_upload_mb * 2**20))
+    typer.echo(f"serving {model} on http://{host}:{port} (POST /predict, POST /predict/batch, GET /health, /docs)")
+    run(api, host=host, port=port)
 
 
 @app.command(

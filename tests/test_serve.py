@@ -1,86 +1,226 @@
-"""The HTTP server answers like predict(), refuses bad uploads with 4xx, and stays up afterwards."""
+"""The HTTP API answers like predict (multipart and raw bodies), refuses bad uploads with 4xx, bounds body
+size and slow clients, documents itself, and stays up under concurrent requests."""
 
 from __future__ import annotations
 
+import importlib
 import io
-import json
-import threading
-import urllib.error
-import urllib.request
+import socket
+import struct
+import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from derm_accel.data.synthetic import render
 from derm_accel.models import create_model, export_model
 from derm_accel.predict import predict
-from derm_accel.serve import make_server
+from derm_accel.serve import BackgroundServer, create_app
+from tests.conftest import DERM_SAMPLE
 
 LABELS = ["melanoma", "nevus", "psoriasis"]
+MAX_BYTES = 2 * 2**20
+BODY_TIMEOUT = 3.0
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    return export_model(create_model("test_resnet", 3), tmp_path_factory.mktemp("serve") / "best", LABELS)
+    net = create_model("test_resnet", 3)
+    net.pretrained_cfg = dict(net.pretrained_cfg, input_size=(3, 64, 64))  # fast on two cores
+    return export_model(net, tmp_path_factory.mktemp("serve") / "best", LABELS)
 
 
 @pytest.fixture(scope="module")
 def url(model_dir: Path) -> Iterator[str]:
-    server = make_server(str(model_dir), port=0, top_k=2)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    app = create_app(str(model_dir), top_k=2, max_bytes=MAX_BYTES, body_timeout=BODY_TIMEOUT)
+    server = BackgroundServer(app)
+    yield server.url
+    server.stop()
 
 
-def _post(url: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}/predict", data=body, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+@pytest.fixture(scope="module")
+def lesion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real dermoscopic JPEG when the shared sample is present, a generated one otherwise."""
+    if DERM_SAMPLE.is_dir():
+        return sorted(next(d for d in sorted(DERM_SAMPLE.iterdir()) if d.is_dir()).glob("*.jpg"))[0]
+    path = tmp_path_factory.mktemp("img") / "lesion.jpg"
+    render(1, 3, 96).save(path, quality=92)
+    return path
+
+
+def _expected(path: Path, model_dir: Path, top_k: int = 2) -> dict:
+    answer = predict(str(path), model=str(model_dir), top_k=top_k)[0]
+    answer.pop("path")
+    return answer
+
+
+def _same(answer: dict, expected: dict) -> None:
+    assert answer.keys() == expected.keys()
+    assert [t["label"] for t in answer["top_k"]] == [t["label"] for t in expected["top_k"]]
+    for got, want in zip(answer["top_k"], expected["top_k"], strict=True):
+        assert got["probability"] == pytest.approx(want["probability"], abs=1e-6)
+    assert answer["label"] == expected["label"]
+    assert {k: answer[k] for k in ("ood_score", "in_domain", "abstain", "reason")} == {
+        k: expected[k] for k in ("ood_score", "in_domain", "abstain", "reason")
+    }
 
 
 def test_health_lists_the_labels(url: str) -> None:
-    with urllib.request.urlopen(f"{url}/health", timeout=30) as response:
-        assert json.loads(response.read())["labels"] == LABELS
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["labels"] == LABELS and health["domain_guard"] is False
 
 
-def test_prediction_matches_predict(url: str, model_dir: Path, tmp_path: Path) -> None:
-    path = tmp_path / "lesion.jpg"
-    render(1, 3, 96).save(path, quality=92)
-    status, answer = _post(url, path.read_bytes())
-    expected = predict(str(path), model=str(model_dir), top_k=2)[0]
-    assert status == 200 and answer["label"] == expected["label"] and len(answer["top_k"]) == 2
-    assert answer["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+def test_multipart_and_raw_uploads_answer_like_predict(url: str, model_dir: Path, lesion: Path) -> None:
+    expected = _expected(lesion, model_dir)
+    multipart = httpx.post(f"{url}/predict", files={"file": (lesion.name, lesion.read_bytes(), "image/jpeg")})
+    raw = httpx.post(f"{url}/predict", content=lesion.read_bytes(), headers={"content-type": "image/jpeg"})
+    assert multipart.status_code == 200 and raw.status_code == 200
+    _same(multipart.json(), expected)
+    _same(raw.json(), expected)
+    three = httpx.post(f"{url}/predict?top_k=3", content=lesion.read_bytes()).json()
+    _same(three, _expected(lesion, model_dir, top_k=3))
 
 
-def test_bad_uploads_get_4xx_and_the_server_stays_up(url: str) -> None:
-    assert _post(url, b"definitely not a jpeg")[0] == 400
-    assert _post(url, b"")[0] == 400
-    buf = io.BytesIO()
-    render(0, 1, 64).save(buf, format="PNG")
-    assert _post(url, buf.getvalue())[0] == 200
+def test_batch_answers_each_file_in_order_and_reports_bad_ones(url: str, model_dir: Path, tmp_path: Path) -> None:
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"img{i}.jpg")
+        render(i, i, 80).save(paths[-1], quality=90)
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    files.insert(1, ("files", ("broken.jpg", b"not an image", "image/jpeg")))
+    response = httpx.post(f"{url}/predict/batch", files=files)
+    assert response.status_code == 200
+    answers = response.json()
+    assert [a["filename"] for a in answers] == ["img0.jpg", "broken.jpg", "img1.jpg", "img2.jpg"]
+    assert "broken.jpg" in answers[1]["error"] and "not a readable image" in answers[1]["error"]
+    for answer, path in zip([answers[0], *answers[2:]], paths, strict=True):
+        answer.pop("filename")
+        _same(answer, _expected(path, model_dir))
 
 
-def test_oversized_header_is_refused_before_decoding(url: str) -> None:
-    import struct
-    import zlib
+def test_fifty_concurrent_requests_are_all_answered(url: str, model_dir: Path, lesion: Path) -> None:
+    expected = _expected(lesion, model_dir)
+    body = lesion.read_bytes()
 
+    def one(i: int) -> httpx.Response:
+        if i % 2:
+            return httpx.post(f"{url}/predict", content=body, timeout=120)
+        return httpx.post(f"{url}/predict", files={"file": ("x.jpg", body)}, timeout=120)
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        responses = list(pool.map(one, range(50)))
+    assert [r.status_code for r in responses] == [200] * 50
+    for r in responses:
+        _same(r.json(), expected)
+
+
+def test_a_slow_client_does_not_block_the_others(url: str, lesion: Path) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as slow:
+        # Promise 1000 bytes, send 10, then stall.
+        slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"\xff\xd8" + b"0" * 8)
+        answers = [httpx.post(f"{url}/predict", content=lesion.read_bytes(), timeout=30) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200] * 3
+        reply = slow.recv(4096).decode()  # the stalled request is dropped after body_timeout, not held forever
+    assert reply.startswith("HTTP/1.1 408") and "sent nothing" in reply
+
+
+def _bomb() -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # claims 20000x20000 RGB
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
-    status, answer = _post(url, bomb)
-    assert status == 400 and "pixel" in answer["error"]
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_bad_uploads_get_4xx_with_a_message_and_the_server_stays_up(url: str) -> None:
+    cases = {
+        "garbage raw": httpx.post(f"{url}/predict", content=b"definitely not a jpeg"),
+        "garbage multipart": httpx.post(f"{url}/predict", files={"file": ("x.jpg", b"definitely not a jpeg")}),
+        "empty raw": httpx.post(f"{url}/predict", content=b""),
+        "empty multipart": httpx.post(f"{url}/predict", files={"file": ("x.jpg", b"")}),
+        "no file field": httpx.post(f"{url}/predict", files={"image": ("x.jpg", b"abc")}),
+        "bomb": httpx.post(f"{url}/predict", content=_bomb()),
+        "batch without files": httpx.post(f"{url}/predict/batch", data={"x": "1"}),
+        "top_k 0": httpx.post(f"{url}/predict?top_k=0", content=b"abc"),
+    }
+    statuses = {name: r.status_code for name, r in cases.items()}
+    assert statuses == {
+        "garbage raw": 400, "garbage multipart": 400, "empty raw": 400, "empty multipart": 400,
+        "no file field": 400, "bomb": 400, "batch without files": 422, "top_k 0": 422,
+    }
+    assert all(r.json()["error"] for r in cases.values())
+    assert "not a readable image" in cases["garbage raw"].json()["error"]
+    assert "empty" in cases["empty multipart"].json()["error"]
+    assert "'file'" in cases["no file field"].json()["error"]
+    assert "pixel" in cases["bomb"].json()["error"]
+    buf = io.BytesIO()
+    render(0, 1, 64).save(buf, format="PNG")
+    assert httpx.post(f"{url}/predict", content=buf.getvalue()).status_code == 200
+
+
+def test_oversized_bodies_get_413_declared_or_streamed(url: str) -> None:
+    big = b"\xff\xd8" + b"0" * MAX_BYTES
+    declared = httpx.post(f"{url}/predict", content=big)
+    multipart = httpx.post(f"{url}/predict/batch", files=[("files", ("a.jpg", big[: MAX_BYTES // 2 + 1]))] * 2)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit holds while the body streams in
+        for start in range(0, len(big), 2**16):
+            yield big[start : start + 2**16]
+
+    streamed = httpx.post(f"{url}/predict", content=chunks())
+    for response in (declared, multipart, streamed):
+        assert response.status_code == 413 and "limit" in response.json()["error"]
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_failing_forward_pass_answers_500_and_the_server_keeps_serving(
+    model_dir: Path, lesion: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    predict_module = importlib.import_module("derm_accel.predict")  # the package exports a function of that name
+    real, calls = predict_module.classify_batch, []
+
+    def out_of_memory_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "classify_batch", out_of_memory_once)
+    client = TestClient(create_app(str(model_dir)))
+    failed = client.post("/predict", content=lesion.read_bytes())
+    assert failed.status_code == 500 and "out of memory" in failed.json()["error"]
+    assert client.post("/predict", content=lesion.read_bytes()).status_code == 200
+
+
+def test_schema_lists_the_endpoints_and_both_body_kinds(model_dir: Path) -> None:
+    client = TestClient(create_app(str(model_dir)))
+    schema = client.get("/openapi.json").json()
+    assert {"/predict", "/predict/batch", "/health"} <= set(schema["paths"])
+    bodies = schema["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/octet-stream"} <= set(bodies)
+    assert "multipart/form-data" in schema["paths"]["/predict/batch"]["post"]["requestBody"]["content"]
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "openapi.json" in docs.text
+
+
+def test_cors_is_off_by_default_and_configurable(model_dir: Path) -> None:
+    preflight = {"Origin": "https://lab.example", "Access-Control-Request-Method": "POST"}
+    closed = TestClient(create_app(str(model_dir))).options("/predict", headers=preflight)
+    assert "access-control-allow-origin" not in closed.headers
+    opened = TestClient(create_app(str(model_dir), cors_origins=["https://lab.example"]))
+    allowed = opened.options("/predict", headers=preflight)
+    assert allowed.headers["access-control-allow-origin"] == "https://lab.example"
+    other = opened.options("/predict", headers={**preflight, "Origin": "https://elsewhere.example"})
+    assert "access-control-allow-origin" not in other.headers
 
 
 def test_top_k_must_be_positive(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="top_k"):
-        make_server(str(model_dir), port=0, top_k=0)
+        create_app(str(model_dir), top_k=0)
