@@ -18,17 +18,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from derm_accel.errors import InputError
+
 if TYPE_CHECKING:
     import torch
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 MODEL_CACHE_SIZE = 4
+BACKENDS = ("torch", "onnxruntime")
 
 _cache: OrderedDict[tuple[str, str, float], tuple[Any, list[str], Any]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-class NonFiniteOutputError(ValueError):
+class NonFiniteOutputError(InputError):
     """The model's outputs hold NaN or inf: nothing trustworthy can be reported."""
 
 
@@ -40,20 +43,26 @@ def predict(
     batch_size: int = 32,
     device: str | None = None,
     guard: bool = True,
+    backend: str = "torch",
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Classify image files and folders (searched recursively); one result dict per image, in input order.
 
     ``model`` is a model folder (RUN/best), a Hub repo id ``ORG/NAME`` (or ``hf-hub:ORG/NAME@REV``), or an
-    already loaded timm model. Each result is ``{"path", "label", "probability", "top_k": [{"label",
-    "probability"}, ...]}``, or ``{"path", "error"}`` for a file that is missing or not a readable image.
+    already loaded timm model; with ``backend="onnxruntime"`` it is a folder written by ``derm-accel export
+    --format onnx`` (CPU, no domain guard). Each result is ``{"path", "label", "probability", "top_k":
+    [{"label", "probability"}, ...]}``, or ``{"path", "error"}`` for a file that is missing or not a readable
+    image. ``progress`` shows a progress bar over the images (on stderr).
     """
 
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    device = device or default_device()
-    prepared = prepared_model(model, device)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = "cpu" if backend == "onnxruntime" else device or default_device()
+    prepared = prepared_model(model, device, backend=backend)
     transform, min_size = prepared.transform, prepared.min_size
     k = min(top_k, len(prepared.labels))
 
@@ -68,10 +77,14 @@ def predict(
         except Exception as e:  # any decoder failure is a per-file error, never the end of the call
             return i, path, None, _image_error(path, e)
 
+    from tqdm.auto import tqdm
+
     workers = min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress or None, leave=False)
+    with ThreadPoolExecutor(max_workers=workers) as pool, bar:
         for start in range(0, len(todo), batch_size):
             loaded = list(pool.map(load, todo[start : start + batch_size]))
+            bar.update(len(loaded))
             good = [(i, path, x) for i, path, x, err in loaded if err is None]
             for i, path, _, err in loaded:
                 if err is not None:
@@ -94,7 +107,7 @@ class PreparedModel(NamedTuple):
     guard: Any = None  # DomainGuard, or None when the model folder has none
 
 
-def prepared_model(model: Any, device: str) -> PreparedModel:
+def prepared_model(model: Any, device: str, *, backend: str = "torch") -> PreparedModel:
     """The model, its label names, eval transform, draft-decode size and domain guard (None if it has none).
 
     Decoding at the smallest JPEG DCT scale that still covers the resize before the centre crop keeps every
@@ -103,7 +116,13 @@ def prepared_model(model: Any, device: str) -> PreparedModel:
     from derm_accel.data.transforms import decode_size, eval_transform
     from derm_accel.models import data_config
 
-    net, labels, guard = cached_model(model, device)
+    if backend == "onnxruntime":
+        from derm_accel.onnx_export import OnnxClassifier
+
+        net = OnnxClassifier(os.fspath(model))
+        labels, guard = net.labels, None
+    else:
+        net, labels, guard = cached_model(model, device)
     cfg = data_config(net)
     min_size = decode_size(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct"))
     return PreparedModel(net, labels, eval_transform(cfg), min_size, guard)
@@ -142,6 +161,7 @@ def classify_batch(
             result.update(ood_score=None, in_domain=None, abstain=False, reason="domain guard turned off")
         else:
             result.update(verdict(None, None, top[0]["probability"]))
+            result["reason"] = getattr(prepared.net, "guard_note", result["reason"])
         results.append(result)
     return results
 

@@ -1,0 +1,69 @@
+"""ONNX export: a dynamic-batch graph plus a preprocessing sidecar, and predict on ONNX Runtime that agrees with
+PyTorch on real dermoscopic images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime", reason="ONNX export needs the onnx extra: pip install 'derm-accel[onnx]'")
+
+from derm_accel.onnx_export import ONNX_NAME, SIDECAR_NAME, export_onnx
+from tests.conftest import DERM_SAMPLE, needs_derm_sample
+from tests.hub_fixtures import LABELS, write_model_dir
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    model_dir = write_model_dir(tmp_path_factory.mktemp("run"))
+    return model_dir, export_onnx(model_dir, tmp_path_factory.mktemp("onnx") / "model-onnx")
+
+
+def test_export_writes_a_dynamic_batch_graph_and_its_sidecar(exported: tuple[Path, Path]) -> None:
+    import onnxruntime as ort
+
+    model_dir, out = exported
+    meta = json.loads((out / SIDECAR_NAME).read_text())
+    config = json.loads((model_dir / "config.json").read_text())["pretrained_cfg"]
+    assert meta["label_names"] == LABELS
+    assert meta["opset"] >= 17
+    assert meta["parity"]["max_abs_probability_diff"] <= 1e-4
+    for key in ("input_size", "interpolation", "crop_pct", "mean", "std"):
+        assert meta["preprocessing"][key] == config[key]
+    session = ort.InferenceSession(str(out / ONNX_NAME), providers=["CPUExecutionProvider"])
+    (graph_input,) = session.get_inputs()
+    assert graph_input.name == "pixel_values" and isinstance(graph_input.shape[0], str)  # a symbolic batch
+    for batch in (1, 5):
+        (logits,) = session.run(None, {"pixel_values": np.zeros((batch, *config["input_size"]), np.float32)})
+        assert logits.shape == (batch, len(LABELS))
+
+
+@needs_derm_sample
+def test_onnxruntime_predict_matches_pytorch_on_real_images(exported: tuple[Path, Path]) -> None:
+    from derm_accel import predict
+
+    model_dir, out = exported
+    images = [sorted(folder.glob("*.jpg"))[0] for folder in sorted(DERM_SAMPLE.iterdir()) if folder.is_dir()]
+    paths = [str(p) for p in images]
+    torch_results = predict(paths, model=str(model_dir), top_k=len(LABELS), device="cpu", guard=False)
+    onnx_results = predict(paths, model=str(out), top_k=len(LABELS), backend="onnxruntime")
+    assert len(onnx_results) == len(images) >= 5
+    for t, o in zip(torch_results, onnx_results, strict=True):
+        assert o["label"] == t["label"]
+        p_torch = {e["label"]: e["probability"] for e in t["top_k"]}
+        p_onnx = {e["label"]: e["probability"] for e in o["top_k"]}
+        assert max(abs(p_torch[k] - p_onnx[k]) for k in LABELS) <= 1e-4
+        assert o["in_domain"] is None and "ONNX" in o["reason"]  # no guard, and it says so
+
+
+def test_onnx_backend_needs_an_onnx_export(exported: tuple[Path, Path]) -> None:
+    from derm_accel import predict
+
+    model_dir, _ = exported
+    with pytest.raises(FileNotFoundError, match="derm-accel export"):
+        predict([str(model_dir / "config.json")], model=str(model_dir), backend="onnxruntime")
+    with pytest.raises(ValueError, match="backend"):
+        predict([str(model_dir / "config.json")], model=str(model_dir), backend="tensorrt")
