@@ -5,19 +5,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(
-    name="derm-accel",
-    help="Train, evaluate and publish skin-disease image classifiers: class folders -> Arrow dataset -> "
-    "timm model -> report -> Hugging Face Hub.",
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode="markdown",
-    pretty_exceptions_show_locals=False,
-)
+from derm_accel.errors import exit_code
 
 
 def _is_main_process() -> bool:
@@ -32,9 +26,34 @@ def _key_value(item: str) -> tuple[str, str]:
     return key, value
 
 
-def _fail(error: Exception) -> None:
-    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+class _Commands(TyperGroup):
+    """Reports the errors a stage raises for the user (see :func:`derm_accel.errors.exit_code`) in one place:
+    ``error: MESSAGE`` on stderr and exit code 2 for a usage error, 1 for a failure while running. Any other
+    exception is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:
+            code = exit_code(e)
+            if code is None:
+                raise
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=code) from None
+
+
+app = typer.Typer(
+    name="derm-accel",
+    help="Train, evaluate and publish skin-disease image classifiers: class folders -> Arrow dataset -> "
+    "timm model -> report -> Hugging Face Hub.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    pretty_exceptions_show_locals=False,
+    cls=_Commands,
+)
 
 
 @app.command(
@@ -111,23 +130,20 @@ def convert(
     from derm_accel.data.convert import convert_folders
     from derm_accel.data.metadata import metadata_spec
 
-    try:
-        if not metadata and (preset or image_column or label_column or group_column):
-            raise ValueError("--preset, --image-column, --label-column and --group-column need --metadata FILE.")
-        spec = None
-        if metadata:
-            spec = metadata_spec(
-                metadata, preset=preset, image_column=image_column, label_column=label_column,
-                group_columns=group_column,
-            )
-        report = convert_folders(
-            src, out, class_map=class_map, val_frac=val_frac, test_frac=test_frac, seed=seed, max_size=max_size,
-            quality=quality, near_threshold=near_threshold, conflicts=conflicts, num_proc=num_proc,
-            overwrite=overwrite, license=license, push_to_hub=push_to_hub, metadata=spec, eval_only=eval_only,
-            drop_empty_classes=drop_empty_classes, follow_external_links=follow_external_links,
+    if not metadata and (preset or image_column or label_column or group_column):
+        raise ValueError("--preset, --image-column, --label-column and --group-column need --metadata FILE.")
+    spec = None
+    if metadata:
+        spec = metadata_spec(
+            metadata, preset=preset, image_column=image_column, label_column=label_column,
+            group_columns=group_column,
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        _fail(e)
+    report = convert_folders(
+        src, out, class_map=class_map, val_frac=val_frac, test_frac=test_frac, seed=seed, max_size=max_size,
+        quality=quality, near_threshold=near_threshold, conflicts=conflicts, num_proc=num_proc,
+        overwrite=overwrite, license=license, push_to_hub=push_to_hub, metadata=spec, eval_only=eval_only,
+        drop_empty_classes=drop_empty_classes, follow_external_links=follow_external_links,
+    )
     typer.echo(
         f"wrote {report.get('rows_total')} images to {out} "
         f"({len(report.get('skipped', []))} files skipped; see {out}/conversion_report.json)"
@@ -149,13 +165,9 @@ def train(
     resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint folder to resume from.")] = None,
 ) -> None:
     """Train a timm classifier with a plain PyTorch loop driven by Accelerate (CPU, one GPU, or DDP)."""
-    from derm_accel.train import NonFiniteLossError
     from derm_accel.train import train as run_training
 
-    try:
-        run_dir = run_training(recipe, overrides=set_ or [], resume=resume)
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
-        _fail(e)
+    run_dir = run_training(recipe, overrides=set_ or [], resume=resume)
     if _is_main_process():
         typer.echo(f"run folder: {run_dir}\nbest model: {Path(run_dir) / 'best'}")
 
@@ -164,6 +176,8 @@ def train(
     epilog="**Examples**\n\n"
     "derm-accel evaluate --model runs/effnet_b3/best --data data/derm --split test --out reports/effnet_b3\n\n"
     "derm-accel evaluate --model ORG/NAME --data data/derm --tta flip --calibrate\n\n"
+    "derm-accel evaluate --model runs/x/best --data data/pad-ufes --label-map pad_to_model.yaml "
+    "--subgroups fitspatrick,age\n\n"
     "accelerate launch --config_file accelerate_configs/4xa100.yaml -m derm_accel evaluate --model runs/x/best "
     "--data data/derm",
 )
@@ -176,17 +190,38 @@ def evaluate(
     num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 2,
     tta: Annotated[str | None, typer.Option(help="Test-time augmentation: flip.")] = None,
     calibrate: Annotated[bool, typer.Option(help="Fit temperature scaling on the validation split.")] = False,
+    label_map: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML/JSON mapping the dataset's class names onto the model's (external validation); classes "
+            "the model does not know are reported apart, not scored."
+        ),
+    ] = None,
+    subgroups: Annotated[
+        str | None,
+        typer.Option(
+            help="Dataset columns to break the metrics down by, e.g. 'fitzpatrick_scale,age,sex' "
+            "(COL:decade|fitzpatrick|quartile|value sets the binning)."
+        ),
+    ] = None,
+    ood: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Out-of-domain images (a folder, or a converted dataset) to score the domain guard against; "
+            "repeatable."
+        ),
+    ] = None,
 ) -> None:
-    """Evaluate a model: accuracy, macro-F1, per-class metrics, ROC-AUC, calibration, plots and a report."""
+    """Evaluate a model: accuracy, macro-F1, per-class metrics, ROC-AUC, calibration, plots and a report.
+
+    With a domain guard in the model (or `--ood`), the report also covers out-of-domain inputs and abstention.
+    """
     from derm_accel.evaluation.run import evaluate_model
 
-    try:
-        metrics = evaluate_model(
-            model, data, split=split, out_dir=out, batch_size=batch_size, num_workers=num_workers, tta=tta,
-            calibrate=calibrate,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+    metrics = evaluate_model(
+        model, data, split=split, out_dir=out, batch_size=batch_size, num_workers=num_workers, tta=tta,
+        calibrate=calibrate, ood=[str(p) for p in ood or []], label_map=label_map, subgroups=subgroups,
+    )
     if metrics and _is_main_process():
         typer.echo(
             f"{split}: accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
@@ -216,13 +251,10 @@ def push(
     """Publish weights (safetensors), a timm config.json, the evaluation and a model card to the Hub."""
     from derm_accel.hub import push_model
 
-    try:
-        where = push_model(
-            model_dir, repo_id, report_dir=report, private=private, revision=revision,
-            commit_message=commit_message, token=token, dry_run=dry_run, out=out, license=license,
-        )
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        _fail(e)
+    where = push_model(
+        model_dir, repo_id, report_dir=report, private=private, revision=revision,
+        commit_message=commit_message, token=token, dry_run=dry_run, out=out, license=license,
+    )
     typer.echo(f"{'staged' if dry_run else 'pushed'}: {where}")
 
 
@@ -237,14 +269,20 @@ def predict(
     top_k: Annotated[int, typer.Option(help="How many classes to list per image.")] = 3,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
+    guard: Annotated[
+        bool, typer.Option("--guard/--no-guard", help="Check each image against the model's domain guard.")
+    ] = True,
 ) -> None:
-    """Predict the class of images with a local or Hub model. Unreadable files get a per-file error."""
+    """Predict the class of images with a local or Hub model. Unreadable files get a per-file error.
+
+    Models trained by derm-accel carry a domain guard: every result says whether the image looks like the
+    training data (`in_domain`, `ood_score`) and whether to trust the answer (`abstain`, `reason`).
+    """
     from derm_accel.predict import predict as run_predict
 
-    try:
-        results = run_predict([str(p) for p in images], model=model, top_k=top_k, batch_size=batch_size)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+    results = run_predict(
+        [str(p) for p in images], model=model, top_k=top_k, batch_size=batch_size, guard=guard
+    )
     failed = 0
     for r in results:
         if as_json:
@@ -253,10 +291,56 @@ def predict(
             typer.echo(f"{r['path']}\tERROR\t{r['error']}")
         else:
             others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"][1:])
-            typer.echo(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}\t{others}")
+            answer = "ABSTAIN" if r.get("abstain") else "answer"
+            typer.echo(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}\t{answer}\t{others}")
+        if r.get("in_domain") is False:
+            typer.secho(f"warning: {r['path']}: {r['reason']}", fg=typer.colors.YELLOW, err=True)
         failed += "error" in r
+    if guard and results and all(r.get("in_domain") is None for r in results if "error" not in r):
+        typer.echo("note: this model has no domain guard; fit one with `derm-accel guard MODEL --data DATA`", err=True)
     if failed:
         raise typer.Exit(code=1)
+
+
+@app.command(
+    epilog="**Examples**\n\n"
+    "derm-accel guard runs/effnet_b3/best --data data/derm35\n\n"
+    "derm-accel guard RUN/best --data DATA --in-domain-share 0.97 --target-error 0.05",
+)
+def guard(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder (RUN/best) to fit the guard for.")],
+    data: Annotated[Path, typer.Option(help="The converted dataset the model was trained on.")],
+    train_split: Annotated[str, typer.Option(help="Split whose features the guard models.")] = "train",
+    val_split: Annotated[str, typer.Option(help="Split that sets the confidence threshold.")] = "validation",
+    in_domain_share: Annotated[
+        float, typer.Option(help="Share of held-out in-domain images the ood_score threshold lets pass.")
+    ] = 0.95,
+    target_error: Annotated[
+        float, typer.Option(help="Error rate allowed among answered validation images (abstention).")
+    ] = 0.10,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+) -> None:
+    """Fit (or refit) the domain guard and abstention threshold of a trained model.
+
+    Writes `domain_guard.safetensors` into the model folder and its settings into `config.json` under
+    `derm_accel`; plain timm ignores both. `train` does this itself when it ends.
+    """
+    from derm_accel.guard.fit import fit_model_guard
+
+    config = fit_model_guard(
+        model_dir, data, train_split=train_split, val_split=val_split, in_domain_share=in_domain_share,
+        target_error=target_error, batch_size=batch_size,
+    )
+    g, sel = config["domain_guard"], config["selective_prediction"]
+    typer.echo(
+        f"domain guard: ood_score threshold {g['threshold']:.2f} ({g['in_domain_share']:.0%} of "
+        f"{g['threshold_images']} held-out in-domain images pass)"
+    )
+    met = "" if sel["target_met"] else f" (target {sel['target_error']:.0%} not reachable: lowest error kept)"
+    typer.echo(
+        f"abstention: answer when top-1 probability >= {sel['confidence_threshold']:.3f}: "
+        f"{sel['validation_coverage']:.0%} of validation images answered, error {sel['validation_risk']:.1%}{met}"
+    )
 
 
 @app.command(
@@ -273,10 +357,7 @@ def explain(
     """Grad-CAM heatmaps: which part of each image drove the prediction (lesion, or ruler and ink?)."""
     from derm_accel.explain import explain as run_explain
 
-    try:
-        results = run_explain([str(p) for p in images], model, out_dir=out, target=target)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+    results = run_explain([str(p) for p in images], model, out_dir=out, target=target)
     for r in results:
         if "error" in r:
             typer.echo(f"{r['path']}\tERROR\t{r['error']}")
@@ -335,10 +416,7 @@ def quickstart(
     """Run the whole pipeline on a small sample: convert, train, evaluate, push (dry run), predict."""
     from derm_accel.quickstart import run_quickstart
 
-    try:
-        summary = run_quickstart(workdir, data=data, model=model, pretrained_file=pretrained_file, epochs=epochs)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+    summary = run_quickstart(workdir, data=data, model=model, pretrained_file=pretrained_file, epochs=epochs)
     typer.echo(summary["text"])
 
 
@@ -360,11 +438,8 @@ def bench(
     """Measure the input pipeline, training steps or inference, side by side, and record the figures."""
     from derm_accel.bench import run_bench
 
-    try:
-        opts = dict(_key_value(o) for o in option or [])
-        results = run_bench(kind, out=out, update_docs=update_docs, **opts)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+    opts = dict(_key_value(o) for o in option or [])
+    results = run_bench(kind, out=out, update_docs=update_docs, **opts)
     typer.echo(json.dumps(results.get("summary", results), indent=2, default=str))
 
 

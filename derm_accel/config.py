@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from derm_accel.data.transforms import AugmentConfig
+from derm_accel.errors import InputError
 
 BALANCE_MODES = ("none", "weighted_loss", "sampler")
 MIXED_PRECISION = (None, "no", "fp16", "bf16")
@@ -26,7 +27,7 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "constant")
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe key is unknown, has the wrong type, or holds an impossible value."""
 
 
@@ -86,11 +87,19 @@ class TrainConfig:
 
 
 @dataclass
+class GuardConfig:
+    enabled: bool = True  # fit a domain guard on the training split when training ends
+    in_domain_share: float = 0.95  # share of held-out in-domain images the ood_score threshold lets pass
+    target_error: float = 0.10  # selective prediction: error rate allowed among answered validation images
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     output_dir: str = "runs/effnet_b3"
     license: str | None = None  # license of the trained weights, recorded for the model card
 
@@ -251,6 +260,12 @@ def validate(recipe: Recipe) -> None:
     need(0 <= m.drop_rate < 1, f"model.drop_rate must be in [0, 1), got {m.drop_rate}")
     need(0 <= m.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
     need(bool(d.path), "data.path is empty; point it at a dataset written by `derm-accel convert`")
+    g = recipe.guard
+    need(
+        0.5 <= g.in_domain_share < 1,
+        f"guard.in_domain_share is the share of in-domain images that pass, in [0.5, 1); got {g.in_domain_share}",
+    )
+    need(0 < g.target_error < 1, f"guard.target_error is an error rate in (0, 1), got {g.target_error}")
     need(d.batch_size >= 1, f"data.batch_size must be at least 1, got {d.batch_size}")
     need(d.num_workers >= 0, f"data.num_workers must be 0 or more, got {d.num_workers}")
     need(d.prefetch_factor >= 1, f"data.prefetch_factor must be at least 1, got {d.prefetch_factor}")

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from derm_accel.errors import RunError
 from derm_accel.model_card import build_model_card
 from derm_accel.paths import temp_prefix
 
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MODEL_FILES = ("model.safetensors", "config.json")
-RUN_FILES = ("recipe.yaml", "training_info.json", "val_metrics.json")
+RUN_FILES = ("recipe.yaml", "training_info.json", "val_metrics.json", "domain_guard.safetensors")
 REPORT_SUFFIXES = (".json", ".csv", ".png", ".md")
 EVAL_DIR = "eval"
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -38,7 +39,7 @@ RETRY_ATTEMPTS = 4
 RETRY_BASE_DELAY_S = 2.0
 
 
-class PushError(RuntimeError):
+class PushError(RunError):
     """The push failed; the message says why and what to do. Local files are never touched."""
 
 
@@ -65,6 +66,9 @@ def stage_upload(
     from derm_accel.models import check_model_folder  # torch and timm only when a push is staged
 
     check_model_folder(model_dir)  # config and weights agree, weights finite: it loads for everyone
+    from derm_accel.guard.model import read_guard
+
+    read_guard(model_dir)  # a damaged guard file or settings fail here, naming the file, before any upload
     if report_dir is not None and not (Path(report_dir) / "metrics.json").is_file():
         raise FileNotFoundError(
             f"{Path(report_dir) / 'metrics.json'} not found; pass the folder `derm-accel evaluate` wrote."

@@ -17,6 +17,9 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from derm_accel.errors import InputError
+from derm_accel.evaluation.subgroups import model_card_section as subgroup_card_section
+
 CARD_TAGS = ["dermatology", "medical", "timm", "image-classification", "derm-accel"]
 
 # License ids the Hub knows (https://huggingface.co/docs/hub/repositories-licenses), the common ones.
@@ -46,7 +49,7 @@ REQUIRED_CONFIG_KEYS = ("architecture", "num_classes", "num_features", "label_na
 REQUIRED_PRETRAINED_CFG_KEYS = ("input_size", "crop_pct", "interpolation", "mean", "std", "label_names")
 
 
-class MissingLicenseError(ValueError):
+class MissingLicenseError(InputError):
     """No license is known for the weights; the user has to state one."""
 
 
@@ -372,6 +375,36 @@ def _stage_lines(stage: Mapping[str, Any], before_name: str, after_name: str) ->
     return lines
 
 
+def _section_out_of_domain(config: Mapping[str, Any], metrics: Mapping[str, Any], report_files: set[str]) -> str:
+    """What the model does with images unlike its training data: the guard, abstention and their figures."""
+    from derm_accel.evaluation.ood import render_ood_section
+
+    block = metrics.get("out_of_domain")
+    if isinstance(block, Mapping):
+        figure = "eval/risk_coverage.png" if "risk_coverage.png" in report_files else None
+        text = "\n".join(render_ood_section(dict(block), figure)).strip()
+    else:
+        guard = (config.get("derm_accel") or {}).get("domain_guard")
+        if guard:
+            text = (
+                "## Out-of-domain inputs and abstention\n\n"
+                f"This model ships a domain guard (`domain_guard.safetensors`): images whose `ood_score` exceeds "
+                f"{_fmt(guard.get('threshold'))} are flagged as unlike the training data "
+                f"({_fmt(guard.get('in_domain_share'))} of held-out in-domain images pass). No evaluation of it "
+                "was published with this model."
+            )
+        else:
+            text = (
+                "## Out-of-domain inputs and abstention\n\n"
+                "This model has no domain guard: it answers every image, including photos that are not skin "
+                "lesions, with one of its classes."
+            )
+    return text + (
+        "\n\nderm-accel's `predict`, `serve` and demo read the guard and say when an image should not be "
+        "answered (`in_domain`, `abstain`, `reason`); plain timm ignores the guard file and always answers."
+    )
+
+
 _LIMITATIONS = """## Limitations and bias
 
 - **Skin-tone coverage is unknown.** Public dermatology collections are dominated by light skin (Fitzpatrick
@@ -500,6 +533,8 @@ def build_model_card(
         _section_training_data(dataset, info, labels),
         _section_training(recipe, info),
         _section_evaluation(metrics, report_files),
+        *filter(None, [subgroup_card_section(metrics, report_files)]),
+        _section_out_of_domain(config, metrics, report_files),
         _LIMITATIONS,
         _section_how_to_use(repo_id, labels),
         _section_citation(repo_id, config["architecture"]),

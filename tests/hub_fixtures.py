@@ -16,8 +16,11 @@ LABELS = ["melanoma", "nevus", "basal_cell_carcinoma"]
 ARCH = "test_efficientnet"
 
 
-def write_model_dir(root: Path, *, license: str | None = "cc-by-nc-4.0", seed: int = 0) -> Path:
-    """RUN/best as train writes it: a tiny timm model in Hub layout + recipe, training info, val metrics."""
+def write_model_dir(
+    root: Path, *, license: str | None = "cc-by-nc-4.0", seed: int = 0, guard: bool = False
+) -> Path:
+    """RUN/best as train writes it: a tiny timm model in Hub layout + recipe, training info, val metrics;
+    with ``guard``, also a domain guard fitted on generated lesions (as train fits one on its training split)."""
     import torch
 
     from derm_accel.models import create_model, export_model
@@ -49,7 +52,7 @@ def write_model_dir(root: Path, *, license: str | None = "cc-by-nc-4.0", seed: i
         "dataset_class_names": LABELS,
         "derm_accel_version": "0.1.0",
     }
-    return export_model(
+    folder = export_model(
         model,
         root / "best",
         LABELS,
@@ -59,6 +62,30 @@ def write_model_dir(root: Path, *, license: str | None = "cc-by-nc-4.0", seed: i
             "val_metrics.json": json.dumps({"accuracy": 0.71, "macro_f1": 0.66}),
         },
     )
+    if guard:
+        fit_generated_guard(model, folder)
+    return folder
+
+
+def fit_generated_guard(model: Any, folder: Path, *, train: int = 60, val: int = 24) -> None:
+    """Fit and save a domain guard on generated lesion images (the classes of LABELS), like train does."""
+    import timm
+    import torch
+
+    from derm_accel.data.synthetic import render
+    from derm_accel.guard.fit import fit_guard, score_batches
+    from derm_accel.guard.model import save_guard
+
+    model = model.eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+
+    def scored(seeds: range) -> Any:
+        x = torch.stack([transform(render(s % len(LABELS), seed=s, size=96)) for s in seeds])
+        y = torch.tensor([s % len(LABELS) for s in seeds])
+        return score_batches(model, [(x, y)], "cpu")
+
+    fitted, _ = fit_guard(scored(range(train)), scored(range(train, train + val)))
+    save_guard(fitted, folder)
 
 
 def write_report_dir(root: Path) -> Path:

@@ -151,3 +151,24 @@ def plot_examples(
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     return _save(fig, path)
+
+
+def plot_risk_coverage(
+    confidence: np.ndarray, correct: np.ndarray, path: str | os.PathLike, block: dict | None = None
+) -> Path:
+    """Error among answered images vs share answered (most confident first), with the model's operating point."""
+    from derm_accel.evaluation.ood import risk_coverage
+
+    curve = risk_coverage(np.asarray(confidence), np.asarray(correct))
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.add_subplot()
+    ax.plot(curve["coverage"], curve["risk"], label=f"model (AURC {curve['aurc']:.3f})")
+    ax.axhline(1 - float(np.mean(correct)), color="grey", linestyle=":", label="error when answering all")
+    guard = (block or {}).get("guard") or {}
+    if guard.get("error_among_answered") is not None:
+        ax.scatter([guard["answered"]], [guard["error_among_answered"]], color="crimson", zorder=3,
+                   label="with the guard and abstention threshold")
+    ax.set(xlabel="coverage (share of images answered)", ylabel="risk (error among answered)",
+           xlim=(0, 1), ylim=(0, 1), title="Risk-coverage")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)

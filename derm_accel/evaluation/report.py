@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from .label_map import report_lines as external_report_lines
+from .subgroups import report_lines as subgroup_report_lines
+
 PREDICTION_COLUMNS = ("index", "source_path", "true_label", "predicted_label")
 SUMMARY_KEYS = (
     "accuracy",
@@ -85,21 +88,28 @@ def write_predictions_csv(
     labels: np.ndarray,
     probabilities: np.ndarray,
     label_names: Sequence[str],
+    extra: dict[str, Sequence[Any]] | None = None,
 ) -> Path:
-    """One row per sample in split order; float32 probabilities (written losslessly) under each class name."""
+    """One row per sample in split order; float32 probabilities (written losslessly) under each class name;
+    ``extra`` columns (e.g. subgroup values) after them."""
+    extra = extra or {}
     clash = sorted(set(PREDICTION_COLUMNS) & set(label_names))
     if clash:
         raise ValueError(f"class names {clash} clash with predictions.csv columns {list(PREDICTION_COLUMNS)}")
+    clash = sorted(set(extra) & {*PREDICTION_COLUMNS, *label_names})
+    if clash:
+        raise ValueError(f"subgroup columns {clash} clash with predictions.csv columns or class names")
     probabilities = np.asarray(probabilities, dtype=np.float32)
     predicted = probabilities.argmax(axis=1)
     path = Path(path)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow((*PREDICTION_COLUMNS, *label_names))
+        writer.writerow((*PREDICTION_COLUMNS, *label_names, *extra))
         for i, (src, y, p, row) in enumerate(
             zip(source_paths, labels, predicted, probabilities, strict=True)
         ):
-            writer.writerow((i, src, label_names[int(y)], label_names[int(p)], *(f"{v:.9g}" for v in row)))
+            cells = (f"{v:.9g}" for v in row)
+            writer.writerow((i, src, label_names[int(y)], label_names[int(p)], *cells, *(c[i] for c in extra.values())))
     return path
 
 
@@ -219,10 +229,15 @@ def render_report(metrics: dict[str, Any], files: dict[str, str]) -> str:
         f"- Its stated confidence differs from how often it is actually right by {_pct(metrics['ece'])} on "
         "average (expected calibration error; 0% would mean a stated 80% is right 80% of the time). The "
         "reliability diagram shows at which confidence levels it over- or under-states.",
-        "- This is a retrospective test on held-out images from the same collection the model was "
-        "trained on. "
-        "It does not show how the model performs on other cameras, clinics or skin tones, and it is not a "
-        "clinical validation.",
+        (
+            "- This is a retrospective test on held-out images from the same collection the model was "
+            "trained on. "
+            "It does not show how the model performs on other cameras, clinics or skin tones, and it is not a "
+            "clinical validation."
+            if not metrics.get("external_validation")
+            else "- This is an external validation on a collection the model was not trained on, scored on the "
+            "classes the model knows (see the class mapping below). It is retrospective, not a clinical validation."
+        ),
         "",
         "## Headline metrics",
         "",
@@ -317,6 +332,11 @@ def render_report(metrics: dict[str, Any], files: dict[str, str]) -> str:
     else:
         lines.append("- none")
     lines += ["", f"Full list: [{files['misclassifications']}]({files['misclassifications']}).", ""]
+    lines += external_report_lines(metrics) + subgroup_report_lines(metrics)
+    if metrics.get("out_of_domain"):
+        from derm_accel.evaluation.ood import render_ood_section
+
+        lines += render_ood_section(metrics["out_of_domain"], files.get("risk_coverage"))
     lines += [
         "## Figures",
         "",

@@ -26,11 +26,13 @@ from ..data.transforms import (
     with_transform,
 )
 from ..distributed import use_cpu_ranks_without_gpu
+from ..errors import InputError
 from ..models import data_config, load_model
 from ..paths import shareable_path
 from . import plots
 from .calibration import fit_temperature, negative_log_likelihood, tta_probabilities
 from .inference import predict_logits
+from .label_map import UNSCORED_FILE, External, apply_label_map, load_label_map, map_labels, resolve_label_map
 from .report import (
     render_report,
     summary,
@@ -39,6 +41,7 @@ from .report import (
     write_per_class_csv,
     write_predictions_csv,
 )
+from .subgroups import check_columns, evaluate_subgroups, parse_subgroups, write_subgroup_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +60,11 @@ FILES = {
     "misclassifications": "misclassifications.md",
     "examples": "misclassified_examples.png",
     "report": "report.md",
+    "risk_coverage": "risk_coverage.png",
 }
 
 
-class LabelMismatchError(ValueError):
+class LabelMismatchError(InputError):
     """The model's label names differ from the dataset's: scoring would silently misalign classes."""
 
 
@@ -108,7 +112,7 @@ def check_label_names(
             f"Label names of model {model} do not match the dataset {data} ({hint}).\n"
             f"  model: {list(model_labels)}\n  data:  {list(data_labels)}\n"
             "Evaluate the model on the dataset it was trained for (same class folders, converted the "
-            "same way)."
+            "same way), or map an external dataset's classes onto the model's with --label-map FILE."
         )
 
 
@@ -167,12 +171,17 @@ def evaluate_model(
     channels_last: bool = True,
     mixed_precision: str | None = None,
     max_thumbnails: int = 16,
+    label_map: str | os.PathLike | None = None,
+    subgroups: str | list[str] | None = None,
+    ood: list[str] | None = None,
 ) -> dict:
     """Evaluate ``model`` (RUN/best, a model folder or ORG/NAME) on ``data[split]``; return the metrics.
 
     ``tta="flip"`` averages the softmax over the original and flipped images; ``calibrate`` fits a
     temperature on the validation split. Both are reported before and after in metrics.json and report.md;
-    predictions.csv holds the final probabilities.
+    predictions.csv holds the final probabilities. ``label_map`` (YAML/JSON, dataset class -> model class)
+    scores an external dataset with other class names; images of classes the model does not know are reported
+    apart. ``subgroups`` ("age,sex") adds per-group metrics (subgroups.csv, plot, report section).
     """
     if calibrate and split == "validation":
         raise ValueError(
@@ -185,7 +194,11 @@ def evaluate_model(
     net, model_labels = load_model(model)
     dataset, raw_split = load_split(data, split)
     data_labels = list(raw_split.features[LABEL_COLUMN].names)
-    check_label_names(model_labels, data_labels, model, data)
+    mapping = resolve_label_map(load_label_map(label_map), data_labels, model_labels) if label_map else None
+    if mapping is None:
+        check_label_names(model_labels, data_labels, model, data)
+    subgroup_spec = parse_subgroups(subgroups)
+    check_columns(raw_split, subgroup_spec)
     if calibrate and "validation" not in dataset:
         raise ValueError(f"{data} has no 'validation' split to fit the temperature on; drop --calibrate.")
 
@@ -207,15 +220,23 @@ def evaluate_model(
     if calibrate:
         val_split = with_transform(dataset["validation"], transform, min_size=min_size, decode=decode)
         val = predict_logits(net, val_split, accelerator, **infer)
+    scored_split, external, label_names = raw_split, None, data_labels
+    if mapping is not None:  # external validation: known classes in the model's indices, the rest set apart
+        result, scored_split, external = apply_label_map(result, raw_split, mapping)
+        val, label_names = (map_labels(val, mapping) if val is not None else None), list(model_labels)
 
     metrics: dict[str, Any] | None = None
     if accelerator.is_main_process:
+        ood_block = out_of_domain_block(model, raw_split, ood or [], report_dir / FILES["risk_coverage"])
         metrics = _write_outputs(
+            ood_block=ood_block,
             model=model,
             data=data,
             split=split,
-            raw_split=raw_split,
-            label_names=data_labels,
+            raw_split=scored_split,
+            label_names=label_names,
+            external=external,
+            subgroups=subgroup_spec,
             logits=result.logits,
             labels=result.labels,
             views=result.views,
@@ -243,6 +264,9 @@ def _write_outputs(
     val: Any,
     out_dir: Path,
     max_thumbnails: int,
+    external: External | None = None,
+    subgroups: list[tuple[str, str]] | None = None,
+    ood_block: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     metric = load_metric()
@@ -291,6 +315,8 @@ def _write_outputs(
         **final_metrics,
         "tta": stages.get("tta"),
         "calibration": stages.get("calibration"),
+        "external_validation": external.summary(len(y), temperature) if external is not None else None,
+        "out_of_domain": ood_block,
         "predictions_file": FILES["predictions"],
         "predictions_note": "predictions.csv holds the final probabilities"
         + (" (after the options above)" if stages else ""),
@@ -301,7 +327,15 @@ def _write_outputs(
         if "source_path" in raw_split.column_names
         else [f"{split}[{i}]" for i in range(len(y))]
     )
-    write_predictions_csv(out_dir / FILES["predictions"], sources, y, final, label_names)
+    subgroup_columns = None
+    if subgroups:
+        metrics["subgroups"], subgroup_columns = evaluate_subgroups(
+            raw_split, subgroups, y, final, n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED
+        )
+        write_subgroup_outputs(metrics["subgroups"], out_dir)
+    if external is not None:
+        external.write(out_dir / UNSCORED_FILE, temperature)
+    write_predictions_csv(out_dir / FILES["predictions"], sources, y, final, label_names, extra=subgroup_columns)
     write_json(metrics, out_dir / FILES["metrics"])
     write_per_class_csv(metrics, out_dir / FILES["per_class"])
     plots.plot_confusion_matrix(metrics["confusion_matrix"], label_names, out_dir / FILES["confusion_matrix"])
@@ -320,3 +354,20 @@ def _write_outputs(
     (out_dir / FILES["report"]).write_text(render_report(metrics, FILES))
     logger.info("wrote the evaluation report to %s", out_dir)
     return metrics
+
+
+def out_of_domain_block(model: str, raw_split: Any, ood: list[str], plot_path: Path) -> dict[str, Any] | None:
+    """The guard's figures on the evaluated split and on each ``--ood`` set, with the risk-coverage plot.
+
+    Runs when ``--ood`` is given or the model carries a domain guard; None otherwise.
+    """
+    from derm_accel.evaluation.ood import evaluate_ood
+    from derm_accel.guard.model import load_guard
+    from derm_accel.models import resolve_model_source
+
+    if not ood and load_guard(resolve_model_source(model)) is None:
+        return None
+    block, curve = evaluate_ood(model, raw_split, ood)
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    plots.plot_risk_coverage(curve["confidence"], curve["correct"], plot_path, block)
+    return block
