@@ -19,12 +19,13 @@ from matplotlib import colormaps
 from PIL import Image
 
 from derm_accel.data.transforms import decode_image
+from derm_accel.errors import InputError
 from derm_accel.models import data_config
 from derm_accel.paths import fit_name
 from derm_accel.predict import default_device, expand_inputs, prepared_model
 
 
-class NotConvolutionalError(ValueError):
+class NotConvolutionalError(InputError):
     """Grad-CAM needs a convolutional feature map, and this model has none."""
 
 

@@ -22,13 +22,14 @@ from safetensors.torch import load_file
 from timm.data import DEFAULT_CROP_PCT, resolve_data_config
 from timm.models import save_for_hf
 
+from derm_accel.errors import InputError
 from derm_accel.paths import fit_name, temp_prefix
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-class PretrainedWeightsError(ValueError):
+class PretrainedWeightsError(InputError):
     """Raised when ImageNet weights do not fit the requested architecture."""
 
 

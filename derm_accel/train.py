@@ -44,6 +44,7 @@ from derm_accel.config import DataConfig, OptimConfig, Recipe, RecipeError, load
 from derm_accel.data import loaders
 from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, train_decode_size, train_transform
 from derm_accel.distributed import use_cpu_ranks_without_gpu
+from derm_accel.errors import RunError
 from derm_accel.models import create_model, data_config, export_model
 from derm_accel.paths import shareable_path
 from derm_accel.run_info import collect_run_info, device_name
@@ -53,7 +54,7 @@ BEST_DIR = "best"
 LOG_DIR = "logs"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     """The loss became NaN or infinite; the run stopped before the bad step touched the weights."""
 
 

@@ -62,12 +62,13 @@ from derm_accel.data.scan import ScanError, ScanResult, Skip, SourceFile, load_c
 from derm_accel.data.schema import dataset_features
 from derm_accel.data.split import SPLITS, stratified_group_split
 from derm_accel.data.tempdirs import make_temp_dir, remove_stale_temp_dirs
+from derm_accel.errors import InputError
 from derm_accel.paths import fit_name, shareable_path
 
 CARD_TITLE = "Skin disease images"
 
 
-class ConvertError(ValueError):
+class ConvertError(InputError):
     """The conversion cannot start as asked (missing SRC, existing OUT, no images, bad class map...)."""
 
 

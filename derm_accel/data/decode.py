@@ -19,6 +19,8 @@ import numpy as np
 import scipy.fftpack
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from derm_accel.errors import InputError
+
 # Pillow's own default; a header claiming more pixels is refused before any pixel is decoded.
 MAX_PIXELS = 89_478_485
 # The decode budget: at most this many pixels are ever decoded from one file (~120 MB as RGB). A larger JPEG
@@ -145,7 +147,7 @@ def target_size(width: int, height: int, max_size: int) -> tuple[int, int]:
     return max(1, round(width * max_size / height)), max_size
 
 
-class ImageTooLargeError(ValueError):
+class ImageTooLargeError(InputError):
     """The image has more pixels than may be decoded (header limit, or the decode budget)."""
 
 

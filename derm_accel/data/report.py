@@ -12,12 +12,13 @@ from typing import Any
 
 from derm_accel.data.scan import Skip
 from derm_accel.data.split import SPLITS
+from derm_accel.errors import RunError
 from derm_accel.paths import fit_name
 
 REPORT_NAME = "conversion_report.json"
 
 
-class AccountingError(RuntimeError):
+class AccountingError(RunError):
     """Rows and skips do not add up to the files found: a bug, never a user error."""
 
 

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import yaml
 
+from derm_accel.errors import InputError
+
 SPLIT_FOLDERS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
 SPLIT_ORDER = ("train", "validation", "test")
 
 
-class ScanError(ValueError):
+class ScanError(InputError):
     """SRC or the class map cannot be used as given."""
 
 
