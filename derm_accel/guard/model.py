@@ -18,12 +18,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from derm_accel.errors import InputError
+
 GUARD_FILE = "domain_guard.safetensors"
 CONFIG_KEY = "derm_accel"
 FORMAT_VERSION = 1
 
 
-class GuardError(ValueError):
+class GuardError(InputError):
     """A domain guard file is missing, damaged or does not match its model."""
 
 
