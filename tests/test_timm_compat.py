@@ -146,3 +146,14 @@ def test_model_card_names_base_model_and_dataset(tmp_path: Path) -> None:
     assert "local folder `efficientnet_lite0.in1k`, from https://example.org/w" in text
     meta, text = _card_meta(model_dir, {"base_model": None})
     assert "**Pretrained weights:** none (trained from scratch)" in text
+
+
+def test_a_missing_local_path_is_no_hub_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from derm_accel.models import resolve_model_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for source in ("./best", "../x/best", str(tmp_path / "nope"), "runs/best", "runs/exp1/best", "~/no-such-dir/"):
+        with pytest.raises(FileNotFoundError, match="No such model folder"):
+            resolve_model_source(source)
+    assert resolve_model_source("derm-lab/effnet") == "hf-hub:derm-lab/effnet"
