@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from timm.data import DEFAULT_CROP_PCT, resolve_data_config
 from timm.models import save_for_hf
 
 from derm_accel.errors import InputError
-from derm_accel.paths import fit_name, temp_prefix
+from derm_accel.fileio import staged_dir
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -190,8 +188,7 @@ def export_model(
         model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
     if len(label_names) != model.num_classes:
         raise ValueError(f"{len(label_names)} label names for a model with {model.num_classes} classes")
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir.name), dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         save_for_hf(
             model,
             tmp,
@@ -209,17 +206,6 @@ def export_model(
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as f:
                 f.write(content)
-        if out_dir.exists():
-            old = out_dir.with_name(fit_name(out_dir.name, ".old"))
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -243,11 +229,34 @@ def resolve_model_source(source: str) -> str:
                 f"{path} has no {CONFIG_NAME}; expected a model folder such as RUN/best written by `derm-accel train`."
             )
         return f"local-dir:{path.resolve()}"
+    if looks_like_path(source):
+        raise FileNotFoundError(
+            f"No such model folder: {source} ({_nearest_existing(path)} exists, the rest does not). Check the "
+            f"path; a Hub model is named ORG/NAME with no leading ./, ../, / or ~."
+        )
     if source.count("/") == 1 and not path.exists():
         return f"hf-hub:{source}"
     raise FileNotFoundError(
         f"Model '{source}' is neither a model folder nor a Hub repo id (ORG/NAME)."
     )
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether a model argument names a local path rather than a Hub id: it starts with ./, ../, / or ~, has
+    more than one separator, ends in one, uses the OS's own separator, or its first part is an existing folder
+    (``runs/best`` while ``runs/`` exists). Such an argument never becomes a Hub lookup."""
+    if source.startswith(("./", "../", "/", "~", ".\\", "..\\")) or source in (".", ".."):
+        return True
+    if source.count("/") > 1 or source.endswith("/") or (os.sep != "/" and os.sep in source):
+        return True
+    return "/" in source and Path(source.split("/", 1)[0]).is_dir()
+
+
+def _nearest_existing(path: Path) -> str:
+    parent = path.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    return str(parent)
 
 
 def ensure_hub_safetensors(hub_id: str) -> Path:
