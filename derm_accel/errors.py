@@ -25,6 +25,10 @@ class InputError(DermAccelError, ValueError):
     exit_code = USAGE
 
 
+class OutputExistsError(InputError, FileExistsError):
+    """An output path already holds files this command did not write; it never overwrites them."""
+
+
 class RunError(DermAccelError, RuntimeError):
     """A stage failed while running on valid input (the loss diverged, the Hub refused an upload)."""
 

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from derm_accel.errors import RunError
+from derm_accel.errors import OutputExistsError, RunError
+from derm_accel.fileio import staged_dir
 from derm_accel.model_card import build_model_card
-from derm_accel.paths import temp_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +78,11 @@ def stage_upload(
 
     out = Path(out)
     if out.exists() and not _is_previous_staging(out):
-        raise ValueError(  # not FileExistsError: the CLI reports ValueErrors as plain messages
+        raise OutputExistsError(
             f"{out} holds files that a push does not stage; choose a new folder for the staged upload."
         )
     # Stage beside ``out`` and swap it in at the end: ``out`` is never left half-written.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         for name in MODEL_FILES + RUN_FILES:
             if (model_dir / name).is_file():
                 _link_or_copy(model_dir / name, tmp / name, link)
@@ -94,12 +92,6 @@ def stage_upload(
                 if path.is_file() and path.suffix in REPORT_SUFFIXES and not path.name.startswith("."):
                     _link_or_copy(path, tmp / EVAL_DIR / path.name, link)
         card.save(tmp / "README.md")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -45,6 +45,7 @@ from derm_accel.data import loaders
 from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, train_decode_size, train_transform
 from derm_accel.distributed import use_cpu_ranks_without_gpu
 from derm_accel.errors import RunError
+from derm_accel.fileio import atomic_write_json
 from derm_accel.models import create_model, data_config, export_model
 from derm_accel.paths import shareable_path
 from derm_accel.run_info import collect_run_info, device_name
@@ -141,12 +142,6 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
     return out
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def published_recipe(recipe: Recipe) -> str:
@@ -431,7 +426,7 @@ def start_logging(run: Run, state: TrainState, *, resumed: bool) -> None:
     (run.run_dir / "recipe.yaml").write_text(run.recipe.to_yaml())
     run_info = collect_run_info(acc)
     run_info.update(label_names=run.label_names, data_config=run.data_cfg, updates_per_epoch=run.updates_per_epoch)
-    _write_json(run.run_dir / "run_info.json", json.loads(json.dumps(run_info, default=str)))
+    atomic_write_json(run.run_dir / "run_info.json", run_info, default=str)
     if resumed:  # steps logged after that checkpoint are run, and logged, again
         acc.get_tracker("jsonl").mark_resume(state.global_step, state.epoch)
 
@@ -656,6 +651,7 @@ def finish(run: Run, state: TrainState, stop: str | None) -> None:
         acc.print(stop_message(run, state, stop))
     best = run.run_dir / BEST_DIR
     if acc.is_main_process and best.is_dir() and state.batches_done == 0:
-        _write_json(best / "training_info.json", {**training_info(run, state), "stopped_early": stop == EARLY_STOPPING})
+        info = {**training_info(run, state), "stopped_early": stop == EARLY_STOPPING}
+        atomic_write_json(best / "training_info.json", info)
     acc.wait_for_everyone()
     acc.end_training()

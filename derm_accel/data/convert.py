@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import json
 import multiprocessing
 import os
 import shutil
@@ -63,7 +62,8 @@ from derm_accel.data.schema import dataset_features
 from derm_accel.data.split import SPLITS, stratified_group_split
 from derm_accel.data.tempdirs import make_temp_dir, remove_stale_temp_dirs
 from derm_accel.errors import InputError
-from derm_accel.paths import fit_name, shareable_path
+from derm_accel.fileio import atomic_write_json, replace_dir
+from derm_accel.paths import shareable_path
 
 CARD_TITLE = "Skin disease images"
 
@@ -187,20 +187,6 @@ def _quiet(enabled: bool) -> Iterator[None]:
     finally:
         if enabled and not was_disabled:
             enable_progress_bars()
-
-
-def _replace(tmp_out: Path, out: Path) -> None:
-    """Move the finished folder into place; an old OUT is only removed once the new one is there."""
-    if out.exists():
-        old = out.with_name(fit_name(f".{out.name}", f".old-{os.getpid()}"))
-        out.rename(old)
-        tmp_out.rename(out)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    else:
-        tmp_out.rename(out)
 
 
 def _skips(scan: ScanResult, failed: dict[int, Decoded], resolution: Any) -> list[Skip]:
@@ -422,11 +408,9 @@ def convert_folders(
             "skipped": [s.as_dict() for s in skipped],
             "elapsed_s": round(time.time() - started, 2),
         }
-        (final / REPORT_NAME).write_text(
-            json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+        atomic_write_json(final / REPORT_NAME, report)
         build_card(report, title=CARD_TITLE).save(final / "README.md")
-        _replace(final, out)
+        replace_dir(final, out)  # an old OUT is only removed once the new one is there
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -13,6 +12,7 @@ from typing import Any
 from derm_accel.data.scan import Skip
 from derm_accel.data.split import SPLITS
 from derm_accel.errors import RunError
+from derm_accel.fileio import atomic_write_json
 from derm_accel.paths import fit_name
 
 REPORT_NAME = "conversion_report.json"
@@ -90,7 +90,4 @@ def write_failure_report(out: Path, report: dict[str, Any]) -> Path:
     holds_dataset = out.is_dir() and any(out.iterdir()) and not is_failed_conversion(out)
     path = out.with_name(fit_name(out.name, ".failed-report.json")) if holds_dataset else out / REPORT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(fit_name(f".{path.name}", ".tmp"))
-    tmp.write_text(json.dumps({"status": "failed", **report}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, {"status": "failed", **report})

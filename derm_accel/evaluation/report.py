@@ -7,7 +7,6 @@ recompute every number in it, so a reviewer can audit the report without running
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,12 +61,6 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def write_json(data: dict[str, Any], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
 
 
 def write_per_class_csv(metrics: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -27,6 +27,7 @@ from ..data.transforms import (
 )
 from ..distributed import use_cpu_ranks_without_gpu
 from ..errors import InputError
+from ..fileio import atomic_write_json
 from ..models import data_config, load_model
 from ..paths import shareable_path
 from . import plots
@@ -36,7 +37,6 @@ from .label_map import UNSCORED_FILE, External, apply_label_map, load_label_map,
 from .report import (
     render_report,
     summary,
-    write_json,
     write_misclassifications_md,
     write_per_class_csv,
     write_predictions_csv,
@@ -336,7 +336,7 @@ def _write_outputs(
     if external is not None:
         external.write(out_dir / UNSCORED_FILE, temperature)
     write_predictions_csv(out_dir / FILES["predictions"], sources, y, final, label_names, extra=subgroup_columns)
-    write_json(metrics, out_dir / FILES["metrics"])
+    atomic_write_json(out_dir / FILES["metrics"], metrics)
     write_per_class_csv(metrics, out_dir / FILES["per_class"])
     plots.plot_confusion_matrix(metrics["confusion_matrix"], label_names, out_dir / FILES["confusion_matrix"])
     plots.plot_roc_curves(y, final, label_names, out_dir / FILES["roc_curves"])
