@@ -1,0 +1,462 @@
+"""Performance across subgroups (skin type, age, sex, body site, site of acquisition...).
+
+For each requested dataset column the test images are grouped (numbers binned: age by decade, Fitzpatrick
+type into I-II / III-IV / V-VI, other numbers into quartiles) and each group gets n, accuracy, balanced
+accuracy, macro-F1 and macro one-vs-rest ROC-AUC with percentile-bootstrap 95% intervals. Groups under
+``SMALL_GROUP`` images are flagged, never hidden; the worst-group gap compares groups of at least that size.
+predictions.csv carries each column's value and group, so every number can be recomputed with scikit-learn.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import rankdata
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+SMALL_GROUP = 30
+MISSING = "(missing)"
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
+KINDS = ("auto", "decade", "fitzpatrick", "quartile", "value")
+FITZPATRICK_BINS = ("I-II", "III-IV", "V-VI")
+FILES = {"csv": "subgroups.csv", "plot": "subgroups.png"}
+_ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5, "vi": 6}
+_CHUNK_ELEMENTS = 2_000_000
+
+
+def parse_subgroups(spec: str | Sequence[str] | None) -> list[tuple[str, str]]:
+    """``"age,fitzpatrick_scale:fitzpatrick"`` -> [("age", "auto"), ("fitzpatrick_scale", "fitzpatrick")]."""
+    if not spec:
+        return []
+    items = spec.split(",") if isinstance(spec, str) else [i for s in spec for i in s.split(",")]
+    out = []
+    for item in (i.strip() for i in items if i.strip()):
+        name, _, kind = item.partition(":")
+        kind = kind.strip().lower() or "auto"
+        if kind not in KINDS:
+            raise ValueError(f"--subgroups {item!r}: binning must be one of {', '.join(KINDS)}.")
+        out.append((name.strip(), kind))
+    return out
+
+
+# ---- grouping --------------------------------------------------------------------------------------------
+
+
+def _auto_kind(name: str, numeric: bool, distinct: int) -> str:
+    lowered = name.lower()
+    if re.search(r"fitz|fits?patrick|skin_?tone|skin_?type|\bfst\b", lowered):
+        return "fitzpatrick"
+    if numeric and re.search(r"(^|_)age(_|$)", lowered):
+        return "decade"
+    if numeric and distinct > 10:
+        return "quartile"
+    return "value"
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def fitzpatrick_bin(value: Any) -> str:
+    """1-6 (or I-VI, or DDI's 12/34/56) -> I-II, III-IV or V-VI; anything else is kept as written."""
+    number = _number(value)
+    if number is None and isinstance(value, str):
+        text = re.sub(r"^(type|fst|fitzpatrick)\s*", "", value.strip().lower())
+        number = _ROMAN.get(text) or _number(text)
+    if number is not None and number in (12, 34, 56):
+        return FITZPATRICK_BINS[(int(number) // 10 - 1) // 2]
+    if number is not None and number == int(number) and 1 <= number <= 6:
+        return FITZPATRICK_BINS[(int(number) - 1) // 2]
+    return str(value)
+
+
+def _format(value: float) -> str:
+    return f"{value:g}"
+
+
+def group_values(name: str, values: Sequence[Any], kind: str = "auto") -> tuple[list[str], list[str], str]:
+    """Each row's group label, the groups in display order and the binning used. None -> ``MISSING``."""
+    present = [v for v in values if v is not None]
+    numbers = [_number(v) for v in present]
+    numeric = bool(present) and all(n is not None for n in numbers)
+    if kind == "auto":
+        kind = _auto_kind(name, numeric, len(set(present)))
+    if kind in ("decade", "quartile") and not numeric:
+        raise ValueError(f"--subgroups {name}:{kind} needs a numeric column; {name} holds e.g. {present[:3]}.")
+    if kind == "decade":
+        labels = [
+            MISSING if v is None else f"{int(float(v) // 10 * 10)}-{int(float(v) // 10 * 10) + 9}" for v in values
+        ]
+        order_key: Any = lambda g: float(g.split("-")[0]) if g[0].isdigit() else math.inf  # noqa: E731
+    elif kind == "quartile":
+        edges = np.unique(np.quantile(np.asarray(numbers, dtype=float), [0, 0.25, 0.5, 0.75, 1.0]))
+        names = [
+            f"[{_format(lo)}, {_format(hi)}{']' if i == len(edges) - 2 else ')'}"
+            for i, (lo, hi) in enumerate(itertools.pairwise(edges))
+        ] or [f"[{_format(edges[0])}]"]
+
+        def label(v: Any) -> str:
+            if v is None:
+                return MISSING
+            i = int(np.searchsorted(edges, float(v), side="right")) - 1
+            return names[min(max(i, 0), len(names) - 1)]
+
+        labels = [label(v) for v in values]
+        order_key = lambda g: names.index(g) if g in names else math.inf  # noqa: E731
+    elif kind == "fitzpatrick":
+        labels = [MISSING if v is None else fitzpatrick_bin(v) for v in values]
+        order_key = lambda g: (  # noqa: E731
+            FITZPATRICK_BINS.index(g)
+            if g in FITZPATRICK_BINS
+            else (math.inf if g == MISSING else len(FITZPATRICK_BINS))
+        )
+    else:
+        labels = [MISSING if v is None else (str(v).lower() if isinstance(v, bool) else str(v)) for v in values]
+        by_number = numeric
+        order_key = lambda g: (  # noqa: E731
+            (math.inf, "") if g == MISSING else ((float(g), "") if by_number else (0, g))
+        )
+    order = sorted(set(labels), key=lambda g: (order_key(g), g))
+    return labels, order, kind
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------
+
+
+def _point_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
+    pred = probs.argmax(axis=1)
+    present = np.unique(y)
+    aucs = [roc_auc_score(y == c, probs[:, c]) for c in present if 0 < (y == c).sum() < len(y)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        warnings.filterwarnings("ignore", message="A single label was found")
+        balanced = float(balanced_accuracy_score(y, pred))
+    return {
+        "accuracy": float((y == pred).mean()),
+        "balanced_accuracy": balanced,
+        "macro_f1": float(f1_score(y, pred, labels=present, average="macro", zero_division=0)),
+        "roc_auc": float(np.mean(aucs)) if aucs else None,
+    }
+
+
+def _bootstrap(y: np.ndarray, probs: np.ndarray, n_resamples: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The four metrics on ``n_resamples`` resamples of the group (vectorised; rank-based AUC)."""
+    n, num_classes = probs.shape
+    pred = probs.argmax(axis=1)
+    chunk = max(1, _CHUNK_ELEMENTS // (n * num_classes))
+    out: dict[str, list[np.ndarray]] = {k: [] for k in METRICS}
+    done = 0
+    while done < n_resamples:
+        b = min(chunk, n_resamples - done)
+        idx = rng.integers(0, n, size=(b, n))
+        yy, pp = y[idx], pred[idx]
+        offset = np.arange(b)[:, None] * num_classes
+        size = b * num_classes
+        hit = yy == pp
+        tp = np.bincount((offset + yy)[hit], minlength=size).reshape(b, num_classes)
+        true = np.bincount((offset + yy).ravel(), minlength=size).reshape(b, num_classes)
+        predicted = np.bincount((offset + pp).ravel(), minlength=size).reshape(b, num_classes)
+        present = true > 0
+        recall = np.divide(tp, true, out=np.zeros((b, num_classes)), where=present)
+        f1 = np.divide(2 * tp, true + predicted, out=np.zeros((b, num_classes)), where=(true + predicted) > 0)
+        out["accuracy"].append(hit.mean(axis=1))
+        out["balanced_accuracy"].append((recall * present).sum(axis=1) / present.sum(axis=1))
+        out["macro_f1"].append((f1 * present).sum(axis=1) / present.sum(axis=1))
+        aucs = np.full((b, num_classes), np.nan)
+        for c in range(num_classes):
+            positive = yy == c
+            npos = positive.sum(axis=1)
+            valid = (npos > 0) & (npos < n)
+            if valid.any():
+                ranks = rankdata(probs[idx[valid], c], axis=1)
+                pos, k = positive[valid], npos[valid]
+                aucs[valid, c] = ((ranks * pos).sum(axis=1) - k * (k + 1) / 2) / (k * (n - k))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no defined AUC
+            out["roc_auc"].append(np.nanmean(aucs, axis=1))
+        done += b
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _interval(samples: np.ndarray) -> list[float] | None:
+    samples = samples[~np.isnan(samples)]
+    return [float(v) for v in np.percentile(samples, [2.5, 97.5])] if len(samples) else None
+
+
+def group_metrics(y: np.ndarray, probs: np.ndarray, *, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """n, the four metrics (None where undefined) and their 95% bootstrap intervals for one group."""
+    row: dict[str, Any] = {"n": len(y), **_point_metrics(y, probs)}
+    boot = _bootstrap(y, probs, n_resamples, np.random.default_rng(seed)) if n_resamples else {}
+    for metric in METRICS:
+        ci = _interval(boot[metric]) if metric in boot and row[metric] is not None else None
+        row[f"{metric}_ci"] = ci
+    return row
+
+
+def worst_group_gaps(rows: Sequence[Mapping[str, Any]], min_n: int = SMALL_GROUP) -> dict[str, Any]:
+    """Per column: best minus worst accuracy and balanced accuracy over groups of >= ``min_n`` known values."""
+    gaps: dict[str, Any] = {}
+    for column in dict.fromkeys(r["column"] for r in rows):
+        eligible = [r for r in rows if r["column"] == column and r["n"] >= min_n and r["value"] != MISSING]
+        entry: dict[str, Any] = {"groups_compared": len(eligible), "min_group_size": min_n}
+        for metric in ("accuracy", "balanced_accuracy"):
+            if len(eligible) < 2:
+                entry[metric] = None
+                continue
+            worst = min(eligible, key=lambda r: r[metric])
+            best = max(eligible, key=lambda r: r[metric])
+            entry[metric] = {
+                "worst_group": worst["value"],
+                "worst": worst[metric],
+                "best_group": best["value"],
+                "best": best[metric],
+                "gap": best[metric] - worst[metric],
+            }
+        if len(eligible) < 2:
+            entry["note"] = f"fewer than two groups with at least {min_n} images and a known value"
+        gaps[column] = entry
+    return gaps
+
+
+def subgroup_rows(
+    columns: Mapping[str, tuple[list[str], list[str], str]],
+    y: np.ndarray,
+    probs: np.ndarray,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    min_n: int = SMALL_GROUP,
+) -> list[dict[str, Any]]:
+    """One row per (column, group): the metrics of the images in that group."""
+    rows = []
+    for c, (name, (labels, order, kind)) in enumerate(columns.items()):
+        labels_array = np.asarray(labels, dtype=object)
+        for g, value in enumerate(order):
+            mask = labels_array == value
+            metrics = group_metrics(y[mask], probs[mask], n_resamples=n_resamples, seed=seed + 7919 * c + g)
+            rows.append({"column": name, "binning": kind, "value": value, "small": metrics["n"] < min_n, **metrics})
+    return rows
+
+
+# ---- dataset columns -------------------------------------------------------------------------------------
+
+
+def column_values(split: Any, name: str) -> list[Any]:
+    """A column of a datasets split as Python values; ClassLabel indices become their names."""
+    from datasets import ClassLabel
+
+    if name not in split.column_names:
+        extra = [c for c in split.column_names if c not in {"image", "label", "content_hash", "phash"}]
+        raise ValueError(
+            f"--subgroups column {name!r} is not in the dataset; its columns are {extra}. Convert with --metadata to "
+            "carry the table's columns."
+        )
+    values = split[name]
+    feature = split.features[name]
+    if isinstance(feature, ClassLabel):
+        return [None if v is None or v < 0 else feature.int2str(int(v)) for v in values]
+    return list(values)
+
+
+def check_columns(split: Any, spec: Sequence[tuple[str, str]]) -> None:
+    """Fail before inference when a requested column is missing."""
+    for name, _ in spec:
+        if name not in split.column_names:
+            column_values(split, name)
+
+
+def prediction_columns(columns: Mapping[str, tuple[list[str], list[str], str]], raw: Mapping[str, list[Any]]) -> dict:
+    """What predictions.csv carries: each column's value (empty when null) and its group."""
+    out: dict[str, list[Any]] = {}
+    for name, (labels, _, _) in columns.items():
+        out[name] = ["" if v is None else v for v in raw[name]]
+        out[f"{name}_group"] = labels
+    return out
+
+
+def evaluate_subgroups(
+    split: Any,
+    spec: Sequence[tuple[str, str]],
+    y: np.ndarray,
+    probs: np.ndarray,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    min_n: int = SMALL_GROUP,
+) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """The ``subgroups`` block of metrics.json and the columns predictions.csv gains."""
+    raw = {name: column_values(split, name) for name, _ in spec}
+    grouped = {name: group_values(name, raw[name], kind) for name, kind in spec}
+    rows = subgroup_rows(grouped, y, probs, n_resamples=n_resamples, seed=seed, min_n=min_n)
+    summary = {
+        "columns": {name: kind for name, (_, _, kind) in grouped.items()},
+        "min_group_size": min_n,
+        "bootstrap": {"resamples": n_resamples, "seed": seed, "interval": "percentile 95%"},
+        "rows": rows,
+        "worst_group_gap": worst_group_gaps(rows, min_n),
+        "files": dict(FILES),
+    }
+    return summary, prediction_columns(grouped, raw)
+
+
+# ---- outputs ---------------------------------------------------------------------------------------------
+
+
+def csv_header() -> list[str]:
+    return [
+        "column",
+        "binning",
+        "value",
+        "n",
+        "small_group",
+        *[f"{m}{s}" for m in METRICS for s in ("", "_ci_low", "_ci_high")],
+    ]
+
+
+def write_subgroups_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """subgroups.csv: one row per group; empty cells where a metric is undefined."""
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(csv_header())
+        for r in rows:
+            cells: list[Any] = [r["column"], r["binning"], r["value"], r["n"], "yes" if r["small"] else ""]
+            for metric in METRICS:
+                ci = r[f"{metric}_ci"] or ["", ""]
+                cells += ["" if r[metric] is None else f"{r[metric]:.6g}", *(v if v == "" else f"{v:.6g}" for v in ci)]
+            writer.writerow(cells)
+    return path
+
+
+def write_subgroup_outputs(block: Mapping[str, Any], out_dir: str | Path) -> None:
+    """subgroups.csv and subgroups.png in the report folder."""
+    write_subgroups_csv(block["rows"], Path(out_dir) / FILES["csv"])
+    plot_subgroups(block["rows"], Path(out_dir) / FILES["plot"])
+
+
+def plot_subgroups(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """One panel per column: accuracy and balanced accuracy per group with 95% intervals; small groups grey."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = list(dict.fromkeys(r["column"] for r in rows))
+    heights = [max(1.5, 0.45 * sum(r["column"] == c for r in rows) + 0.8) for c in columns]
+    fig = Figure(figsize=(7.5, sum(heights)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(columns), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for ax, column in zip(axes, columns, strict=True):
+        group = [r for r in rows if r["column"] == column]
+        ypos = np.arange(len(group))[::-1]
+        for offset, metric, marker in ((0.12, "accuracy", "o"), (-0.12, "balanced_accuracy", "s")):
+            for yv, r in zip(ypos, group, strict=True):
+                ci = r[f"{metric}_ci"]
+                colour = "0.6" if r["small"] else ("C0" if metric == "accuracy" else "C1")
+                err = None if ci is None else [[r[metric] - ci[0]], [ci[1] - r[metric]]]
+                ax.errorbar(r[metric], yv + offset, xerr=err, fmt=marker, color=colour, capsize=3, ms=5)
+        ax.set_yticks(ypos, [f"{r['value']} (n={r['n']}{', small' if r['small'] else ''})" for r in group])
+        ax.set_xlim(0, 1.02)
+        ax.set_title(column, loc="left", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].set_xlabel("accuracy (circles) and balanced accuracy (squares), 95% bootstrap intervals; grey: small")
+    fig.tight_layout()
+    fig.savefig(Path(path), dpi=110)
+    return Path(path)
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _with_ci(row: Mapping[str, Any], metric: str) -> str:
+    ci = row[f"{metric}_ci"]
+    return _fmt(row[metric]) + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "")
+
+
+def table_lines(block: Mapping[str, Any]) -> list[str]:
+    """The subgroup table and worst-group gaps as Markdown (report.md and the model card)."""
+    lines = [
+        "| column | group | n | accuracy (95% CI) | balanced accuracy | macro-F1 | ROC-AUC (macro) |",
+        "|---|---|---:|---|---|---|---|",
+    ]
+    for r in block["rows"]:
+        flag = " ⚠" if r["small"] else ""
+        lines.append(
+            f"| {r['column']} | {r['value']}{flag} | {r['n']} | {_with_ci(r, 'accuracy')} | "
+            f"{_with_ci(r, 'balanced_accuracy')} | {_with_ci(r, 'macro_f1')} | {_with_ci(r, 'roc_auc')} |"
+        )
+    lines += ["", f"⚠ fewer than {block['min_group_size']} images: too few for a firm conclusion.", ""]
+    for column, gap in block["worst_group_gap"].items():
+        acc = gap.get("accuracy")
+        if acc:
+            lines.append(
+                f"- **{column}**: worst group {acc['worst_group']} (accuracy {acc['worst']:.3f}) vs best "
+                f"{acc['best_group']} ({acc['best']:.3f}): gap **{acc['gap']:.3f}**"
+                + (
+                    f"; balanced-accuracy gap {gap['balanced_accuracy']['gap']:.3f}"
+                    if gap.get("balanced_accuracy")
+                    else ""
+                )
+                + f" ({gap['groups_compared']} groups of at least {gap['min_group_size']} images)."
+            )
+        else:
+            lines.append(f"- **{column}**: no worst-group gap: {gap['note']}.")
+    return lines
+
+
+def report_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """The report.md section (empty without --subgroups)."""
+    block = metrics.get("subgroups")
+    if not block:
+        return []
+    kinds = ", ".join(f"`{c}` ({k})" for c, k in block["columns"].items())
+    return [
+        "## Performance across subgroups",
+        "",
+        f"Images grouped by {kinds}; numbers are binned (age by decade, Fitzpatrick type into I-II / III-IV / "
+        "V-VI, other numbers into quartiles); empty cells form the group `(missing)`. Intervals: percentile "
+        f"bootstrap within each group, {block['bootstrap']['resamples']} resamples. ROC-AUC is the mean "
+        "one-vs-rest AUC over the classes present in the group (n/a with a single class).",
+        "",
+        *table_lines(block),
+        "",
+        f"![Subgroups]({block['files']['plot']})",
+        "",
+        f"Table: `{block['files']['csv']}`; `predictions.csv` holds each image's value and group, so every "
+        "number here can be recomputed.",
+        "",
+    ]
+
+
+def model_card_section(metrics: Mapping[str, Any], report_files: set[str]) -> str | None:
+    """ "Performance across subgroups" for the model card, or None when the report has no subgroups."""
+    block = metrics.get("subgroups") if metrics else None
+    if not block:
+        return None
+    lines = [
+        "## Performance across subgroups",
+        "",
+        f"On the **{metrics.get('split', 'test')}** split, by {', '.join(f'`{c}`' for c in block['columns'])} "
+        "(95% bootstrap intervals). Small groups are flagged, not hidden; a model that does well on average can "
+        "still fail one group.",
+        "",
+        *table_lines(block),
+    ]
+    if block["files"]["plot"] in report_files:
+        lines += ["", f"![Subgroups](eval/{block['files']['plot']})"]
+    if block["files"]["csv"] in report_files:
+        lines += ["", f"Full table: [`eval/{block['files']['csv']}`](eval/{block['files']['csv']})."]
+    return "\n".join(lines)
