@@ -398,6 +398,32 @@ def serve(
 
 @app.command(
     epilog="**Examples**\n\n"
+    "derm-accel demo --model runs/effnet_b3/best\n\n"
+    "derm-accel demo --model my-lab/effnet-b3-derm35 --host 0.0.0.0 --port 7860",
+)
+def demo(
+    model: Annotated[str, typer.Option(help="Model folder (RUN/best) or Hub repo id ORG/NAME.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 makes the page reachable from the network.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 7860,
+    share: Annotated[
+        bool, typer.Option("--share/--no-share", help="Also open a temporary public gradio.live link.")
+    ] = False,
+    top_k: Annotated[int, typer.Option(help="Classes shown per image.")] = 3,
+    examples: Annotated[
+        Path | None, typer.Option(help="Folder of example images (default: the model folder's examples/).")
+    ] = None,
+) -> None:
+    """A web page on the model (Gradio): upload or webcam, top classes, Grad-CAM, the domain guard's verdict,
+    the model card. Same answers as `predict`. Research use only; needs `pip install "derm-accel[demo]"`."""
+    from derm_accel.demo import build_demo, launch
+
+    launch(build_demo(model, top_k=top_k, examples=examples), server_name=host, server_port=port, share=share)
+
+
+@app.command(
+    epilog="**Examples**\n\n"
     "derm-accel quickstart\n\n"
     "derm-accel quickstart --data ../shared/data/derm-sample --model tf_efficientnet_lite0 "
     "--pretrained-file ../shared/weights/efficientnet_lite0.in1k --epochs 3",

@@ -1,0 +1,171 @@
+"""The Gradio demo shows what predict prints: in a real (headless, system) Chromium driving `derm-accel demo`,
+and directly on its building blocks (guard verdicts, the model card summary, Grad-CAM)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from derm_accel.demo import OUT_OF_DOMAIN, DemoModel, card_summary, describe, example_images
+from derm_accel.models import create_model, export_model
+from derm_accel.predict import predict
+from tests.conftest import DERM_SAMPLE, REPO
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _labels() -> list[str]:
+    if DERM_SAMPLE.is_dir():
+        return sorted(p.name for p in DERM_SAMPLE.iterdir() if p.is_dir())
+    return ["melanoma", "nevus", "psoriasis"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny convolutional timm model with the sample's classes, and two example images beside it."""
+    torch.manual_seed(0)
+    labels = _labels()
+    net = create_model("test_efficientnet", len(labels))
+    net.pretrained_cfg = dict(net.pretrained_cfg, input_size=(3, 64, 64))  # fast on two cores
+    folder = export_model(net, tmp_path_factory.mktemp("demo") / "best", labels)
+    from derm_accel.data.synthetic import render
+
+    (folder / "examples").mkdir()
+    for i in range(2):
+        render(i, i, 96).save(folder / "examples" / f"example{i}.jpg")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lesion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if DERM_SAMPLE.is_dir():
+        return sorted((DERM_SAMPLE / _labels()[3]).glob("*.jpg"))[2]
+    from derm_accel.data.synthetic import render
+
+    path = tmp_path_factory.mktemp("img") / "lesion.jpg"
+    render(1, 5, 128).save(path, quality=92)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_url(model_dir: Path) -> Iterator[str]:
+    """`derm-accel demo` as a user starts it, in its own process."""
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "derm_accel", "demo", "--model", str(model_dir), "--port", str(port), "--no-share"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"derm-accel demo did not start:\n{proc.communicate()[0]}") from None
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} not found: apt-get install -y chromium")
+@pytest.mark.skipif(not DERM_SAMPLE.is_dir(), reason=f"real dermoscopic sample not found at {DERM_SAMPLE}")
+def test_browser_upload_shows_the_top_class_of_predict(
+    demo_url: str, model_dir: Path, lesion: Path, tmp_path: Path
+) -> None:
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download)")
+    expected = predict(str(lesion), model=str(model_dir))[0]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(demo_url)
+            notice = page.locator("#notice").inner_text()
+            assert "Not a medical device" in notice
+            assert page.get_by_text("Examples").first.is_visible()
+            page.locator("#upload input[type=file]").set_input_files(str(lesion))
+            page.locator("#verdict").get_by_text("Top class").wait_for(timeout=60_000)
+            verdict = page.locator("#verdict").inner_text()
+            heading = page.locator("#classes").inner_text().splitlines()
+            page.locator("#gradcam img").wait_for(timeout=30_000)
+            page.screenshot(path=tmp_path / "demo.png", full_page=True)
+        finally:
+            browser.close()
+    shown = re.search(r"Top class: (\S+) \(probability ([0-9.]+)\)", verdict)
+    assert shown is not None, verdict
+    assert shown.group(1) == expected["label"] and heading[1] == expected["label"]
+    assert float(shown.group(2)) == pytest.approx(expected["probability"], abs=5e-5)
+    assert f"{round(expected['probability'] * 100)}%" in heading
+    assert "no domain guard" in verdict
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_demo_model_answers_like_predict_with_a_gradcam(model_dir: Path, lesion: Path) -> None:
+    run = DemoModel(str(model_dir), top_k=3)
+    scores, verdict, heat, raw = run(str(lesion))
+    expected = predict(str(lesion), model=str(model_dir))[0]
+    expected.pop("path")
+    assert raw == expected
+    assert list(scores) == [t["label"] for t in expected["top_k"]]
+    assert f"probability {expected['probability']:.4f}" in verdict
+    assert heat.size == (128, 64)  # the 64 px crop and its overlay side by side
+
+
+def test_vit_has_no_gradcam_but_still_answers(tmp_path: Path, lesion: Path) -> None:
+    torch.manual_seed(0)
+    net = create_model("test_vit", 3)
+    folder = export_model(net, tmp_path / "vit", ["a", "b", "c"])
+    scores, _, heat, raw = DemoModel(str(folder))(str(lesion))
+    assert heat is None and raw["label"] in scores
+
+
+def test_out_of_domain_shows_no_diagnosis_and_abstention_shows_the_reason() -> None:
+    top = [{"label": "melanoma", "probability": 0.8}, {"label": "nevus", "probability": 0.2}]
+    base = {"label": "melanoma", "probability": 0.8, "top_k": top}
+    reason = "out of domain: ood_score 91.0 is above the guard's threshold 12.0"
+    scores, text = describe({**base, "ood_score": 91.0, "in_domain": False, "abstain": True, "reason": reason})
+    assert scores == {} and text.startswith(OUT_OF_DOMAIN) and "melanoma" not in text and "91.0" in text
+    low = "low confidence: top-1 probability 0.80 is under the abstention threshold 0.85"
+    scores, text = describe({**base, "ood_score": 3.0, "in_domain": True, "abstain": True, "reason": low})
+    assert scores == {"melanoma": 0.8, "nevus": 0.2} and "abstains" in text and low in text
+    scores, text = describe({**base, "ood_score": 3.0, "in_domain": True, "abstain": False, "reason": None})
+    assert "Top class: **melanoma** (probability 0.8000)" in text and "ood_score 3.0" in text
+
+
+def test_card_summary_from_the_card_or_the_config(model_dir: Path, tmp_path: Path) -> None:
+    from tests.hub_fixtures import write_model_dir
+
+    trained = write_model_dir(tmp_path)
+    from_config = card_summary(str(trained))
+    assert "test_efficientnet" in from_config and "macro-F1 0.660" in from_config and "nevus" in from_config
+    card = tmp_path / "carded"
+    shutil.copytree(trained, card)
+    (card / "README.md").write_text(
+        "---\nlicense: mit\n---\n\n# tiny-derm\n\nA classifier.\n\n## Model details\n\nSmall.\n\n## Limits\n\nMany.\n"
+    )
+    summary = card_summary(str(card))
+    assert summary.startswith("# tiny-derm") and "## Model details" in summary and "Limits" not in summary
+    assert "license" not in summary
+    assert example_images(model_dir / "examples") == [str(model_dir / "examples" / f"example{i}.jpg") for i in (0, 1)]
+    assert example_images(tmp_path / "missing") == []
