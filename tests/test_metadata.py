@@ -162,6 +162,8 @@ def test_every_file_and_row_is_accounted(tmp_path):
     render(1, 71, 40).save(src / "b" / "twin.png")  # same stem in two folders: ambiguous
     render(1, 72, 40).save(src / "b" / "orphan.jpg", quality=90)  # no row
     (src / "b" / ".hidden.jpg").write_bytes(b"x")
+    (src / "c").mkdir()  # a byte-identical second copy of a folder, as in Kaggle's HAM10000 upload
+    (src / "c" / "ok1.jpg").write_bytes((src / "a" / "ok1.jpg").read_bytes())
     rows = [
         ["ok1", "nevus", "P1"],
         ["ok2.jpg", "melanoma", "P1"],
@@ -192,8 +194,9 @@ def test_every_file_and_row_is_accounted(tmp_path):
         "b/orphan.jpg": "no_metadata_row",
         "b/.hidden.jpg": "hidden",
         "labels.csv": "metadata_file",
+        "c/ok1.jpg": "duplicate_file",
     }
-    assert report["rows_total"] == 4 and report["files_total"] == 11
+    assert report["rows_total"] == 4 and report["files_total"] == 12
     meta = report["metadata"]
     assert meta["rows_total"] == 10 and meta["rows_matched"] == 6
     assert meta["rows_skipped_by_reason"] == {

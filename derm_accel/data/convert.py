@@ -287,7 +287,7 @@ def convert_folders(
         scan = (
             scan_source(src, mapping, follow_external_links=follow_external_links)
             if metadata is None
-            else scan_metadata(src, metadata, mapping)
+            else scan_metadata(src, metadata, mapping, follow_external_links=follow_external_links)
         )
     except ScanError as exc:
         raise ConvertError(str(exc)) from exc

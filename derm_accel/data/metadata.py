@@ -10,8 +10,10 @@ skip with its reason) and every table row (matched to a file, or skipped with it
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -23,7 +25,7 @@ from datasets import ClassLabel, Features, Value
 
 from derm_accel.data.dedupe import UnionFind
 from derm_accel.data.presets import Preset, get_preset, guess_preset
-from derm_accel.data.scan import ScanError, ScanResult, Skip, SourceFile, _is_hidden, _walk_files
+from derm_accel.data.scan import ScanError, ScanResult, Skip, SourceFile, _is_hidden, _leaves_tree, _walk_files
 from derm_accel.data.schema import dataset_features
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -48,6 +50,7 @@ FILE_REASONS = {
     "missing_label": "its row has an empty label",
     "unknown_label": "its row's label is 'unknown' (or 'UNK')",
     "ambiguous_label": "its row has several one-hot label columns set",
+    "duplicate_file": "a byte-identical copy of the file its row names (e.g. Kaggle's doubled HAM10000 folders)",
 }
 
 
@@ -291,16 +294,24 @@ class FileIndex:
     by_name: dict[str, list[int]]
     by_stem: dict[str, list[int]]
 
+    def __post_init__(self) -> None:
+        self.by_rel = {rel: i for i, rel in enumerate(self.rels)}
+
     def candidates(self, value: str) -> list[int]:
         value = value.replace("\\", "/").removeprefix("./")
         if "/" in value:
-            return [i for i, rel in enumerate(self.rels) if rel == value or rel.endswith("/" + value)]
+            if value in self.by_rel:
+                return [self.by_rel[value]]
+            return [i for i, rel in enumerate(self.rels) if rel.endswith("/" + value)]
         return self.by_name.get(value) or self.by_stem.get(value, [])
 
 
-def index_files(src: Path, tables: Sequence[Path]) -> tuple[FileIndex, list[str], list[Skip]]:
+def index_files(
+    src: Path, tables: Sequence[Path], follow_external_links: bool = False
+) -> tuple[FileIndex, list[str], list[Skip]]:
     """Every file under SRC: visible ones indexed by name and (image files) by stem; the rest as skips."""
     table_paths = {p.resolve() for p in tables}
+    root_real = os.path.realpath(src)
     rels, paths, skipped = [], [], []
     by_name: dict[str, list[int]] = {}
     by_stem: dict[str, list[int]] = {}
@@ -309,6 +320,11 @@ def index_files(src: Path, tables: Sequence[Path]) -> tuple[FileIndex, list[str]
         rel = rel_path.as_posix()
         if _is_hidden(rel_path.parts):
             skipped.append(Skip(rel, "hidden", "file or folder name starts with '.'"))
+            continue
+        if not follow_external_links and _leaves_tree(path, root_real):
+            skipped.append(
+                Skip(rel, "external_link", "a link leads outside SRC; pass --follow-external-links to include it")
+            )
             continue
         if path.resolve() in table_paths:
             skipped.append(Skip(rel, "metadata_file", "the metadata table itself"))
@@ -320,6 +336,17 @@ def index_files(src: Path, tables: Sequence[Path]) -> tuple[FileIndex, list[str]
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             by_stem.setdefault(path.stem, []).append(i)
     return FileIndex(rels, by_name, by_stem), paths, skipped
+
+
+def _identical(paths: Sequence[str]) -> bool:
+    """True when every file has the same bytes (sizes first, then sha256)."""
+    if len({os.path.getsize(p) for p in paths}) > 1:
+        return False
+    digests = set()
+    for path in paths:
+        with open(path, "rb") as f:
+            digests.add(hashlib.file_digest(f, "sha256").hexdigest())
+    return len(digests) == 1
 
 
 # ---- labels ----------------------------------------------------------------------------------------------
@@ -384,20 +411,31 @@ def _class_of(raw: str, class_map: Mapping[str, str | None]) -> tuple[str | None
     return raw, ""
 
 
-def scan_metadata(src: Path, spec: MetadataSpec, class_map: Mapping[str, str | None] | None = None) -> MetadataScan:
+def scan_metadata(
+    src: Path,
+    spec: MetadataSpec,
+    class_map: Mapping[str, str | None] | None = None,
+    *,
+    follow_external_links: bool = False,
+) -> MetadataScan:
     """Match the table's rows to the files under ``src``; type the other columns; account for everything."""
     class_map = dict(class_map or {})
     table = load_tables(spec)
     _check_label_columns(spec, table.columns)
-    index, paths, skipped = index_files(src, spec.files)
+    index, paths, skipped = index_files(src, spec.files, follow_external_links)
 
     row_file: list[int | None] = [None] * len(table.rows)
     claimed: dict[int, int] = {}
     ambiguous: dict[int, str] = {}
+    copy_of: dict[int, int] = {}
     row_skips = list(table.skipped)
     for r, row in enumerate(table.rows):
         image = row[spec.image_column]
         found = index.candidates(image)
+        if len(found) > 1 and _identical([paths[i] for i in found]):
+            for i in found[1:]:
+                copy_of[i] = found[0]
+            found = found[:1]
         if not found:
             row_skips.append({"row": table.where[r], "image": image, "reason": "image_not_found", "detail": ""})
         elif len(found) > 1:
@@ -445,6 +483,9 @@ def scan_metadata(src: Path, spec: MetadataSpec, class_map: Mapping[str, str | N
     group_keys: list[tuple[str, ...]] = []
     folders: dict[str, str | None] = {}
     for i, rel in enumerate(index.rels):
+        if i in copy_of:
+            skipped.append(Skip(rel, "duplicate_file", f"byte-identical copy of {index.rels[copy_of[i]]}"))
+            continue
         if i in ambiguous:
             skipped.append(Skip(rel, "ambiguous_match", f"the name {ambiguous[i]!r} matches several files"))
             continue
@@ -476,6 +517,12 @@ def scan_metadata(src: Path, spec: MetadataSpec, class_map: Mapping[str, str | N
             f"No row of {', '.join(p.name for p in spec.files)} matches a file under {src}: the image column "
             f"{spec.image_column!r} holds e.g. {sample_rows}, the files are e.g. {index.rels[:3]}. Rows are "
             "matched by file name, with or without extension, or by a path relative to SRC."
+        )
+    if not files:
+        reasons = dict(Counter(s.reason for s in skipped))
+        raise ScanError(
+            f"{len(claimed)} rows matched a file under {src}, but none has a usable label (files skipped: {reasons}). "
+            f"Check --label-column ({spec.label_column or ','.join(spec.label_columns)}) and --class-map."
         )
     report = {
         **spec.as_dict(),
