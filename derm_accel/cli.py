@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -44,6 +45,31 @@ class _Commands(TyperGroup):
             raise typer.Exit(code=code) from None
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import derm_accel
+
+        typer.echo(f"derm-accel {derm_accel.__version__}")
+        raise typer.Exit()
+
+
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar (it is also off when stderr is no terminal).")
+]
+
+
+def _choices(name: str, *values: str) -> type[Enum]:
+    """An enumerated option for typer: the help lists the values, and a typo is refused before anything runs."""
+    return Enum(name, [(v.replace("-", "_"), v) for v in values], type=str)
+
+
+Conflicts = _choices("Conflicts", "drop", "keep-majority")
+TTA = _choices("TTA", "flip")
+Backend = _choices("Backend", "torch", "onnxruntime")
+BenchKind = _choices("BenchKind", "data", "steps", "train", "infer", "comm")
+ExportFormat = _choices("ExportFormat", "onnx")
+
+
 app = typer.Typer(
     name="derm-accel",
     help="Train, evaluate and publish skin-disease image classifiers: class folders -> Arrow dataset -> "
@@ -54,6 +80,15 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     cls=_Commands,
 )
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
 
 
 @app.command(
@@ -84,7 +119,7 @@ def convert(
     ] = 320,
     quality: Annotated[int, typer.Option(help="JPEG quality of stored images.")] = 95,
     near_threshold: Annotated[int, typer.Option(help="Perceptual-hash distance (bits) for near duplicates.")] = 4,
-    conflicts: Annotated[str, typer.Option(help="Duplicates with different labels: drop | keep-majority.")] = "drop",
+    conflicts: Annotated[Conflicts, typer.Option(help="Duplicates with different labels.")] = Conflicts("drop"),
     num_proc: Annotated[int, typer.Option(help="Worker processes for decoding and hashing.")] = 1,
     license: Annotated[str | None, typer.Option(help="License of the images, recorded in the dataset card.")] = None,
     push_to_hub: Annotated[str | None, typer.Option(help="Also push the dataset to this Hub repo (ORG/NAME).")] = None,
@@ -140,7 +175,7 @@ def convert(
         )
     report = convert_folders(
         src, out, class_map=class_map, val_frac=val_frac, test_frac=test_frac, seed=seed, max_size=max_size,
-        quality=quality, near_threshold=near_threshold, conflicts=conflicts, num_proc=num_proc,
+        quality=quality, near_threshold=near_threshold, conflicts=conflicts.value, num_proc=num_proc,
         overwrite=overwrite, license=license, push_to_hub=push_to_hub, metadata=spec, eval_only=eval_only,
         drop_empty_classes=drop_empty_classes, follow_external_links=follow_external_links,
     )
@@ -188,7 +223,7 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="Report folder (default reports/MODEL-SPLIT).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 2,
-    tta: Annotated[str | None, typer.Option(help="Test-time augmentation: flip.")] = None,
+    tta: Annotated[TTA | None, typer.Option(help="Test-time augmentation (original + flips).")] = None,
     calibrate: Annotated[bool, typer.Option(help="Fit temperature scaling on the validation split.")] = False,
     label_map: Annotated[
         Path | None,
@@ -211,6 +246,7 @@ def evaluate(
             "repeatable."
         ),
     ] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Evaluate a model: accuracy, macro-F1, per-class metrics, ROC-AUC, calibration, plots and a report.
 
@@ -219,8 +255,10 @@ def evaluate(
     from derm_accel.evaluation.run import evaluate_model
 
     metrics = evaluate_model(
-        model, data, split=split, out_dir=out, batch_size=batch_size, num_workers=num_workers, tta=tta,
+        model, data, split=split, out_dir=out, batch_size=batch_size, num_workers=num_workers,
+        tta=tta.value if tta else None,
         calibrate=calibrate, ood=[str(p) for p in ood or []], label_map=label_map, subgroups=subgroups,
+        progress=not quiet,
     )
     if metrics and _is_main_process():
         typer.echo(
@@ -272,6 +310,13 @@ def predict(
     guard: Annotated[
         bool, typer.Option("--guard/--no-guard", help="Check each image against the model's domain guard.")
     ] = True,
+    backend: Annotated[
+        Backend,
+        typer.Option(
+            help="torch, or onnxruntime with --model a folder from `derm-accel export --format onnx` (CPU, no guard)."
+        ),
+    ] = Backend("torch"),
+    quiet: Quiet = False,
 ) -> None:
     """Predict the class of images with a local or Hub model. Unreadable files get a per-file error.
 
@@ -281,7 +326,8 @@ def predict(
     from derm_accel.predict import predict as run_predict
 
     results = run_predict(
-        [str(p) for p in images], model=model, top_k=top_k, batch_size=batch_size, guard=guard
+        [str(p) for p in images], model=model, top_k=top_k, batch_size=batch_size, guard=guard, backend=backend.value,
+        progress=not quiet,
     )
     failed = 0
     for r in results:
@@ -296,7 +342,8 @@ def predict(
         if r.get("in_domain") is False:
             typer.secho(f"warning: {r['path']}: {r['reason']}", fg=typer.colors.YELLOW, err=True)
         failed += "error" in r
-    if guard and results and all(r.get("in_domain") is None for r in results if "error" not in r):
+    unguarded = all(r.get("in_domain") is None for r in results if "error" not in r)
+    if guard and backend.value == "torch" and results and unguarded:
         typer.echo("note: this model has no domain guard; fit one with `derm-accel guard MODEL --data DATA`", err=True)
     if failed:
         raise typer.Exit(code=1)
@@ -353,11 +400,12 @@ def explain(
     model: Annotated[str, typer.Option(help="Model folder (RUN/best) or Hub repo id ORG/NAME (a CNN).")],
     out: Annotated[Path, typer.Option(help="Folder for the <image>_gradcam.png files.")] = Path("heatmaps"),
     target: Annotated[str | None, typer.Option(help="Class to explain (default: the predicted one).")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Grad-CAM heatmaps: which part of each image drove the prediction (lesion, or ruler and ink?)."""
     from derm_accel.explain import explain as run_explain
 
-    results = run_explain([str(p) for p in images], model, out_dir=out, target=target)
+    results = run_explain([str(p) for p in images], model, out_dir=out, target=target, progress=not quiet)
     for r in results:
         if "error" in r:
             typer.echo(f"{r['path']}\tERROR\t{r['error']}")
@@ -454,7 +502,7 @@ def quickstart(
     "derm-accel bench infer --opt batch_size=64",
 )
 def bench(
-    kind: Annotated[str, typer.Argument(help="data | steps | train | infer | comm")],
+    kind: Annotated[BenchKind, typer.Argument(help="What to measure.")],
     out: Annotated[Path | None, typer.Option(help="JSON output (default bench_results/KIND.json).")] = None,
     option: Annotated[
         list[str] | None, typer.Option("--opt", help="Benchmark option key=value (repeatable), e.g. --opt steps=5.")
@@ -465,8 +513,27 @@ def bench(
     from derm_accel.bench import run_bench
 
     opts = dict(_key_value(o) for o in option or [])
-    results = run_bench(kind, out=out, update_docs=update_docs, **opts)
+    results = run_bench(kind.value, out=out, update_docs=update_docs, **opts)
     typer.echo(json.dumps(results.get("summary", results), indent=2, default=str))
+
+
+@app.command(
+    epilog="**Examples**\n\n"
+    "derm-accel export runs/effnet_b3/best --format onnx exports/effnet_b3-onnx\n\n"
+    "derm-accel predict lesion.jpg --model exports/effnet_b3-onnx --backend onnxruntime",
+)
+def export(
+    model: Annotated[str, typer.Argument(help="Model folder (RUN/best) or Hub repo id ORG/NAME.")],
+    out: Annotated[Path, typer.Argument(help="Output folder: model.onnx + preprocessing.json.")],
+    format: Annotated[ExportFormat, typer.Option(help="Export format.")] = ExportFormat("onnx"),
+    opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 18,
+) -> None:
+    """Export for deployment: an ONNX graph (dynamic batch) and a sidecar with labels and preprocessing, checked
+    against PyTorch. Needs `pip install "derm-accel[onnx]"`."""
+    from derm_accel.onnx_export import export_onnx
+
+    where = export_onnx(model, out, opset=opset)
+    typer.echo(f"exported {format.value}: {where} (model.onnx, preprocessing.json)")
 
 
 if __name__ == "__main__":

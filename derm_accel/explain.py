@@ -82,12 +82,15 @@ def explain(
     out_dir: str | os.PathLike,
     target: str | None = None,
     device: str | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Write ``<name>_gradcam.png`` per image into ``out_dir``; one result dict per image.
 
     ``target`` names the class to explain (default: the predicted one). Unreadable files get an ``error``
-    entry, as in :func:`derm_accel.predict`.
+    entry, as in :func:`derm_accel.predict`. ``progress`` shows a progress bar (on stderr, on a terminal).
     """
+    from tqdm.auto import tqdm
+
     device = device or default_device()
     net, labels, transform, min_size, _ = prepared_model(model, device)
     if target is not None and target not in labels:
@@ -97,7 +100,7 @@ def explain(
     written: set[Path] = set()
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
-    for path, error in expand_inputs(images):
+    for path, error in tqdm(expand_inputs(images), desc="explain", unit="img", disable=not progress or None):
         if error is None:
             try:
                 image = decode_image({"path": path}, min_size)

@@ -55,10 +55,12 @@ def export_onnx(
     from derm_accel.models import data_config, load_model
     from derm_accel.paths import shareable_path
 
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir / SIDECAR_NAME).is_file():
+        raise FileExistsError(f"{out_dir} exists and is not an ONNX export; choose another OUT folder.")
     net, labels = load_model(os.fspath(model_source))
     cfg = data_config(net)
     size = tuple(cfg["input_size"])
-    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -111,9 +113,7 @@ def export_onnx(
             "domain_guard": None,  # the guard stays in PyTorch; ONNX results carry none
         }
         (tmp / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
-        if out_dir.exists():
-            if not (out_dir / SIDECAR_NAME).is_file():
-                raise FileExistsError(f"{out_dir} exists and is not an ONNX export; choose another OUT folder.")
+        if out_dir.exists():  # an earlier export (checked above): replaced
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
     except BaseException:

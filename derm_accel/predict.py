@@ -80,7 +80,7 @@ def predict(
     from tqdm.auto import tqdm
 
     workers = min(4, os.cpu_count() or 1)
-    bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress or None, leave=False)
+    bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress or None)
     with ThreadPoolExecutor(max_workers=workers) as pool, bar:
         for start in range(0, len(todo), batch_size):
             loaded = list(pool.map(load, todo[start : start + batch_size]))

@@ -18,8 +18,17 @@ from tests.hub_fixtures import LABELS, write_model_dir
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """RUN/best and its export, written by the CLI: `derm-accel export RUN/best --format onnx OUT`."""
+    from typer.testing import CliRunner
+
+    from derm_accel.cli import app
+
     model_dir = write_model_dir(tmp_path_factory.mktemp("run"))
-    return model_dir, export_onnx(model_dir, tmp_path_factory.mktemp("onnx") / "model-onnx")
+    out = tmp_path_factory.mktemp("onnx") / "model-onnx"
+    result = CliRunner().invoke(app, ["export", str(model_dir), "--format", "onnx", str(out)])
+    assert result.exit_code == 0, result.output
+    assert str(out) in result.output
+    return model_dir, out
 
 
 def test_export_writes_a_dynamic_batch_graph_and_its_sidecar(exported: tuple[Path, Path]) -> None:
@@ -67,3 +76,30 @@ def test_onnx_backend_needs_an_onnx_export(exported: tuple[Path, Path]) -> None:
         predict([str(model_dir / "config.json")], model=str(model_dir), backend="onnxruntime")
     with pytest.raises(ValueError, match="backend"):
         predict([str(model_dir / "config.json")], model=str(model_dir), backend="tensorrt")
+
+
+def test_cli_predict_with_the_onnxruntime_backend(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from derm_accel.cli import app
+    from derm_accel.data.synthetic import render
+
+    _, out = exported
+    render(0, seed=3, size=80).save(tmp_path / "a.jpg")
+    result = CliRunner().invoke(
+        app, ["predict", str(tmp_path / "a.jpg"), "--model", str(out), "--backend", "onnxruntime", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    (line,) = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+    assert line["label"] in LABELS and 0 < line["probability"] <= 1
+    typo = CliRunner().invoke(app, ["predict", str(tmp_path / "a.jpg"), "--model", str(out), "--backend", "onnx"])
+    assert typo.exit_code == 2 and "onnxruntime" in typo.output
+
+
+def test_export_refuses_to_replace_a_folder_that_is_no_export(tmp_path: Path, exported: tuple[Path, Path]) -> None:
+    model_dir, _ = exported
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an ONNX export"):
+        export_onnx(model_dir, tmp_path / "precious")
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"

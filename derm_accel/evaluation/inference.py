@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 TTA_VIEWS: dict[str | None, tuple[str, ...]] = {
     None: ("original",),
@@ -88,11 +89,13 @@ def predict_logits(
     channels_last: bool = True,
     mixed_precision: str | None = None,
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = False,
 ) -> InferenceResult:
     """Score ``dataset`` (items with ``pixel_values`` and ``labels``) on all ranks; every rank gets all rows.
 
     ``tta="flip"`` scores the original, horizontally and vertically flipped image in one forward pass.
     ``normalize`` turns uint8 batches into the model's input on the device (:class:`BatchNormalize`).
+    ``progress`` shows a progress bar over batches on the main process (on stderr, and only on a terminal).
     """
     if tta not in TTA_VIEWS:
         raise ValueError(
@@ -116,8 +119,9 @@ def predict_logits(
     loader = accelerator.prepare_data_loader(loader)
 
     logits_parts, label_parts, index_parts = [], [], []
+    show = progress and accelerator.is_main_process
     with torch.inference_mode():
-        for batch in loader:
+        for batch in tqdm(loader, desc="inference", unit="batch", disable=not show or None):
             x = batch["pixel_values"].to(device, non_blocking=True)
             if normalize is not None:
                 x = normalize(x)

@@ -174,6 +174,7 @@ def evaluate_model(
     label_map: str | os.PathLike | None = None,
     subgroups: str | list[str] | None = None,
     ood: list[str] | None = None,
+    progress: bool = False,
 ) -> dict:
     """Evaluate ``model`` (RUN/best, a model folder or ORG/NAME) on ``data[split]``; return the metrics.
 
@@ -212,6 +213,7 @@ def evaluate_model(
         channels_last=channels_last,
         mixed_precision=mixed_precision,
         normalize=BatchNormalize(cfg),
+        progress=progress,
     )
     result = predict_logits(
         net, with_transform(raw_split, transform, min_size=min_size, decode=decode), accelerator, **infer
