@@ -8,7 +8,6 @@ folder and the evaluation report: no timestamps, so pushing the same run twice u
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from derm_accel.artifacts import METRIC_NAMES, fmt, number
 from derm_accel.errors import InputError
 from derm_accel.evaluation.subgroups import model_card_section as subgroup_card_section
 
@@ -33,18 +33,18 @@ HUB_LICENSES = {
     "pddl", "unlicense", "wtfpl", "zlib", "cdla-permissive-2.0", "cdla-sharing-1.0", "other",
 }  # fmt: skip
 
-# metrics.json key -> (metric type, display name, metric args)
-_EVAL_METRICS: list[tuple[str, str, str, dict[str, Any] | None]] = [
-    ("accuracy", "accuracy", "Accuracy", None),
-    ("balanced_accuracy", "balanced_accuracy", "Balanced accuracy", None),
-    ("top3_accuracy", "top_k_accuracy", "Top-3 accuracy", {"k": 3}),
-    ("macro_f1", "f1", "Macro F1", {"average": "macro"}),
-    ("macro_precision", "precision", "Macro precision", {"average": "macro"}),
-    ("macro_recall", "recall", "Macro recall", {"average": "macro"}),
-    ("weighted_f1", "f1", "Weighted F1", {"average": "weighted"}),
-    ("roc_auc_macro", "roc_auc", "ROC AUC (macro, one-vs-rest)", {"average": "macro", "multi_class": "ovr"}),
-    ("ece", "expected_calibration_error", "Expected calibration error", None),
-]
+# metrics.json key -> (Hub metric type, metric args) in the model-index; display names: artifacts.METRIC_NAMES.
+_HUB_METRICS: dict[str, tuple[str, dict[str, Any] | None]] = {
+    "accuracy": ("accuracy", None),
+    "balanced_accuracy": ("balanced_accuracy", None),
+    "top3_accuracy": ("top_k_accuracy", {"k": 3}),
+    "macro_f1": ("f1", {"average": "macro"}),
+    "macro_precision": ("precision", {"average": "macro"}),
+    "macro_recall": ("recall", {"average": "macro"}),
+    "weighted_f1": ("f1", {"average": "weighted"}),
+    "roc_auc_macro": ("roc_auc", {"average": "macro", "multi_class": "ovr"}),
+    "ece": ("expected_calibration_error", None),
+}
 REQUIRED_CONFIG_KEYS = ("architecture", "num_classes", "num_features", "label_names", "pretrained_cfg")
 REQUIRED_PRETRAINED_CFG_KEYS = ("input_size", "crop_pct", "interpolation", "mean", "std", "label_names")
 
@@ -128,16 +128,12 @@ def _hub_dataset_id(dataset: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not math.isnan(float(value)) else None
-
-
 def eval_results(metrics: Mapping[str, Any], dataset_type: str, dataset_name: str) -> list[EvalResult]:
     """The test metrics of ``metrics.json`` as model-index entries."""
     split = metrics.get("split") or "test"
     results = []
-    for key, metric_type, name, args in _EVAL_METRICS:
-        value = _number(metrics.get(key))
+    for key, (metric_type, args) in _HUB_METRICS.items():
+        value = number(metrics.get(key))
         if value is None:
             continue
         results.append(
@@ -148,21 +144,12 @@ def eval_results(metrics: Mapping[str, Any], dataset_type: str, dataset_name: st
                 dataset_name=dataset_name,
                 dataset_split=split,
                 metric_type=metric_type,
-                metric_name=name,
+                metric_name=METRIC_NAMES[key],
                 metric_value=round(value, 4),
                 metric_args=args,
             )
         )
     return results
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    number = _number(value)
-    if number is None:
-        return "n/a" if value is None else str(value)
-    return f"{number:.{digits}f}"
 
 
 def _section_model_details(repo_id: str, config: Mapping[str, Any], license_id: str, info: Mapping[str, Any]) -> str:
@@ -173,7 +160,7 @@ def _section_model_details(repo_id: str, config: Mapping[str, Any], license_id: 
         "",
         f"- **Architecture:** `{config['architecture']}` ([timm](https://github.com/huggingface/pytorch-image-models))",
         f"- **Classes:** {config['num_classes']} ({', '.join(f'`{n}`' for n in config['label_names'])})",
-        f"- **Input:** RGB, {size[-1]}x{size[-2]} px, resize to {_fmt(pcfg['crop_pct'], 3)} crop, "
+        f"- **Input:** RGB, {size[-1]}x{size[-2]} px, resize to {fmt(pcfg['crop_pct'], 3)} crop, "
         f"`{pcfg['interpolation']}` interpolation, mean {list(pcfg['mean'])}, std {list(pcfg['std'])}",
         "- **Weights:** `model.safetensors`; config in timm's format (`config.json`)",
         f"- **License:** `{license_id}`",
@@ -307,20 +294,20 @@ def _section_evaluation(metrics: Mapping[str, Any], report_files: set[str]) -> s
     lines = [
         "## Evaluation",
         "",
-        f"On the held-out **{split}** split ({_fmt(metrics.get('num_samples'))} images); "
+        f"On the held-out **{split}** split ({fmt(metrics.get('num_samples'))} images); "
         "the full report is in "
         f"[`eval/`](eval/){' ([report](eval/report.md))' if 'report.md' in report_files else ''}.",
         "",
         "| Metric | Value |",
         "|---|---|",
     ]
-    for key, _, name, _ in _EVAL_METRICS:
-        if _number(metrics.get(key)) is not None:
-            value = _fmt(metrics[key])
+    for key in _HUB_METRICS:
+        if number(metrics.get(key)) is not None:
+            value = fmt(metrics[key])
             ci = (metrics.get("ci95") or {}).get({"accuracy": "accuracy", "macro_f1": "macro_f1"}.get(key, ""), None)
             if isinstance(ci, (list, tuple)) and len(ci) == 2:
-                value += f" (95% CI {_fmt(ci[0])}-{_fmt(ci[1])})"
-            lines.append(f"| {name} | {value} |")
+                value += f" (95% CI {fmt(ci[0])}-{fmt(ci[1])})"
+            lines.append(f"| {METRIC_NAMES[key]} | {value} |")
     per_class = metrics.get("per_class") or {}
     if per_class:
         lines += [
@@ -332,8 +319,8 @@ def _section_evaluation(metrics: Mapping[str, Any], report_files: set[str]) -> s
         ]
         for name, m in per_class.items():
             lines.append(
-                f"| {name} | {_fmt(m.get('precision'))} | {_fmt(m.get('recall'))} | {_fmt(m.get('f1'))} "
-                f"| {_fmt(m.get('roc_auc'))} | {_fmt(m.get('support'))} |"
+                f"| {name} | {fmt(m.get('precision'))} | {fmt(m.get('recall'))} | {fmt(m.get('f1'))} "
+                f"| {fmt(m.get('roc_auc'))} | {fmt(m.get('support'))} |"
             )
     missing = metrics.get("classes_without_samples") or []
     if missing:
@@ -341,9 +328,9 @@ def _section_evaluation(metrics: Mapping[str, Any], report_files: set[str]) -> s
     if "confusion_matrix.png" in report_files:
         lines += ["", "### Confusion matrix", "", "![Confusion matrix](eval/confusion_matrix.png)"]
     lines += ["", "### Calibration", ""]
-    if _number(metrics.get("ece")) is not None:
+    if number(metrics.get("ece")) is not None:
         lines.append(
-            f"Expected calibration error: **{_fmt(metrics['ece'])}**; lower means the predicted "
+            f"Expected calibration error: **{fmt(metrics['ece'])}**; lower means the predicted "
             "probabilities match observed frequencies better."
         )
     calibration = metrics.get("calibration")
@@ -362,16 +349,16 @@ def _section_evaluation(metrics: Mapping[str, Any], report_files: set[str]) -> s
 def _stage_lines(stage: Mapping[str, Any], before_name: str, after_name: str) -> list[str]:
     """Settings of a post-processing stage (calibration, TTA) and its before/after metrics."""
     lines = [
-        f"- {k.replace('_', ' ')}: {_fmt(v) if not isinstance(v, (list, tuple)) else ', '.join(map(str, v))}"
+        f"- {k.replace('_', ' ')}: {fmt(v) if not isinstance(v, (list, tuple)) else ', '.join(map(str, v))}"
         for k, v in stage.items()
         if not isinstance(v, Mapping)
     ]
     before, after = stage.get("before"), stage.get("after")
     if isinstance(before, Mapping) and isinstance(after, Mapping):
-        keys = [k for k in before if k in after and _number(before[k]) is not None]
+        keys = [k for k in before if k in after and number(before[k]) is not None]
         if keys:
             lines += ["", f"| Metric | {before_name} | {after_name} |", "|---|---|---|"]
-            lines += [f"| {k.replace('_', ' ')} | {_fmt(before[k])} | {_fmt(after[k])} |" for k in keys]
+            lines += [f"| {k.replace('_', ' ')} | {fmt(before[k])} | {fmt(after[k])} |" for k in keys]
     return lines
 
 
@@ -389,8 +376,8 @@ def _section_out_of_domain(config: Mapping[str, Any], metrics: Mapping[str, Any]
             text = (
                 "## Out-of-domain inputs and abstention\n\n"
                 f"This model ships a domain guard (`domain_guard.safetensors`): images whose `ood_score` exceeds "
-                f"{_fmt(guard.get('threshold'))} are flagged as unlike the training data "
-                f"({_fmt(guard.get('in_domain_share'))} of held-out in-domain images pass). No evaluation of it "
+                f"{fmt(guard.get('threshold'))} are flagged as unlike the training data "
+                f"({fmt(guard.get('in_domain_share'))} of held-out in-domain images pass). No evaluation of it "
                 "was published with this model."
             )
         else:
@@ -518,7 +505,7 @@ def build_model_card(
         base_model=_base_hub_id(info.get("base_model")),
         tags=CARD_TAGS,
         datasets=[hub_dataset] if hub_dataset else None,
-        metrics=sorted({m for k, m, _, _ in _EVAL_METRICS if _number(metrics.get(k)) is not None}) or None,
+        metrics=sorted({m for k, (m, _) in _HUB_METRICS.items() if number(metrics.get(k)) is not None}) or None,
         model_name=repo_id.split("/")[-1],
         eval_results=eval_results(metrics, hub_dataset or "imagefolder", Path(dataset_name).name) or None,
     )

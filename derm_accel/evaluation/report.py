@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from derm_accel.artifacts import METRIC_NAMES, fmt, pct
+
 from .label_map import report_lines as external_report_lines
 from .subgroups import report_lines as subgroup_report_lines
 
@@ -34,33 +36,12 @@ SUMMARY_KEYS = (
     "ece",
     "ci95",
 )
-_TABLE_ROWS = (
-    ("accuracy", "Accuracy"),
-    ("balanced_accuracy", "Balanced accuracy"),
-    ("top3_accuracy", "Top-3 accuracy"),
-    ("macro_f1", "Macro F1"),
-    ("roc_auc_macro", "ROC-AUC (macro)"),
-    ("nll", "Negative log-likelihood"),
-    ("ece", "Expected calibration error"),
-)
+_TABLE_KEYS = ("accuracy", "balanced_accuracy", "top3_accuracy", "macro_f1", "roc_auc_macro", "nll", "ece")
 
 
 def summary(metrics: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of a metric result (what before/after comparisons show)."""
     return {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
-
-
-def fmt(value: Any, digits: int = 3) -> str:
-    """A number for a table; undefined values read as n/a rather than 0."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def write_per_class_csv(metrics: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -143,7 +124,7 @@ def write_misclassifications_md(
     if pairs:
         lines += ["| true class | predicted as | count | share |", "|---|---|---:|---:|"]
         lines += [
-            f"| {p['true']} | {p['predicted']} | {p['count']} | {_pct(p['share_of_true'])} |" for p in pairs
+            f"| {p['true']} | {p['predicted']} | {p['count']} | {pct(p['share_of_true'])} |" for p in pairs
         ]
     else:
         lines.append("No misclassifications.")
@@ -165,7 +146,8 @@ def write_misclassifications_md(
 
 def _before_after_table(block: dict[str, Any], before: str, after: str) -> list[str]:
     lines = [f"| metric | {before} | {after} | change |", "|---|---:|---:|---:|"]
-    for key, title in _TABLE_ROWS:
+    for key in _TABLE_KEYS:
+        title = METRIC_NAMES[key]
         b, a = block["before"].get(key), block["after"].get(key)
         change = "n/a" if a is None or b is None else f"{a - b:+.3f}"
         lines.append(f"| {title} | {fmt(b)} | {fmt(a)} | {change} |")
@@ -203,23 +185,23 @@ def render_report(metrics: dict[str, Any], files: dict[str, str]) -> str:
         "## In plain words",
         "",
         f"- The model named the correct condition for **{correct} of {n} images** "
-        f"({_pct(metrics['accuracy'])}"
-        + (f"; 95% interval {_pct(acc_ci[0])} to {_pct(acc_ci[1])}" if acc_ci else "")
+        f"({pct(metrics['accuracy'])}"
+        + (f"; 95% interval {pct(acc_ci[0])} to {pct(acc_ci[1])}" if acc_ci else "")
         + ").",
         f"- Giving every condition equal weight, it finds on average "
-        f"{_pct(metrics['balanced_accuracy'])} of the "
+        f"{pct(metrics['balanced_accuracy'])} of the "
         "images of a condition (balanced accuracy). Rare conditions count as much as common ones here.",
         f"- The correct condition was among its three most likely answers for "
-        f"{_pct(metrics['top3_accuracy'])} "
+        f"{pct(metrics['top3_accuracy'])} "
         "of the images.",
     ]
     k = min(3, len(by_recall) // 2)  # best and worst lists must not overlap
     if k:
-        worst = ", ".join(f"{c} ({_pct(v['recall'])} of {v['support']})" for c, v in by_recall[:k])
-        best = ", ".join(f"{c} ({_pct(v['recall'])} of {v['support']})" for c, v in by_recall[::-1][:k])
+        worst = ", ".join(f"{c} ({pct(v['recall'])} of {v['support']})" for c, v in by_recall[:k])
+        best = ", ".join(f"{c} ({pct(v['recall'])} of {v['support']})" for c, v in by_recall[::-1][:k])
         lines += [f"- Most often recognised: {best}.", f"- Most often missed: {worst}."]
     lines += [
-        f"- Its stated confidence differs from how often it is actually right by {_pct(metrics['ece'])} on "
+        f"- Its stated confidence differs from how often it is actually right by {pct(metrics['ece'])} on "
         "average (expected calibration error; 0% would mean a stated 80% is right 80% of the time). The "
         "reliability diagram shows at which confidence levels it over- or under-states.",
         (
@@ -318,7 +300,7 @@ def render_report(metrics: dict[str, Any], files: dict[str, str]) -> str:
     lines += ["", "## Most frequent confusions", ""]
     if pairs:
         lines += [
-            f"- {p['true']} taken for {p['predicted']}: {p['count']} ({_pct(p['share_of_true'])} of "
+            f"- {p['true']} taken for {p['predicted']}: {p['count']} ({pct(p['share_of_true'])} of "
             f"{p['true']})"
             for p in pairs
         ]

@@ -22,6 +22,8 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
+from derm_accel.artifacts import fmt
+
 SMALL_GROUP = 30
 MISSING = "(missing)"
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
@@ -377,13 +379,9 @@ def plot_subgroups(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     return Path(path)
 
 
-def _fmt(value: Any) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def _with_ci(row: Mapping[str, Any], metric: str) -> str:
     ci = row[f"{metric}_ci"]
-    return _fmt(row[metric]) + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "")
+    return fmt(row[metric]) + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "")
 
 
 def table_lines(block: Mapping[str, Any]) -> list[str]:
