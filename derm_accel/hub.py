@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from derm_accel.artifacts import METRICS, RECIPE, TRAINING_INFO, VAL_METRICS
 from derm_accel.errors import OutputExistsError, RunError
 from derm_accel.fileio import staged_dir
 from derm_accel.model_card import build_model_card
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MODEL_FILES = ("model.safetensors", "config.json")
-RUN_FILES = ("recipe.yaml", "training_info.json", "val_metrics.json", "domain_guard.safetensors")
+RUN_FILES = (RECIPE, TRAINING_INFO, VAL_METRICS, "domain_guard.safetensors")
 REPORT_SUFFIXES = (".json", ".csv", ".png", ".md")
 EVAL_DIR = "eval"
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -69,7 +70,7 @@ def stage_upload(
     from derm_accel.guard.model import read_guard
 
     read_guard(model_dir)  # a damaged guard file or settings fail here, naming the file, before any upload
-    if report_dir is not None and not (Path(report_dir) / "metrics.json").is_file():
+    if report_dir is not None and not (Path(report_dir) / METRICS).is_file():
         raise FileNotFoundError(
             f"{Path(report_dir) / 'metrics.json'} not found; pass the folder `derm-accel evaluate` wrote."
         )

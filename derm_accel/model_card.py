@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from derm_accel.artifacts import METRIC_NAMES, fmt, number
+from derm_accel.artifacts import METRIC_NAMES, METRICS, RECIPE, TRAINING_INFO, fmt, number
 from derm_accel.errors import InputError
 from derm_accel.evaluation.subgroups import model_card_section as subgroup_card_section
 
@@ -478,8 +478,8 @@ def build_model_card(
         raise FileNotFoundError(f"{config_path} not found; point at a model folder (RUN/best) written by train.")
     config = read_optional_json(config_path)
     check_timm_config(config, config_path)
-    recipe = read_optional_yaml(model_dir / "recipe.yaml")
-    info = read_optional_json(model_dir / "training_info.json")
+    recipe = read_optional_yaml(model_dir / RECIPE)
+    info = read_optional_json(model_dir / TRAINING_INFO)
     license_id = resolve_license(license, recipe, info).lower()
     license_name = None
     if license_id not in HUB_LICENSES:
@@ -490,7 +490,7 @@ def build_model_card(
     report_files: set[str] = set()
     if report_dir is not None:
         report_dir = Path(report_dir)
-        metrics = read_optional_json(report_dir / "metrics.json")
+        metrics = read_optional_json(report_dir / METRICS)
         report_files = {p.name for p in report_dir.iterdir() if p.is_file()} if report_dir.is_dir() else set()
 
     dataset = _dataset_info(recipe, info)

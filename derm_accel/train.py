@@ -32,6 +32,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 import derm_accel
+from derm_accel.artifacts import RECIPE, RUN_INFO, TRAINING_INFO, VAL_METRICS, TrainingInfo, ValMetrics
 from derm_accel.checkpoints import (
     TrainState,
     list_checkpoints,
@@ -423,10 +424,10 @@ def start_logging(run: Run, state: TrainState, *, resumed: bool) -> None:
     if not acc.is_main_process:
         return
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "recipe.yaml").write_text(run.recipe.to_yaml())
+    (run.run_dir / RECIPE).write_text(run.recipe.to_yaml())
     run_info = collect_run_info(acc)
     run_info.update(label_names=run.label_names, data_config=run.data_cfg, updates_per_epoch=run.updates_per_epoch)
-    atomic_write_json(run.run_dir / "run_info.json", run_info, default=str)
+    atomic_write_json(run.run_dir / RUN_INFO, run_info, default=str)
     if resumed:  # steps logged after that checkpoint are run, and logged, again
         acc.get_tracker("jsonl").mark_resume(state.global_step, state.epoch)
 
@@ -595,21 +596,21 @@ def end_epoch(run: Run, state: TrainState, epoch: int, stats: EpochStats) -> str
     return None
 
 
-def export_best(run: Run, state: TrainState, val_metrics: dict[str, Any]) -> None:
+def export_best(run: Run, state: TrainState, val_metrics: ValMetrics) -> None:
     """Write the model validated this epoch to ``RUN/best`` with its recipe, metrics and training info."""
     export_model(
         run.export_model(),
         run.run_dir / BEST_DIR,
         run.label_names,
         extra_files={
-            "recipe.yaml": published_recipe(run.recipe),
-            "val_metrics.json": json.dumps(val_metrics, indent=2) + "\n",
-            "training_info.json": json.dumps(training_info(run, state), indent=2) + "\n",
+            RECIPE: published_recipe(run.recipe),
+            VAL_METRICS: json.dumps(val_metrics, indent=2) + "\n",
+            TRAINING_INFO: json.dumps(training_info(run, state), indent=2) + "\n",
         },
     )
 
 
-def training_info(run: Run, state: TrainState) -> dict[str, Any]:
+def training_info(run: Run, state: TrainState) -> TrainingInfo:
     """``best/training_info.json``: how the exported model was trained (published with it)."""
     acc, recipe = run.accelerator, run.recipe
     return {
@@ -652,6 +653,6 @@ def finish(run: Run, state: TrainState, stop: str | None) -> None:
     best = run.run_dir / BEST_DIR
     if acc.is_main_process and best.is_dir() and state.batches_done == 0:
         info = {**training_info(run, state), "stopped_early": stop == EARLY_STOPPING}
-        atomic_write_json(best / "training_info.json", info)
+        atomic_write_json(best / TRAINING_INFO, info)
     acc.wait_for_everyone()
     acc.end_training()

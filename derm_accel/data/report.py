@@ -9,13 +9,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from derm_accel.artifacts import CONVERSION_REPORT
 from derm_accel.data.scan import Skip
 from derm_accel.data.split import SPLITS
 from derm_accel.errors import RunError
 from derm_accel.fileio import atomic_write_json
 from derm_accel.paths import fit_name
 
-REPORT_NAME = "conversion_report.json"
+REPORT_NAME = CONVERSION_REPORT
 
 
 class AccountingError(RunError):

@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from ..artifacts import METRICS
 from ..data.transforms import (
     IMAGE_COLUMN,
     LABEL_COLUMN,
@@ -51,7 +52,7 @@ BOOTSTRAP_SEED = 0
 ECE_BINS = 15
 
 FILES = {
-    "metrics": "metrics.json",
+    "metrics": METRICS,
     "per_class": "per_class.csv",
     "predictions": "predictions.csv",
     "confusion_matrix": "confusion_matrix.png",
