@@ -55,6 +55,8 @@ class TrainingInfo(TypedDict, total=False):
     global_steps: int
     model: str
     input_size: list[int]
+    base_model: dict[str, Any] | None  # the pretrained weights training started from
+    dataset: dict[str, Any] | None  # the dataset's provenance (Hub id, license) from its conversion report
     ema: bool
     mixed_precision: str
     num_processes: int
@@ -64,6 +66,7 @@ class TrainingInfo(TypedDict, total=False):
     wall_time_s: float
     dataset_path: str
     dataset_class_names: list[str]
+    recipe_changes: list[dict[str, Any]]  # recipe keys changed on a resume, with the step
     license: str | None
     derm_accel_version: str
     stopped_early: bool  # written when training ends
