@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from derm_accel.errors import RunError
+from derm_accel.fileio import atomic_write_json, staged_dir
 
 ONNX_NAME = "model.onnx"
 SIDECAR_NAME = "preprocessing.json"
@@ -30,7 +31,7 @@ FORMATS = ("onnx",)
 PREPROCESSING_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(RunError):
     """The exported graph does not reproduce the PyTorch model."""
 
 
@@ -61,9 +62,7 @@ def export_onnx(
     net, labels = load_model(os.fspath(model_source))
     cfg = data_config(net)
     size = tuple(cfg["input_size"])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:  # an earlier export (checked above) is replaced once this one is complete
         onnx_path = tmp / ONNX_NAME
         with torch.no_grad():
             torch.onnx.export(
@@ -112,13 +111,7 @@ def export_onnx(
             "onnxruntime_version": ort.__version__,
             "domain_guard": None,  # the guard stays in PyTorch; ONNX results carry none
         }
-        (tmp / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
-        if out_dir.exists():  # an earlier export (checked above): replaced
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / SIDECAR_NAME, sidecar)
     return out_dir
 
 
