@@ -270,7 +270,8 @@ def evaluate(
 @app.command(
     epilog="**Examples**\n\n"
     "derm-accel push runs/effnet_b3/best --repo-id my-lab/effnet-b3-derm35 --report reports/effnet_b3\n\n"
-    "derm-accel push runs/effnet_b3/best --repo-id my-lab/effnet-b3-derm35 --dry-run --out staged/",
+    "derm-accel push runs/effnet_b3/best --repo-id my-lab/effnet-b3-derm35 --dry-run --out staged/\n\n"
+    "derm-accel push runs/effnet_b3/best --repo-id my-lab/effnet-b3-derm35 --space my-lab/effnet-b3-derm35-demo",
 )
 def push(
     model_dir: Annotated[Path, typer.Argument(help="Model folder written by training (RUN/best).")],
@@ -284,16 +285,36 @@ def push(
     ] = None,
     license: Annotated[str | None, typer.Option(help="License of the weights (else from the recipe/dataset).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Stage the upload into --out instead of pushing.")] = False,
-    out: Annotated[Path | None, typer.Option(help="Folder for --dry-run.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for --dry-run (a Space goes into OUT-space).")] = None,
+    space: Annotated[
+        str | None, typer.Option(help="Also create this Gradio Space (ORG/NAME-demo): the demo, loading the model.")
+    ] = None,
+    space_requirement: Annotated[
+        str | None, typer.Option(help="How the Space installs derm-accel (a pip requirement line; default: "
+                                      "derm-accel[demo] at this version).")
+    ] = None,
 ) -> None:
-    """Publish weights (safetensors), a timm config.json, the evaluation and a model card to the Hub."""
+    """Publish weights (safetensors), a timm config.json, the evaluation and a model card to the Hub; with
+    --space also a Gradio Space running `derm-accel demo` on the model."""
     from derm_accel.hub import push_model
 
+    if space:
+        from derm_accel.space import check_space_id
+
+        check_space_id(space, repo_id)  # before the model is pushed
     where = push_model(
         model_dir, repo_id, report_dir=report, private=private, revision=revision,
         commit_message=commit_message, token=token, dry_run=dry_run, out=out, license=license,
     )
     typer.echo(f"{'staged' if dry_run else 'pushed'}: {where}")
+    if space:
+        from derm_accel.space import push_space
+
+        space_where = push_space(
+            model_dir, repo_id, space, revision=revision, private=private, token=token, license=license,
+            requirement=space_requirement, dry_run=dry_run, out=f"{out}-space" if out is not None else None,
+        )
+        typer.echo(f"{'staged Space' if dry_run else 'pushed Space'}: {space_where}")
 
 
 @app.command(

@@ -2,11 +2,13 @@
 
 It speaks the same endpoints, payloads and headers as the Hub (checked against huggingface_hub 2.4's
 ``hf_api.py``, ``_commit_api.py``, ``lfs.py`` and ``file_download.py``), so push and download code paths run
-unchanged against ``HF_ENDPOINT=http://127.0.0.1:PORT``. Model and dataset repos are served; every route below
-exists for both, with ``models`` -> ``datasets`` in ``/api/...`` routes and a ``datasets/`` prefix before the repo
-id in git-style routes (``/datasets/{repo}/resolve/...``, ``/datasets/{repo}.git/...``), as on the Hub:
+unchanged against ``HF_ENDPOINT=http://127.0.0.1:PORT``. Model, dataset and Space repos are served; every route
+below exists for all three, with ``models`` -> ``datasets``/``spaces`` in ``/api/...`` routes and a ``datasets/``
+or ``spaces/`` prefix before the repo id in git-style routes (``/datasets/{repo}/resolve/...``,
+``/spaces/{repo}.git/...``), as on the Hub:
 
-- ``POST /api/repos/create`` (``type`` model or dataset; 409 when the repo exists), ``POST /api/validate-yaml``
+- ``POST /api/repos/create`` (``type`` model, dataset or space, a Space with its ``sdk``; 409 when the repo
+  exists), ``POST /api/validate-yaml``
 - ``POST /api/models/{repo}/preupload/{rev}`` (upload mode and remote oid per file)
 - ``POST /{repo}.git/info/lfs/objects/batch`` + ``PUT /_lfs/{oid}`` (basic transfer, sha256 checked)
 - ``POST /api/models/{repo}/commit/{rev}`` (NDJSON: header, file, lfsFile, deletedFile, deletedFolder)
@@ -43,7 +45,8 @@ LFS_EXTENSIONS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.png", "*.jpg", "
 # Dataset repos on the Hub also track columnar data files with LFS.
 DATASET_LFS_EXTENSIONS = (*LFS_EXTENSIONS, "*.parquet", "*.arrow")
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
-REPO_TYPES = ("model", "dataset")
+REPO_TYPES = ("model", "dataset", "space")
+SPACE_SDKS = ("gradio", "docker", "static")
 
 
 def gitattributes(patterns: tuple[str, ...]) -> bytes:
@@ -54,7 +57,8 @@ GITATTRIBUTES = gitattributes(LFS_EXTENSIONS)
 
 
 def repo_key(repo_id: str, repo_type: str = "model") -> str:
-    """Where the repo lives on the Hub, relative to the endpoint: ``org/name`` or ``datasets/org/name``."""
+    """Where the repo lives on the Hub, relative to the endpoint: ``org/name``, ``datasets/org/name`` or
+    ``spaces/org/name``."""
     return repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
 
 
@@ -96,6 +100,7 @@ class Repo:
     private: bool
     repo_type: str = "model"
     branches: dict[str, str] = field(default_factory=dict)
+    sdk: str | None = None  # Spaces only
     commits: dict[str, Commit] = field(default_factory=dict)
 
 
@@ -168,12 +173,12 @@ class HubState:
         repo.commits[oid] = commit
         return commit
 
-    def create_repo(self, repo_id: str, private: bool, repo_type: str = "model") -> bool:
+    def create_repo(self, repo_id: str, private: bool, repo_type: str = "model", sdk: str | None = None) -> bool:
         with self.lock:
             key = repo_key(repo_id, repo_type)
             if key in self.repos:
                 return False
-            repo = Repo(repo_id, private, repo_type)
+            repo = Repo(repo_id, private, repo_type, sdk=sdk)
             attributes = gitattributes(DATASET_LFS_EXTENSIONS) if repo_type == "dataset" else GITATTRIBUTES
             entry = RepoFileEntry(".gitattributes", len(attributes), git_blob_sha1(attributes), None, attributes)
             commit = self.new_commit(repo, None, "initial commit", "", {".gitattributes": entry})
@@ -269,7 +274,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         return self.headers.get("Authorization") == f"Bearer {expected}"
 
     def _repo(self, key: str, head: bool = False) -> Repo | None:
-        """The repo at ``key`` (``org/name`` or ``datasets/org/name``), or a 404 answer."""
+        """The repo at ``key`` (``org/name``, ``datasets/org/name`` or ``spaces/org/name``), or a 404 answer."""
         repo = self.state.repos.get(key)
         if repo is None or (repo.private and not self._authorized()):
             self._error(404, "Repository not found", "RepoNotFound", head=head)
@@ -310,7 +315,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if method == "POST" and path.endswith(".git/info/lfs/objects/batch"):
             key = path.strip("/").removesuffix(".git/info/lfs/objects/batch")
             return self._lfs_batch(key, body)
-        if parts[0] == "api" and len(parts) >= 4 and parts[1] in ("models", "datasets"):
+        if parts[0] == "api" and len(parts) >= 4 and parts[1] in ("models", "datasets", "spaces"):
             key = repo_key(f"{parts[2]}/{parts[3]}", parts[1][:-1])
             rest = parts[4:]
             if method == "GET" and not rest:
@@ -333,7 +338,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 return self._refs(key)
         if method in ("GET", "HEAD"):
             # /{org}/{name}/resolve/{rev}/{path} for models, /datasets/{org}/{name}/resolve/... for datasets.
-            offset = 1 if parts[0] == "datasets" else 0
+            offset = 1 if parts[0] in ("datasets", "spaces") else 0
             if len(parts) >= 5 + offset and parts[2 + offset] == "resolve":
                 key = "/".join(parts[: 2 + offset])
                 rest = parts[3 + offset :]
@@ -359,11 +364,14 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         payload = json.loads(body)
         repo_type = payload.get("type") or "model"
         if repo_type not in REPO_TYPES:
-            return self._error(400, f"this server only hosts {' and '.join(REPO_TYPES)} repos")
+            return self._error(400, f"this server only hosts {', '.join(REPO_TYPES)} repos")
+        sdk = payload.get("sdk")
+        if repo_type == "space" and sdk not in SPACE_SDKS:
+            return self._error(400, f"a Space needs an sdk, one of {', '.join(SPACE_SDKS)}; got {sdk!r}")
         repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
         url = f"{self.server.url}/{repo_key(repo_id, repo_type)}"
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
-        if not self.state.create_repo(repo_id, private, repo_type):
+        if not self.state.create_repo(repo_id, private, repo_type, sdk if repo_type == "space" else None):
             return self._json(409, {"error": f"You already created this {repo_type} repo", "url": url})
         self._json(200, {"url": url, "name": repo_id, "id": repo_id})
 
@@ -543,6 +551,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             {
                 "id": repo.repo_id,
                 **({"modelId": repo.repo_id} if repo.repo_type == "model" else {}),
+                **({"sdk": repo.sdk} if repo.repo_type == "space" else {}),
                 "author": repo.repo_id.split("/")[0],
                 "sha": commit.oid,
                 "lastModified": commit.date,
@@ -678,9 +687,9 @@ def _endpoint_name(method: str, path: str) -> str:
         return "lfs-upload"
     if path.endswith("/info/lfs/objects/batch"):
         return "lfs-batch"
-    if parts[0] == "api" and len(parts) >= 2 and parts[1] in ("models", "datasets"):
+    if parts[0] == "api" and len(parts) >= 2 and parts[1] in ("models", "datasets", "spaces"):
         return parts[4] if len(parts) >= 5 and parts[4] != "revision" else "info"
-    if parts[0] == "datasets":
+    if parts[0] in ("datasets", "spaces"):
         parts = parts[1:]
     if len(parts) >= 3 and parts[2] == "resolve":
         return f"resolve-{method.lower()}"
