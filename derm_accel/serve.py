@@ -10,9 +10,11 @@ unless a proxy sits in front.
     GET  /docs            the OpenAPI description (the schema itself is /openapi.json)
 
 Bounds: a body over ``max_bytes`` gets 413 (before it is read when Content-Length says so); a client that
-stops sending for ``body_timeout`` seconds gets 408; at most ``DECODE_SLOTS`` images are decoded at once (each
-within the decode budget of :func:`derm_accel.data.transforms.decode_image`); forward passes take turns on the
-one model. Bad uploads get 4xx with a message, failures 500; the server keeps serving either way.
+stops sending for ``body_timeout`` seconds gets 408; at most ``DECODE_SLOTS`` images are decoded at once, each
+within the decode budget of :func:`derm_accel.data.transforms.decode_image`, and their decoded pixels together
+within ``DECODE_BUDGET_BYTES`` (a :class:`~derm_accel.data.decode.PixelBudget`: a large image waits for room,
+503 after ``body_timeout``); forward passes take turns on the one model. Bad uploads get 4xx with a message,
+failures 500; the server keeps serving either way.
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from typing import Any
 from fastapi import File, Query, Request, UploadFile
 from starlette.exceptions import HTTPException
 
+from derm_accel.data.decode import PixelBudget, decoded_bytes
+
 MAX_BYTES = 32 * 2**20  # a phone photo is a few MB; anything far larger is refused before it is read
 MAX_BATCH_FILES = 64
 DECODE_SLOTS = 4
+DECODE_BUDGET_BYTES = 256 * 2**20  # decoded pixels held at once, over all requests (two of the largest images)
 BODY_TIMEOUT_S = 30.0
 
 _RAW_BODY = {"schema": {"type": "string", "format": "binary"}}
@@ -145,7 +150,8 @@ def create_app(
     device = device or default_device()
     prepared = prepared_model(model, device)
     shown = shareable_path(model) if Path(model).exists() else model
-    decoding = asyncio.Semaphore(DECODE_SLOTS)  # bounds the memory of concurrent decodes
+    decoding = asyncio.Semaphore(DECODE_SLOTS)  # bounds the threads decoding at once
+    budget = PixelBudget(DECODE_BUDGET_BYTES)  # bounds the decoded pixels they hold together
     forward = asyncio.Lock()  # one model, one device: forward passes take turns
 
     app = FastAPI(
@@ -176,19 +182,23 @@ def create_app(
         return min(requested or top_k, len(prepared.labels))
 
     async def decode(data: bytes, name: str) -> Any:
-        from derm_accel.data.transforms import decode_image
+        from derm_accel.data.transforms import decode_image, open_image
 
         if not data:
             raise ClientError(400, f"{name}: empty upload; send the image file's bytes")
 
         def work() -> Any:
-            image = decode_image({"bytes": data}, prepared.min_size)  # refuses decompression bombs
-            image.load()
-            return prepared.transform(image)
+            size = decoded_bytes(open_image({"bytes": data}, prepared.min_size))  # header only; refuses bombs
+            with budget.hold(size, timeout=body_timeout):
+                image = decode_image({"bytes": data}, prepared.min_size)  # the decode predict does
+                image.load()
+                return prepared.transform(image)
 
         async with decoding:
             try:
                 return await anyio.to_thread.run_sync(work)
+            except TimeoutError as e:
+                raise ClientError(503, f"{name}: the server is busy decoding other images ({e}); retry") from e
             except Exception as e:  # a bad upload is the client's error, never the server's end
                 raise ClientError(400, f"{name}: not a readable image ({type(e).__name__}: {e}); "
                                        "send a JPEG or PNG file") from e

@@ -3,6 +3,7 @@ size and slow clients, documents itself, and stays up under concurrent requests.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import socket
@@ -224,3 +225,35 @@ def test_cors_is_off_by_default_and_configurable(model_dir: Path) -> None:
 def test_top_k_must_be_positive(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="top_k"):
         create_app(str(model_dir), top_k=0)
+
+
+def test_decoded_pixels_of_concurrent_uploads_stay_within_the_budget(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import derm_accel.serve as serve_module
+    from derm_accel.data.decode import PixelBudget
+
+    holds: list[tuple[int, int]] = []  # (bytes asked for, bytes held by all decodes while this one runs)
+
+    class Recording(PixelBudget):
+        @contextlib.contextmanager
+        def hold(self, nbytes: int, timeout: float | None = None) -> Iterator[None]:
+            with super().hold(nbytes, timeout):
+                holds.append((nbytes, self.in_use))
+                yield
+
+    capacity = 2 * 200 * 150 * 3  # room for two decoded 200x150 images
+    monkeypatch.setattr(serve_module, "PixelBudget", Recording)
+    monkeypatch.setattr(serve_module, "DECODE_BUDGET_BYTES", capacity)
+    server = BackgroundServer(create_app(str(model_dir)))
+    try:
+        body = io.BytesIO()
+        render(2, 0, 96).resize((200, 150)).save(body, format="PNG")  # PNG: decoded at full size
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            statuses = list(pool.map(lambda _: httpx.post(f"{server.url}/predict", content=body.getvalue(),
+                                                          timeout=60).status_code, range(12)))
+    finally:
+        server.stop()
+    assert statuses == [200] * 12
+    assert [n for n, _ in holds] == [200 * 150 * 3] * 12
+    assert all(in_use <= capacity for _, in_use in holds)
