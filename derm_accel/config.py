@@ -25,6 +25,8 @@ BALANCE_MODES = ("none", "weighted_loss", "sampler")
 MIXED_PRECISION = (None, "no", "fp16", "bf16")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "constant")
+# The trackers Accelerate integrates (accelerate.tracking.LOGGER_TYPE_TO_CLASS); each needs its own package.
+TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
 
 
 class RecipeError(InputError):
@@ -84,6 +86,8 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (smoke runs)
     stop_after_steps: int | None = None  # end this invocation after N optimizer steps (e.g. a job time limit)
     log_every_steps: int = 10
+    # Experiment trackers Accelerate logs to (TRACKERS); logs/metrics.jsonl is always written as well.
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -211,6 +215,12 @@ def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise RecipeError(f"{where}: {key} must be a list of {len(args)} numbers, e.g. [0.35, 1.0]; got {value!r}")
         return tuple(_coerce(a, v, f"{key}[{i}]", where) for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        items = [value] if isinstance(value, str) else value  # --set train.log_with=wandb: a list of one
+        if not isinstance(items, (list, tuple)):
+            raise RecipeError(f"{where}: {key} must be a list, e.g. [tensorboard, mlflow]; got {value!r}")
+        return [_coerce(arg, v, f"{key}[{i}]", where) for i, v in enumerate(items)]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -323,4 +333,10 @@ def validate(recipe: Recipe) -> None:
         f"train.stop_after_steps must be null or >= 1, got {t.stop_after_steps}",
     )
     need(t.log_every_steps >= 1, f"train.log_every_steps must be at least 1, got {t.log_every_steps}")
+    unknown = [name for name in t.log_with if name not in TRACKERS]
+    need(
+        not unknown,
+        f"train.log_with: unknown tracker {unknown}; choose from {', '.join(TRACKERS)} (a list; [] for none "
+        "besides logs/metrics.jsonl, which is always written)",
+    )
     need(bool(recipe.output_dir), "output_dir is empty; set where runs go, e.g. output_dir=runs/effnet_b3")

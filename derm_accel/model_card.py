@@ -8,6 +8,7 @@ folder and the evaluation report: no timestamps, so pushing the same run twice u
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -104,6 +105,18 @@ def _dataset_info(recipe: Mapping[str, Any], training_info: Mapping[str, Any]) -
         if isinstance(source, str) and source:
             return {"name": source}
     return {}
+
+
+def dataset_provenance(data_path: str | os.PathLike) -> dict[str, Any]:
+    """What training records about its converted dataset for the card: the source folder's name (not the local
+    ``data/`` path), and the Hub dataset id and license when ``convert`` recorded them."""
+    report = read_optional_json(Path(data_path) / "conversion_report.json")
+    info = {
+        "name": Path(str(report.get("src") or data_path)).name,
+        "hub_id": report.get("push_to_hub"),
+        "license": report.get("license"),
+    }
+    return {k: v for k, v in info.items() if v} if report else {}
 
 
 def resolve_license(explicit: str | None, recipe: Mapping[str, Any], training_info: Mapping[str, Any]) -> str:

@@ -47,7 +47,8 @@ from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, 
 from derm_accel.distributed import use_cpu_ranks_without_gpu
 from derm_accel.errors import RunError
 from derm_accel.fileio import atomic_write_json
-from derm_accel.models import create_model, data_config, export_model
+from derm_accel.model_card import dataset_provenance
+from derm_accel.models import base_weights, create_model, data_config, export_model
 from derm_accel.paths import shareable_path
 from derm_accel.run_info import collect_run_info, device_name
 from derm_accel.tracking import JSONLTracker
@@ -112,7 +113,8 @@ def validate(
     """
     model.eval()
     preds, labels, losses = [], [], []
-    for batch in loader:
+    show = accelerator.is_main_process
+    for batch in tqdm(loader, desc="validate", unit="batch", disable=not show or None, leave=False):
         inputs = batch["pixel_values"]
         if normalize is not None:
             inputs = normalize(inputs)
@@ -277,8 +279,18 @@ def setup(recipe: Recipe, resume: str | None = None) -> Run:
 
 
 def build_trackers(recipe: Recipe, run_dir: Path) -> list[Any]:
-    """TensorBoard for looking at curves; ``logs/metrics.jsonl`` for programs."""
-    return ["tensorboard", JSONLTracker("train", run_dir / LOG_DIR)]
+    """The recipe's trackers (``train.log_with``: tensorboard, trackio, wandb, mlflow...) for looking at curves;
+    ``logs/metrics.jsonl`` for programs, always."""
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    missing = [name for name in recipe.train.log_with if name not in available]
+    if missing:
+        raise RecipeError(
+            f"train.log_with names {missing}, not installed here: pip install {' '.join(missing)}, or drop it "
+            f"(e.g. --set train.log_with=[tensorboard])."
+        )
+    return [*recipe.train.log_with, JSONLTracker("train", run_dir / LOG_DIR)]
 
 
 def build_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
@@ -602,6 +614,7 @@ def export_best(run: Run, state: TrainState, val_metrics: ValMetrics) -> None:
         run.export_model(),
         run.run_dir / BEST_DIR,
         run.label_names,
+        license=run.recipe.license or run.dataset_license,
         extra_files={
             RECIPE: published_recipe(run.recipe),
             VAL_METRICS: json.dumps(val_metrics, indent=2) + "\n",
@@ -621,6 +634,11 @@ def training_info(run: Run, state: TrainState) -> TrainingInfo:
         "global_steps": state.global_step,
         "model": recipe.model.name,
         "input_size": list(run.data_cfg["input_size"]),
+        # The pretrained weights it started from (the card's base_model) and the data it learnt from.
+        "base_model": base_weights(
+            recipe.model.name, pretrained=recipe.model.pretrained, pretrained_file=recipe.model.pretrained_file
+        ),
+        "dataset": dataset_provenance(recipe.data.path) or None,
         "ema": recipe.optim.ema,
         "mixed_precision": acc.mixed_precision,
         "num_processes": acc.num_processes,
