@@ -44,7 +44,7 @@ def test_version() -> None:
     [
         (["convert", "src", "out", "--conflicts", "keep_majority"], "keep-majority"),
         (["evaluate", "--model", "m", "--data", "d", "--tta", "flips"], "flip"),
-        (["bench", "infer-gpu"], "comm"),
+        (["predict", "x.jpg", "--model", "m", "--backend", "tensorrt"], "onnxruntime"),
         (["export", "m", "out", "--format", "torchscript"], "onnx"),
     ],
 )
