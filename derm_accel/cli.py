@@ -198,11 +198,23 @@ def train(
         list[str] | None, typer.Option("--set", help="Override a recipe value, e.g. --set optim.lr=3e-4 (repeatable).")
     ] = None,
     resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint folder to resume from.")] = None,
+    resume_with_changes: Annotated[
+        bool,
+        typer.Option(
+            help="Apply recipe changes a resume refuses by default (e.g. optim.lr), from the checkpoint's step on; "
+            "recorded in run_info.json."
+        ),
+    ] = False,
 ) -> None:
-    """Train a timm classifier with a plain PyTorch loop driven by Accelerate (CPU, one GPU, or DDP)."""
+    """Train a timm classifier with a plain PyTorch loop driven by Accelerate (CPU, one GPU, or DDP).
+
+    On --resume the recipe is compared with the checkpoint's: epochs, checkpoint and logging cadence, early
+    stopping, stop_after_steps and loader settings may change; any other change is refused with the list of keys
+    unless --resume-with-changes.
+    """
     from derm_accel.train import train as run_training
 
-    run_dir = run_training(recipe, overrides=set_ or [], resume=resume)
+    run_dir = run_training(recipe, overrides=set_ or [], resume=resume, resume_with_changes=resume_with_changes)
     if _is_main_process():
         typer.echo(f"run folder: {run_dir}\nbest model: {Path(run_dir) / 'best'}")
 
@@ -281,7 +293,11 @@ def push(
     revision: Annotated[str | None, typer.Option(help="Branch to push to.")] = None,
     commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
     token: Annotated[
-        str | None, typer.Option(help="Hub token (default: HF_TOKEN or the saved login). Never printed or stored.")
+        str | None,
+        typer.Option(
+            help="Hub token. Prefer HF_TOKEN or `hf auth login` (the default): other local users can read a "
+            "--token value in `ps`. Never printed or stored."
+        ),
     ] = None,
     license: Annotated[str | None, typer.Option(help="License of the weights (else from the recipe/dataset).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Stage the upload into --out instead of pushing.")] = False,

@@ -33,13 +33,15 @@ from tqdm.auto import tqdm
 
 import derm_accel
 from derm_accel.artifacts import RECIPE, RUN_INFO, TRAINING_INFO, VAL_METRICS, TrainingInfo, ValMetrics
+from derm_accel.checkpoint_files import nonfinite_parameters
 from derm_accel.checkpoints import (
     TrainState,
     list_checkpoints,
     load_checkpoint,
+    read_recipe,
     read_state,
-    resolve_checkpoint,
     save_checkpoint,
+    verified_checkpoint,
 )
 from derm_accel.config import DataConfig, OptimConfig, Recipe, RecipeError, load_recipe
 from derm_accel.data import loaders
@@ -50,6 +52,7 @@ from derm_accel.fileio import atomic_write_json
 from derm_accel.model_card import dataset_provenance
 from derm_accel.models import base_weights, create_model, data_config, export_model
 from derm_accel.paths import shareable_path
+from derm_accel.resume import apply_hyperparameters, check_changes, hyperparameters, recipe_changes
 from derm_accel.run_info import collect_run_info, device_name
 from derm_accel.tracking import JSONLTracker
 
@@ -208,11 +211,21 @@ class EpochStats:
     images_per_s: float = 0.0
 
 
-def train(recipe: str | Path | Recipe, overrides: list[str] | None = None, resume: str | None = None) -> Path:
-    """Train the recipe's model; return the run folder (``RUN/best`` holds the exported best model)."""
+def train(
+    recipe: str | Path | Recipe,
+    overrides: list[str] | None = None,
+    resume: str | None = None,
+    resume_with_changes: bool = False,
+) -> Path:
+    """Train the recipe's model; return the run folder (``RUN/best`` holds the exported best model).
+
+    On resume the recipe is compared with the checkpoint's (:mod:`derm_accel.resume`): changes a resume may
+    take are applied and named, others are refused unless ``resume_with_changes``.
+    """
     recipe = load_recipe(recipe, overrides)
+    checkpoint, changes = resume_checks(recipe, resume, resume_with_changes)  # before anything is built
     run = setup(recipe, resume)
-    state = resume_state(run, resume)
+    state = resume_state(run, checkpoint, changes)
     start_logging(run, state, resumed=bool(resume))
     stop = None
     for epoch in range(state.epoch, recipe.train.epochs):
@@ -403,29 +416,56 @@ def build_ema(accelerator: Accelerator, model: torch.nn.Module, o: OptimConfig) 
         return None
     from timm.utils import ModelEmaV3
 
-    ema = ModelEmaV3(accelerator.unwrap_model(model, keep_torch_compile=False), decay=o.ema_decay)
-    accelerator.register_for_checkpointing(ema)
-    return ema
+    # Saved with every checkpoint as ema.safetensors (not registered with Accelerate, which would pickle it).
+    return ModelEmaV3(accelerator.unwrap_model(model, keep_torch_compile=False), decay=o.ema_decay)
 
 
-def resume_state(run: Run, resume: str | None) -> TrainState:
-    """A fresh state, or the one in the checkpoint ``resume`` names, with weights, optimizer, scheduler, scaler,
-    RNG and EMA restored and the position inside the epoch."""
+def resume_checks(
+    recipe: Recipe, resume: str | None, allow_changes: bool
+) -> tuple[Path | None, dict[str, dict[str, tuple[Any, Any]]]]:
+    """The verified checkpoint to resume from and the recipe changes it accepts ({"resumable": ..., "forced":
+    ...}); raises before anything is built or written when a change is not allowed."""
+    if not resume:
+        return None, {}
+    main = os.environ.get("RANK", "0") == "0"
+    checkpoint = verified_checkpoint(resume, recipe.output_dir, say=print if main else lambda *_: None)
+    saved = read_recipe(checkpoint)
+    if saved is None:
+        return checkpoint, {}
+    resumable, forced = check_changes(recipe_changes(saved, recipe.to_dict()), checkpoint, allow=allow_changes)
+    return checkpoint, {"resumable": resumable, "forced": forced}
+
+
+def resume_state(
+    run: Run, checkpoint: Path | None, changes: dict[str, dict[str, tuple[Any, Any]]] | None = None
+) -> TrainState:
+    """A fresh state, or the one in ``checkpoint`` (from :func:`resume_checks`), with weights, optimizer,
+    scheduler, scaler, RNG and EMA restored and the position inside the epoch; the recipe's changes applied."""
     acc, d, o = run.accelerator, run.recipe.data, run.recipe.optim
     layout = {"num_processes": acc.num_processes, "batch_size": d.batch_size, "grad_accum": o.grad_accum}
-    if not resume:
+    if checkpoint is None:
         return TrainState(layout=layout)
-    checkpoint = resolve_checkpoint(resume, run.run_dir)
     saved = read_state(checkpoint)
     if saved.layout and saved.layout != layout:
         raise RecipeError(
             f"{checkpoint} was written with {saved.layout} but this run has {layout}. Resume with "
             f"the same number of processes, data.batch_size and optim.grad_accum, or start a new output_dir."
         )
-    state = load_checkpoint(acc, checkpoint)
+    wanted = hyperparameters(run.optimizer)  # the recipe's; loading the optimizer state overwrites them
+    state = load_checkpoint(acc, checkpoint, ema=run.ema)
     state.layout = layout
     run.first_step, run.last_checkpoint = state.global_step, checkpoint
     acc.print(f"Resumed from {checkpoint}: epoch {state.epoch + 1}, step {state.global_step}")
+    for kind, found in (changes or {}).items():
+        if found:
+            state.recipe_changes.append(
+                {"step": state.global_step, "epoch": state.epoch, "kind": kind, "changes": found}
+            )
+            what = "changed on resume" if kind == "resumable" else "changed by --resume-with-changes"
+            listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in found.items())
+            acc.print(f"{what} at step {state.global_step}: {listed}")
+    if any((changes or {}).values()):
+        apply_hyperparameters(run.optimizer.optimizer, run.scheduler.scheduler, wanted)
     return state
 
 
@@ -439,6 +479,7 @@ def start_logging(run: Run, state: TrainState, *, resumed: bool) -> None:
     (run.run_dir / RECIPE).write_text(run.recipe.to_yaml())
     run_info = collect_run_info(acc)
     run_info.update(label_names=run.label_names, data_config=run.data_cfg, updates_per_epoch=run.updates_per_epoch)
+    run_info["recipe_changes"] = state.recipe_changes  # each accepted change and the step it took effect
     atomic_write_json(run.run_dir / RUN_INFO, run_info, default=str)
     if resumed:  # steps logged after that checkpoint are run, and logged, again
         acc.get_tracker("jsonl").mark_resume(state.global_step, state.epoch)
@@ -547,8 +588,9 @@ def _check_finite(run: Run, state: TrainState, loss: torch.Tensor, epoch: int) -
     raise NonFiniteLossError(
         f"Loss is {bad} (process: value) at epoch {epoch + 1}, "
         f"batch {state.batches_done + 1} (after optimizer step {state.global_step}). "
-        f"Last good checkpoint: {run.last_checkpoint or 'none'}. Lower optim.lr, set "
-        f"optim.grad_clip, or use bf16 instead of fp16, then continue with --resume latest."
+        f"Last good checkpoint: {run.last_checkpoint or 'none'} (its weights are finite). Lower optim.lr, set "
+        f"optim.grad_clip, or use bf16 instead of fp16, then continue with --resume latest --resume-with-changes "
+        f"(e.g. --set optim.lr=...)."
     )
 
 
@@ -559,11 +601,29 @@ def _log_step(run: Run, state: TrainState, epoch: int, train_loss: float, progre
 
 
 def checkpoint(run: Run, state: TrainState) -> None:
-    """Save everything a resume needs (every process calls this)."""
+    """Save everything a resume needs (every process calls this); weights that are no longer finite are never
+    checkpointed, so the last checkpoint is always one to go back to."""
+    bad = nonfinite_parameters(run.accelerator.unwrap_model(run.model, keep_torch_compile=False))
+    if run.ema is not None:
+        bad += [f"ema.{name}" for name in nonfinite_parameters(run.ema.module)]
+    if bad:
+        raise NonFiniteLossError(
+            f"The weights hold NaN/inf after optimizer step {state.global_step} ({len(bad)} tensors, first: "
+            f"{bad[0]}); this state was not checkpointed. Last checkpoint with finite weights: "
+            f"{run.last_checkpoint or 'none'}. Lower optim.lr or set optim.grad_clip, then continue with "
+            f"--resume latest --resume-with-changes (e.g. --set optim.lr=...)."
+        )
     now = time.time()
     state.wall_seconds += now - run.clock
     run.clock = now
-    run.last_checkpoint = save_checkpoint(run.accelerator, run.run_dir, state, keep=run.recipe.train.keep_checkpoints)
+    run.last_checkpoint = save_checkpoint(
+        run.accelerator,
+        run.run_dir,
+        state,
+        keep=run.recipe.train.keep_checkpoints,
+        ema=run.ema,
+        recipe=run.recipe.to_dict(),
+    )
 
 
 # --- after each epoch, and at the end ---------------------------------------------------------------------------
@@ -648,6 +708,8 @@ def training_info(run: Run, state: TrainState) -> TrainingInfo:
         "wall_time_s": state.wall_seconds + time.time() - run.clock,
         "dataset_path": shareable_path(recipe.data.path),  # published with the model: no absolute local paths
         "dataset_class_names": run.label_names,
+        # Settings changed on resume, and from which step (values stay in the run folder's run_info.json).
+        "recipe_changes": [{"step": c["step"], "keys": sorted(c["changes"])} for c in state.recipe_changes],
         # The recipe's license, else the one convert recorded for the images (--license).
         "license": recipe.license or run.dataset_license,
         "derm_accel_version": derm_accel.__version__,

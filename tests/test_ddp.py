@@ -83,7 +83,8 @@ def test_two_cpu_processes_match_one(tmp_path: Path) -> None:
     assert info["accelerate"]["num_processes"] == 2
     assert info["accelerate"]["distributed_type"] == "MULTI_CPU"
     last_ddp, last_single = list_checkpoints(ddp)[-1], list_checkpoints(single)[-1]
-    assert (last_ddp / "random_states_1.pkl").exists()  # written by rank 1 itself
+    assert (last_ddp / "rng_state_1.safetensors").exists()  # written by rank 1 itself
+    assert not list(last_ddp.glob("*.pkl"))  # nothing in a checkpoint is a pickle
     state_ddp = json.loads((last_ddp / "trainer_state.json").read_text())
     state_single = json.loads((last_single / "trainer_state.json").read_text())
     assert state_ddp["global_step"] == state_single["global_step"] == 6

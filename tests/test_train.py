@@ -64,8 +64,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(data: Path, tmp_path: 
     w_full, w_resumed = _weights(last_full), _weights(last_resumed)
     for key in w_full:
         torch.testing.assert_close(w_resumed[key], w_full[key], rtol=0, atol=0, msg=key)
-    ema_full = torch.load(last_full / "custom_checkpoint_0.pkl", weights_only=True)
-    ema_resumed = torch.load(last_resumed / "custom_checkpoint_0.pkl", weights_only=True)
+    ema_full = load_file(last_full / "ema.safetensors")
+    ema_resumed = load_file(last_resumed / "ema.safetensors")
     for key in ema_full:
         torch.testing.assert_close(ema_resumed[key], ema_full[key], rtol=0, atol=0, msg=key)
     # The logged validation metrics of the last epoch agree too.
@@ -78,7 +78,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(data: Path, tmp_path: 
     best = load_file(full / "best" / "model.safetensors")
     best_epoch = json.loads((full / "best" / "training_info.json").read_text())["best_epoch"]
     epoch_ckpt = full / "checkpoints" / f"step_{3 * best_epoch:09d}"
-    ema_at_best = torch.load(epoch_ckpt / "custom_checkpoint_0.pkl", weights_only=True)
+    ema_at_best = load_file(epoch_ckpt / "ema.safetensors")
     key = "conv_stem.weight"
     torch.testing.assert_close(best[key], ema_at_best[f"module.{key}"].float())
     assert not torch.equal(best[key], _weights(epoch_ckpt)[key])
