@@ -5,17 +5,15 @@ fresh subprocess whose resident memory (including its worker processes) is sampl
 that does not grow from the small to the large corpus shows that conversion streams.
 
     python benchmarks/convert.py     # 1,000 images for speed; 1,000 and 10,000 for memory
-    python benchmarks/convert.py --sizes 500 2000 --speed-images 500   # a quicker look
+    python benchmarks/convert.py --sizes 500,2000 --speed-images 500   # a quicker look
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -23,11 +21,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
 from PIL import Image
 
+if not __package__:  # run as `python benchmarks/convert.py`: import benchmarks.* from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import as_list, markdown_table, provenance_lines
 from derm_accel.data.synthetic import class_names, render
 
 NUM_CLASSES = 6
@@ -124,79 +127,66 @@ def run_convert(src: Path, out: Path, num_proc: int, max_size: int) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--speed-images", type=int, default=1000, help="corpus size for the 1 vs 2 process run"
-    )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000], help="corpus sizes for memory")
-    parser.add_argument("--max-size", type=int, default=320)
-    parser.add_argument("--workdir", type=Path, default=None, help="keep generated images here (reused)")
-    parser.add_argument("--out", type=Path, default=Path("bench_results/convert.json"))
-    args = parser.parse_args()
-
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="derm-convert-bench-"))
+def bench_convert(
+    *,
+    speed_images: int = 1000,
+    sizes: Any = "1000,10000",
+    max_size: int = 320,
+    workdir: str | None = None,
+) -> dict[str, Any]:
+    """Convert with 1 and 2 processes on ``speed_images`` images (images/s), then with 2 processes at each of
+    ``sizes`` (peak memory of the process tree); generated images are reused from ``workdir`` when given."""
+    sizes = as_list(sizes, int)
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="derm-convert-bench-"))
     procs = min(2, os.cpu_count() or 1)
-    results: dict = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        },
-        "image_size": [640, 480],
-        "max_size": args.max_size,
-    }
     try:
-        largest = max([args.speed_images, *args.sizes])
         t = time.perf_counter()
-        make_corpus(workdir / "all", largest, procs)
-        results["generate_s"] = round(time.perf_counter() - t, 1)
+        make_corpus(root / "all", max([speed_images, *sizes]), procs)
+        generate_s = round(time.perf_counter() - t, 1)
 
         def subset(n: int) -> Path:
             """The first ``n`` images, linked (not copied) into their own tree."""
-            root = workdir / f"n{n}"
-            if not root.exists():
+            tree = root / f"n{n}"
+            if not tree.exists():
                 for i in range(n):
                     name = class_names(NUM_CLASSES)[i % NUM_CLASSES]
-                    (root / name).mkdir(parents=True, exist_ok=True)
-                    os.link(workdir / "all" / name / f"img_{i:06d}.jpg", root / name / f"img_{i:06d}.jpg")
-            return root
+                    (tree / name).mkdir(parents=True, exist_ok=True)
+                    os.link(root / "all" / name / f"img_{i:06d}.jpg", tree / name / f"img_{i:06d}.jpg")
+            return tree
 
-        src = subset(args.speed_images)
-        one = run_convert(src, workdir / "out", 1, args.max_size)
-        two = run_convert(src, workdir / "out", 2, args.max_size)
-        results["throughput"] = {
-            "images": args.speed_images,
-            "num_proc_1": one,
-            "num_proc_2": two,
-            "speedup_2_vs_1": round(two["images_per_s"] / one["images_per_s"], 2),
-        }
-        print(
-            f"{args.speed_images} images: {one['images_per_s']} img/s (1 proc) vs "
-            f"{two['images_per_s']} img/s (2 procs) = {results['throughput']['speedup_2_vs_1']}x",
-            flush=True,
-        )
-        memory = []
-        for n in args.sizes:
-            r = two if n == args.speed_images else run_convert(subset(n), workdir / "out", 2, args.max_size)
-            memory.append({"images": n, **r})
-            print(
-                f"{n} images, 2 procs: peak RSS {r['peak_rss_mb']} MB (private {r['peak_private_rss_mb']} MB), "
-                f"{r['images_per_s']} img/s",
-                flush=True,
-            )
-        results["memory"] = memory
+        src = subset(speed_images)
+        one = {"images": speed_images, **run_convert(src, root / "out", 1, max_size)}
+        two = {"images": speed_images, **run_convert(src, root / "out", 2, max_size)}
+        rows = [one, two]
+        for n in sizes:
+            if n != speed_images:
+                rows.append({"images": n, **run_convert(subset(n), root / "out", 2, max_size)})
+            r = next(r for r in rows if r["images"] == n and r["num_proc"] == 2)
+            print(f"{n} images, 2 procs: peak RSS {r['peak_rss_mb']} MB (private {r['peak_private_rss_mb']} MB)")
     finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        if workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return {
+        "settings": {"image_size": "640x480", "max_size": max_size, "speed_images": speed_images, "sizes": sizes},
+        "results": rows,
+        "summary": {
+            "speedup_2_vs_1": round(two["images_per_s"] / one["images_per_s"], 2),
+            "peak_private_rss_mb_by_images": {r["images"]: r["peak_private_rss_mb"] for r in rows[1:]},
+            "generate_s": generate_s,
+        },
+    }
+
+
+def convert_markdown(results: dict[str, Any]) -> str:
+    rows = [
+        (r["images"], r["num_proc"], r["images_per_s"], r["peak_rss_mb"], r["peak_private_rss_mb"])
+        for r in results["results"]
+    ]
+    headers = ("images", "processes", "images/s", "peak RSS, tree (MB)", "peak private RSS, tree (MB)")
+    return f"{provenance_lines(results)}\n{markdown_table(headers, rows)}\n"
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks.harness import main
+
+    sys.exit(main("convert"))

@@ -38,4 +38,4 @@ export PYTHONUNBUFFERED=1
 echo "[gpu_check] python: $PY"
 
 # ---- 2. The check ---------------------------------------------------------------------------------------
-exec "$PY" -m derm_accel.benchmarks.gpu_check
+exec "$PY" "$REPO/benchmarks/gpu_check.py"

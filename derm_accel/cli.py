@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -66,7 +67,7 @@ def _choices(name: str, *values: str) -> type[Enum]:
 Conflicts = _choices("Conflicts", "drop", "keep-majority")
 TTA = _choices("TTA", "flip")
 Backend = _choices("Backend", "torch", "onnxruntime")
-BenchKind = _choices("BenchKind", "data", "steps", "train", "infer", "comm")
+BenchKind = _choices("BenchKind", "data", "steps", "train", "infer", "comm", "convert")
 ExportFormat = _choices("ExportFormat", "onnx")
 
 
@@ -544,14 +545,23 @@ def bench(
     option: Annotated[
         list[str] | None, typer.Option("--opt", help="Benchmark option key=value (repeatable), e.g. --opt steps=5.")
     ] = None,
-    update_docs: Annotated[bool, typer.Option(help="Rewrite the table in docs/benchmarks.md.")] = True,
+    update_docs: Annotated[bool, typer.Option(help="Also rewrite its table in docs/benchmarks.md.")] = False,
 ) -> None:
-    """Measure the input pipeline, training steps or inference, side by side, and record the figures."""
-    from derm_accel.bench import run_bench
+    """Run a benchmark script of the source checkout: `derm-accel bench KIND --opt k=v` is
+    `python benchmarks/KIND.py --k v` (its `--help` lists the options). The benchmarks are not installed."""
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "benchmarks" / "harness.py").is_file():
+        raise FileNotFoundError(
+            "The benchmarks are scripts in the source checkout's benchmarks/ folder, not part of the installed "
+            f"package: clone the repository and run python benchmarks/{kind.value}.py --help."
+        )
+    argv = [f"--{key.replace('_', '-')}={value}" for key, value in (_key_value(o) for o in option or [])]
+    argv += [f"--out={out}"] * (out is not None) + ["--update-docs"] * update_docs
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    from benchmarks.harness import main
 
-    opts = dict(_key_value(o) for o in option or [])
-    results = run_bench(kind.value, out=out, update_docs=update_docs, **opts)
-    typer.echo(json.dumps(results.get("summary", results), indent=2, default=str))
+    main(kind.value, argv)
 
 
 @app.command(

@@ -278,7 +278,7 @@ def cached_model(model: Any, device: str) -> tuple[Any, list[str], Any]:
 
     net, labels = load_model(source, device=device)
     guard = load_guard(source)
-    # channels_last: 1.4x faster inference on CPU and the layout tensor cores want (docs/benchmarks.md).
+    # channels_last: faster inference on CPU (infer table in docs/benchmarks.md), the layout tensor cores want.
     loaded = (net.to(memory_format=torch.channels_last), labels, None if guard is None else guard.to(device))
     with _cache_lock:
         _cache[key] = loaded

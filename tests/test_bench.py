@@ -1,4 +1,5 @@
-"""Benchmarks run end to end on toy settings: valid JSON, docs tables rewritten in place, GPU check dry mode.
+"""Benchmarks (scripts in benchmarks/, outside the package) run end to end on toy settings: valid JSON, docs
+tables rewritten in place only when asked, GPU check dry mode.
 
 Speed itself is never asserted here (benchmark scripts measure it); these tests check the logic around it.
 """
@@ -14,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from derm_accel.benchmarks import KINDS, run_bench
-from derm_accel.benchmarks.cli_args import build_parser
-from derm_accel.benchmarks.comm import MIB, ddp_buckets, simulate_step
-from derm_accel.benchmarks.common import as_bools, markers, parse_size, update_docs_section
-from derm_accel.benchmarks.infer import recommend
+from benchmarks.common import as_bools, markers, parse_size, update_docs_section
+from benchmarks.ddp_comm import MIB, ddp_buckets, simulate_step
+from benchmarks.harness import KINDS, build_parser, run_bench
+from benchmarks.infer import recommend
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = {"model": "test_efficientnet", "img_size": 32}
@@ -92,7 +92,7 @@ def test_steps_bench_times_each_step_both_ways(tmp_path):
 def test_uint8_transform_matches_train_transform_up_to_normalisation():
     from PIL import Image
 
-    from derm_accel.benchmarks.data import model_data_config, uint8_train_transform
+    from benchmarks.data import model_data_config, uint8_train_transform
     from derm_accel.data.transforms import train_transform
 
     cfg = model_data_config("test_efficientnet", 32)
@@ -212,7 +212,7 @@ def test_simulate_step_exposes_only_what_backward_cannot_hide():
 
 
 def test_gradients_of_late_layers_are_ready_first():
-    from derm_accel.benchmarks.comm import grad_ready_fractions
+    from benchmarks.ddp_comm import grad_ready_fractions
     from derm_accel.models import create_model
 
     model = create_model("test_efficientnet", 5)
@@ -267,13 +267,13 @@ def test_option_parsing():
     assert args.channels_last == "off,on" and args.batch_size == 2 and args.isolate is False and args.steps is None
     with pytest.raises(ValueError, match="Unknown benchmark"):
         run_bench("speed")
-    assert set(KINDS) == {"data", "steps", "train", "infer", "comm"}
+    assert set(KINDS) == {"data", "steps", "train", "infer", "comm", "convert"}
 
 
 def test_cli_options_are_coerced_to_the_bench_types():
-    from derm_accel.bench import coerce_options
-    from derm_accel.benchmarks.infer import bench_infer
-    from derm_accel.benchmarks.train import bench_train
+    from benchmarks.harness import coerce_options
+    from benchmarks.infer import bench_infer
+    from benchmarks.train import bench_train
 
     assert coerce_options(bench_infer, {"compile": "off,on"}) == {"compile": "off,on"}
     opts = coerce_options(bench_train, {"model": "resnet18", "batch-size": "8", "isolate": "off", "compile": "off,on"})
@@ -315,7 +315,7 @@ def test_cli_bench_command_runs_the_bench(tmp_path):
 def test_gpu_check_loader_without_datasets_decodes_the_same(monkeypatch):
     from torchvision.transforms.v2 import functional as F
 
-    from derm_accel.benchmarks.gpu_check import image_loader, make_jpegs
+    from benchmarks.gpu_check import image_loader, make_jpegs
 
     items = make_jpegs(4)
 
@@ -379,3 +379,24 @@ def test_gpu_check_dry_run(tmp_path):
     assert report["gpu_decode"]["decode_augment_img_s"] > 0
     assert "| infer |" in (tmp_path / "gpu_check.md").read_text()
     assert "wrote" in proc.stdout
+
+
+def test_a_script_runs_from_the_checkout_and_leaves_the_docs_alone(tmp_path):
+    docs = REPO / "docs" / "benchmarks.md"
+    before = docs.read_bytes()
+    out = tmp_path / "comm.json"
+    script = REPO / "benchmarks" / "ddp_comm.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--models", "test_efficientnet", "--out", str(out), "--measure-ready", "off"],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads(out.read_text())
+    assert saved["kind"] == "comm" and saved["command"].startswith("python benchmarks/ddp_comm.py --models")
+    assert docs.read_bytes() == before and not (tmp_path / "docs").exists()
+    assert "updated" not in proc.stdout

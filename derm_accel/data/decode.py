@@ -122,7 +122,7 @@ def phash_variants(rgb: Image.Image) -> tuple[int, ...]:
     Flipped or 90-degree rotated copies are a common augmentation and their plain pHash lies ~30 bits away,
     so each orientation gets its own hash. The costly part of pHash (grayscale + Lanczos resize of the whole
     image) is done once, exactly as imagehash does it; only the 32x32 DCT and median step run per
-    orientation (about 1.5x the cost of one plain pHash). A rotated non-square image has its sides swapped,
+    orientation. A rotated non-square image has its sides swapped,
     which the square resize absorbs.
     """
     small = rgb.convert("L").resize((_PHASH_SIZE, _PHASH_SIZE), Image.Resampling.LANCZOS)

@@ -139,8 +139,9 @@ class ResizeCenterCrop:
     """timm's eval preprocessing (shorter side to ``resize``, centre crop to ``size``) on a uint8 CHW tensor.
 
     Antialiased resizing in torch lands within 2 of 255 levels of timm's Pillow transform (mean difference
-    ~0.003 levels) and runs ~3x faster per image (docs/benchmarks.md), so evaluation and validation from
-    Arrow feed a GPU with a third of the cores. Normalisation is left to the device (:class:`BatchNormalize`).
+    ~0.003 levels) and costs less CPU per image (the steps table in docs/benchmarks.md has the figures), so
+    evaluation and validation from Arrow feed a GPU with fewer cores. Normalisation is left to the device
+    (:class:`BatchNormalize`).
     """
 
     def __init__(self, size: int, resize: int, interpolation: v2.InterpolationMode) -> None:
@@ -227,8 +228,8 @@ def decode_tensor(value: Any, min_size: int | None = None) -> torch.Tensor:
     """:func:`decode_image`, but straight to a uint8 CHW tensor: the training fast path.
 
     An RGB or grayscale JPEG that draft mode would not shrink (the convert stage's stored images) is decoded
-    by torchcodec straight into a tensor: the same pixels as Pillow, EXIF orientation applied, in 0.64 ms
-    against 0.74-0.88 ms for Pillow plus the copy into a tensor (steps table in docs/benchmarks.md).
+    by torchcodec straight into a tensor: the same pixels as Pillow, EXIF orientation applied, in less time
+    than Pillow plus the copy into a tensor (the steps table in docs/benchmarks.md has the figures).
     Anything else (other formats, CMYK, large camera files, no torchcodec) goes through
     :func:`decode_image`. The header is read by Pillow first, so the decompression-bomb limit holds on both
     paths.

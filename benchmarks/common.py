@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import gc
-import json
 import os
 import platform
 import re
@@ -21,7 +20,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from derm_accel.fileio import atomic_write_text
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_docs_path() -> Path:
@@ -227,15 +228,6 @@ def current_command() -> str:
     return shlex.join(argv)
 
 
-def write_json(results: dict[str, Any], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    tmp.replace(path)
-    return path
-
-
 def markers(kind: str) -> tuple[str, str]:
     return f"<!-- bench:{kind}:start -->", f"<!-- bench:{kind}:end -->"
 
@@ -256,10 +248,7 @@ def update_docs_section(docs: str | os.PathLike, kind: str, body: str) -> Path:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     docs.parent.mkdir(parents=True, exist_ok=True)
-    tmp = docs.with_suffix(docs.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(docs)
-    return docs
+    return atomic_write_text(docs, text)
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -21,7 +22,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from derm_accel.benchmarks.common import machine_info, now_iso, synchronize, write_json
+if not __package__:  # run as `python benchmarks/gpu_check.py`: import benchmarks.* from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine_info, now_iso, synchronize
+from derm_accel.fileio import atomic_write_json
 
 # What the issue asks for, per GPU; the original study ran on an A100.
 REFERENCE = {
@@ -83,7 +88,7 @@ def settings_from_env() -> dict[str, Any]:
 
 def _jpeg_bytes(args: tuple[int, int, int, int]) -> bytes:
     """A lesion-like JPEG at the size convert stores (shorter side 320), as Arrow holds it."""
-    from derm_accel.benchmarks.sources import source_image
+    from benchmarks.sources import source_image
 
     class_index, seed, w, h = args
     buf = io.BytesIO()
@@ -158,7 +163,7 @@ def image_loader(
 
 
 def section_train(s: dict[str, Any]) -> list[dict[str, Any]]:
-    from derm_accel.benchmarks.train import train_step_bench
+    from benchmarks.train import train_step_bench
 
     rows = []
     for i, size in enumerate(s["sizes"]):
@@ -183,7 +188,7 @@ def section_train(s: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def section_infer(s: dict[str, Any], deadline: float) -> list[dict[str, Any]]:
-    from derm_accel.benchmarks.infer import infer_pass
+    from benchmarks.infer import infer_pass
     from derm_accel.models import create_model
 
     rows = []
@@ -227,7 +232,7 @@ def section_infer(s: dict[str, Any], deadline: float) -> list[dict[str, Any]]:
 
 def section_loader(s: dict[str, Any]) -> tuple[dict[str, Any], torch.nn.Module, list[tuple[bytes, int]]]:
     """Train from decoded JPEGs through the DataLoader and from one fixed tensor; the ratio says who waits."""
-    from derm_accel.benchmarks.data import model_data_config
+    from benchmarks.data import model_data_config
     from derm_accel.data.transforms import BatchNormalize, train_transform
     from derm_accel.models import create_model
 
@@ -337,7 +342,7 @@ def section_gpu_decode(s: dict[str, Any], items: list[tuple[bytes, int]]) -> dic
 
         decoder = "torchvision.io.decode_jpeg"
 
-    from derm_accel.benchmarks.data import model_data_config
+    from benchmarks.data import model_data_config
 
     size = s["sizes"][0]
     cfg = model_data_config(s["model"], size)
@@ -375,7 +380,7 @@ def section_bf16_correctness(
     s: dict[str, Any], model: torch.nn.Module, held_out: list[tuple[bytes, int]], tol_prob: float = 0.05
 ) -> dict[str, Any]:
     """bf16 autocast against true fp32 (TF32 off) on held-out images, with the model trained just above."""
-    from derm_accel.benchmarks.data import model_data_config
+    from benchmarks.data import model_data_config
     from derm_accel.data.transforms import decode_image, eval_transform
 
     size = s["sizes"][0]
@@ -484,6 +489,7 @@ def run(out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     s = settings_from_env()
     print(f"[gpu_check] torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, dry: {s['dry']}")
     out_dir = Path(out_dir or os.environ.get("OUT") or "bench_results")
+    out_dir.mkdir(parents=True, exist_ok=True)
     out_json = out_dir / "gpu_check.json"
     start = time.time()
     deadline = start + s["budget_s"]
@@ -506,7 +512,7 @@ def run(out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
             report["errors"][name] = traceback.format_exc()[-4000:]
             value = None
         report.setdefault("section_seconds", {})[name] = round(time.time() - t, 1)
-        write_json(report, out_json)
+        atomic_write_json(out_json, report, default=str)
         print(f"[gpu_check] {name} done in {time.time() - t:.1f}s", flush=True)
         return value
 
@@ -520,7 +526,7 @@ def run(out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     report["infer"] = attempt("infer", lambda: section_infer(s, deadline))
     report["versus_targets"] = versus_targets(report)
     report["total_s"] = round(time.time() - start, 1)
-    write_json(report, out_json)
+    atomic_write_json(out_json, report, default=str)
     (out_dir / "gpu_check.md").write_text(summary_markdown(report))
     print(summary_markdown(report))
     if report["errors"]:
