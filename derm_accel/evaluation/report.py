@@ -156,15 +156,7 @@ def _before_after_table(block: dict[str, Any], before: str, after: str) -> list[
 
 def render_report(metrics: dict[str, Any], files: dict[str, str]) -> str:
     """report.md: plain language first (for a clinician), then tables and method notes (for a reviewer)."""
-    n = metrics["num_samples"]
-    ci = metrics.get("ci95") or {}
-    acc_ci = ci.get("accuracy")
-    f1_ci = ci.get("macro_f1")
-    per_class = metrics["per_class"]
-    present = {k: v for k, v in per_class.items() if v["support"] > 0}
-    by_recall = sorted(present.items(), key=lambda kv: kv[1]["recall"])
-    correct = int(np.trace(np.asarray(metrics["confusion_matrix"])))
-    options = []
+    options: list[str] = []
     if metrics.get("tta"):
         options.append(
             "test-time augmentation (average of original, horizontally and vertically flipped image)"
@@ -176,6 +168,30 @@ def render_report(metrics: dict[str, Any], files: dict[str, str]) -> str:
         )
 
     lines = [
+        *_summary_lines(metrics, options),
+        *_before_after_lines(metrics),
+        *_class_lines(metrics, files),
+    ]
+    lines += external_report_lines(metrics) + subgroup_report_lines(metrics)
+    if metrics.get("out_of_domain"):
+        from derm_accel.evaluation.ood import render_ood_section
+
+        lines += render_ood_section(metrics["out_of_domain"], files.get("risk_coverage"))
+    lines += _appendix_lines(metrics, files, options)
+    return "\n".join(lines)
+
+
+def _summary_lines(metrics: dict[str, Any], options: list[str]) -> list[str]:
+    """Title, options, the results in plain words and the headline table."""
+    n = metrics["num_samples"]
+    ci = metrics.get("ci95") or {}
+    acc_ci = ci.get("accuracy")
+    f1_ci = ci.get("macro_f1")
+    per_class = metrics["per_class"]
+    present = {k: v for k, v in per_class.items() if v["support"] > 0}
+    by_recall = sorted(present.items(), key=lambda kv: kv[1]["recall"])
+    correct = int(np.trace(np.asarray(metrics["confusion_matrix"])))
+    lines: list[str] = [
         f"# Evaluation report: {metrics['model']}",
         "",
         f"- Data: `{metrics.get('data', '')}`, split **{metrics['split']}**, {n} images, "
@@ -233,6 +249,12 @@ def render_report(metrics: dict[str, Any], files: dict[str, str]) -> str:
         f"| Expected calibration error (15 bins) | {fmt(metrics['ece'])} | |",
         "",
     ]
+    return lines
+
+
+def _before_after_lines(metrics: dict[str, Any]) -> list[str]:
+    """Test-time augmentation and calibration: the metrics before and after each."""
+    lines: list[str] = []
     if metrics.get("tta"):
         lines += [
             "## Test-time augmentation: before and after",
@@ -262,6 +284,13 @@ def render_report(metrics: dict[str, Any], files: dict[str, str]) -> str:
             "",
         ]
         lines += [*_before_after_table(cal, "uncalibrated", "calibrated"), ""]
+    return lines
+
+
+def _class_lines(metrics: dict[str, Any], files: dict[str, str]) -> list[str]:
+    """Per-class table, classes without samples and the most frequent confusions."""
+    per_class = metrics["per_class"]
+    lines: list[str] = []
     lines += [
         "## Per-class results",
         "",
@@ -307,11 +336,12 @@ def render_report(metrics: dict[str, Any], files: dict[str, str]) -> str:
     else:
         lines.append("- none")
     lines += ["", f"Full list: [{files['misclassifications']}]({files['misclassifications']}).", ""]
-    lines += external_report_lines(metrics) + subgroup_report_lines(metrics)
-    if metrics.get("out_of_domain"):
-        from derm_accel.evaluation.ood import render_ood_section
+    return lines
 
-        lines += render_ood_section(metrics["out_of_domain"], files.get("risk_coverage"))
+
+def _appendix_lines(metrics: dict[str, Any], files: dict[str, str], options: list[str]) -> list[str]:
+    """Figures, the files of the report and the method notes."""
+    lines: list[str] = []
     lines += [
         "## Figures",
         "",
@@ -342,4 +372,4 @@ def render_report(metrics: dict[str, Any], files: dict[str, str]) -> str:
         "- Top-3 accuracy ties are broken as scikit-learn's `top_k_accuracy_score` does.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
