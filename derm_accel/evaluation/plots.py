@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
-from sklearn.metrics import roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from .calibration import expected_calibration_error
 
@@ -57,7 +57,8 @@ def plot_confusion_matrix(
 def plot_roc_curves(
     labels: np.ndarray, probabilities: np.ndarray, label_names: Sequence[str], path: str | os.PathLike
 ) -> Path:
-    """One-vs-rest ROC curve per class that has positives and negatives, plus the micro average."""
+    """One-vs-rest ROC curve per class that has positives and negatives, plus the micro average; the legend
+    gives each curve's AUC."""
     labels = np.asarray(labels)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     fig = Figure(figsize=(7, 6))
@@ -67,12 +68,14 @@ def plot_roc_curves(
         positives = labels == c
         if positives.any() and not positives.all():
             fpr, tpr, _ = roc_curve(positives, probabilities[:, c])
-            ax.plot(fpr, tpr, lw=1.0, alpha=0.7, label=name)
+            auc = roc_auc_score(positives, probabilities[:, c])
+            ax.plot(fpr, tpr, lw=1.0, alpha=0.7, label=f"{name} (AUC {auc:.3f})")
             drawn += 1
     onehot = labels[:, None] == np.arange(probabilities.shape[1])[None, :]
     if onehot.any(axis=0).sum() > 1:
         fpr, tpr, _ = roc_curve(onehot.ravel(), probabilities.ravel())
-        ax.plot(fpr, tpr, color="black", lw=2.5, label="micro average")
+        auc = roc_auc_score(onehot.ravel(), probabilities.ravel())
+        ax.plot(fpr, tpr, color="black", lw=2.5, label=f"micro average (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
@@ -86,47 +89,132 @@ def plot_roc_curves(
     return _save(fig, path)
 
 
+def equal_mass_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int | None = None) -> list[dict]:
+    """Reliability bins holding (nearly) the same number of images each, so no point rests on one or two images.
+
+    By default about sqrt(n) bins of at least 5 images (3 to 15 bins): 31 images give 5 bins of 6-7, 1,000
+    give 15 of 66-67. Each bin: mean confidence, accuracy, count, and its confidence range.
+    """
+    confidence, correct = np.asarray(confidence, np.float64), np.asarray(correct, bool)
+    n = len(confidence)
+    if n == 0:
+        return []
+    if n_bins is None:
+        n_bins = int(np.clip(int(np.sqrt(n)), 3, 15))
+        n_bins = max(1, min(n_bins, n // 5))
+    order = np.argsort(confidence, kind="stable")
+    return [
+        {
+            "confidence": float(confidence[idx].mean()),
+            "accuracy": float(correct[idx].mean()),
+            "count": len(idx),
+            "lower": float(confidence[idx].min()),
+            "upper": float(confidence[idx].max()),
+        }
+        for idx in np.array_split(order, n_bins)
+        if len(idx)
+    ]
+
+
 def plot_reliability(
     curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, n_bins: int = 15
 ) -> Path:
-    """Reliability diagram: accuracy against confidence per bin, one line per named set of probabilities."""
-    fig = Figure(figsize=(6.5, 6))
-    ax = fig.add_subplot()
+    """Reliability diagram: accuracy against mean confidence in equal-mass bins (:func:`equal_mass_bins`), one
+    line per named set of probabilities, with the ECE of the metric (``n_bins`` equal-width bins, as in
+    metrics.json) in the legend; below it, how many images fall at each confidence, in counts."""
+    fig = Figure(figsize=(6.5, 7.5))
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.08})
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    per_bin = 0
     for name, (labels, probabilities) in curves.items():
-        ece, bins = expected_calibration_error(
-            np.asarray(labels), np.asarray(probabilities, np.float64), n_bins
-        )
-        used = [b for b in bins if b["count"]]
-        ax.plot(
-            [b["confidence"] for b in used],
-            [b["accuracy"] for b in used],
+        labels, probabilities = np.asarray(labels), np.asarray(probabilities, np.float64)
+        ece, _ = expected_calibration_error(labels, probabilities, n_bins)
+        bins = equal_mass_bins(probabilities.max(axis=1), probabilities.argmax(axis=1) == labels)
+        per_bin = round(len(labels) / max(1, len(bins)))
+        line = ax.plot(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
             marker="o",
             lw=1.5,
             label=f"{name} (ECE {ece:.3f})",
-        )
-    width = 1.0 / n_bins
-    if curves:
-        labels, probabilities = next(reversed(curves.values()))
-        _, bins = expected_calibration_error(
-            np.asarray(labels), np.asarray(probabilities, np.float64), n_bins
-        )
-        total = max(1, sum(b["count"] for b in bins))
-        ax.bar(
-            [b["lower"] for b in bins],
-            [0.25 * b["count"] / total for b in bins],
-            width=width,
-            align="edge",
-            color="lightsteelblue",
-            alpha=0.6,
-            label="share of samples (x0.25)",
+        )[0]
+        hist.hist(
+            probabilities.max(axis=1), bins=np.linspace(0, 1, 21), histtype="step", lw=1.5, color=line.get_color()
         )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence of the predicted class")
     ax.set_ylabel("observed accuracy")
-    ax.set_title("Reliability diagram")
+    ax.set_title(f"Reliability diagram (equal-mass bins of ~{per_bin} images)")
     ax.legend(fontsize=8, loc="upper left")
+    hist.set_xlabel("confidence of the predicted class")
+    hist.set_ylabel("images")
+    hist.yaxis.get_major_locator().set_params(integer=True)
+    return _save(fig, path)
+
+
+def plot_precision_recall(
+    labels: np.ndarray, probabilities: np.ndarray, label_names: Sequence[str], path: str | os.PathLike
+) -> Path:
+    """One-vs-rest precision-recall curve per class with positives (average precision in the legend) and the
+    micro average; each class's prevalence is the precision of a model that guesses."""
+    labels = np.asarray(labels)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    fig = Figure(figsize=(7, 6))
+    ax = fig.add_subplot()
+    drawn = 0
+    for c, name in enumerate(label_names):
+        positives = labels == c
+        if positives.any():
+            precision, recall, _ = precision_recall_curve(positives, probabilities[:, c])
+            ap = average_precision_score(positives, probabilities[:, c])
+            ax.step(recall, precision, where="post", lw=1.0, alpha=0.7, label=f"{name} (AP {ap:.3f})")
+            drawn += 1
+    onehot = labels[:, None] == np.arange(probabilities.shape[1])[None, :]
+    if drawn > 1:
+        precision, recall, _ = precision_recall_curve(onehot.ravel(), probabilities.ravel())
+        ap = average_precision_score(onehot.ravel(), probabilities.ravel())
+        ax.step(recall, precision, where="post", color="black", lw=2.5, label=f"micro average (AP {ap:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision (positive predictive value)")
+    ax.set_title(f"One-vs-rest precision-recall curves ({drawn} classes)")
+    if drawn <= 15:
+        ax.legend(fontsize=7, loc="lower left")
+    else:
+        ax.legend(handles=ax.get_lines()[-1:], fontsize=8, loc="lower left")
+    return _save(fig, path)
+
+
+LEARNING_CURVE_PANELS = (
+    ("loss", (("train/loss_epoch", "train"), ("val/loss", "validation"))),
+    ("accuracy", (("val/accuracy", "validation"),)),
+    ("macro-F1", (("val/macro_f1", "validation"),)),
+    ("learning rate", (("train/lr", "end of epoch"),)),
+)
+
+
+def plot_learning_curves(records: Sequence[dict], path: str | os.PathLike) -> Path | None:
+    """Loss, accuracy, macro-F1 and learning rate per epoch from a run's ``logs/metrics.jsonl`` records (as
+    :func:`derm_accel.tracking.read_metrics` returns them); None when no epoch was logged."""
+    epochs = [r for r in records if "epoch" in r and "val/accuracy" in r]
+    if not epochs:
+        return None
+    x = [r["epoch"] for r in epochs]
+    fig = Figure(figsize=(10, 7))
+    axes = fig.subplots(2, 2, sharex=True).ravel()
+    for ax, (title, series) in zip(axes, LEARNING_CURVE_PANELS, strict=True):
+        for key, name in series:
+            values = [r.get(key) for r in epochs]
+            if any(isinstance(v, (int, float)) for v in values):
+                ax.plot(x, [v if isinstance(v, (int, float)) else np.nan for v in values], marker="o", label=name)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes[2:]:
+        ax.set_xlabel("epoch")
+    axes[0].xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle("Learning curves (from the run's logs/metrics.jsonl)")
     return _save(fig, path)
 
 

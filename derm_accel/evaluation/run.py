@@ -62,7 +62,16 @@ FILES = {
     "examples": "misclassified_examples.png",
     "report": "report.md",
     "risk_coverage": "risk_coverage.png",
+    "precision_recall": "precision_recall.png",
+    "learning_curves": "learning_curves.png",
 }
+
+
+def run_logs(model: str) -> Path | None:
+    """``RUN/logs`` when ``model`` is a local ``RUN/best`` whose run logged ``metrics.jsonl`` beside it."""
+    path = Path(model.removeprefix("local-dir:"))
+    logs = path.parent / "logs"
+    return logs if path.is_dir() and (logs / "metrics.jsonl").is_file() else None
 
 
 class LabelMismatchError(InputError):
@@ -339,10 +348,17 @@ def _write_outputs(
     if external is not None:
         external.write(out_dir / UNSCORED_FILE, temperature)
     write_predictions_csv(out_dir / FILES["predictions"], sources, y, final, label_names, extra=subgroup_columns)
+    logs = run_logs(model)
+    if logs is not None:
+        from ..tracking import read_metrics
+
+        drawn = plots.plot_learning_curves(read_metrics(logs), out_dir / FILES["learning_curves"])
+        metrics["learning_curves"] = FILES["learning_curves"] if drawn else None
     atomic_write_json(out_dir / FILES["metrics"], metrics)
     write_per_class_csv(metrics, out_dir / FILES["per_class"])
     plots.plot_confusion_matrix(metrics["confusion_matrix"], label_names, out_dir / FILES["confusion_matrix"])
     plots.plot_roc_curves(y, final, label_names, out_dir / FILES["roc_curves"])
+    plots.plot_precision_recall(y, final, label_names, out_dir / FILES["precision_recall"])
     curves = (
         {"uncalibrated": (y, uncalibrated), "calibrated": (y, final)}
         if val is not None
