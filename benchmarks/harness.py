@@ -35,6 +35,7 @@ SCRIPTS = {
     "infer": "infer",
     "comm": "ddp_comm",
     "convert": "convert",
+    "guard": "guard",
 }
 KINDS = tuple(SCRIPTS)
 

@@ -734,5 +734,25 @@ def finish(run: Run, state: TrainState, stop: str | None) -> None:
     if acc.is_main_process and best.is_dir() and state.batches_done == 0:
         info = {**training_info(run, state), "stopped_early": stop == EARLY_STOPPING}
         atomic_write_json(best / TRAINING_INFO, info)
+    ended = stop == EARLY_STOPPING or (stop is None and state.epoch >= run.recipe.train.epochs)
+    if acc.is_main_process and best.is_dir() and ended and run.recipe.guard.enabled:
+        fit_guard(run, best)
     acc.wait_for_everyone()
     acc.end_training()
+
+
+def fit_guard(run: Run, best: Path) -> None:
+    """The exported model's domain guard and abstention threshold, from the training and validation splits."""
+    from derm_accel.guard.fit import fit_model_guard
+
+    d, g = run.recipe.data, run.recipe.guard
+    config = fit_model_guard(
+        best, d.path, train_split=d.train_split, val_split=d.val_split, in_domain_share=g.in_domain_share,
+        target_error=g.target_error, batch_size=d.batch_size, device=str(run.accelerator.device),
+    )
+    guard, selective = config["domain_guard"], config["selective_prediction"]
+    run.accelerator.print(
+        f"domain guard: ood_score threshold {guard['threshold']:.2f}; abstain under top-1 probability "
+        f"{selective['confidence_threshold']:.3f} ({selective['validation_coverage']:.0%} of validation answered, "
+        f"error {selective['validation_risk']:.1%})"
+    )

@@ -1,0 +1,112 @@
+"""The domain guard: its extra cost per image next to the model's forward, and how well it separates.
+
+Cost: the same preprocessed batch through ``model(x)`` and through the guarded path (one
+``forward_intermediates`` pass, feature summaries, the Mahalanobis score), alternated ``repeats`` times; the
+median of each and their ratio. Separation: the share of the dataset's test split the guard flags, the share of
+each ``--ood`` folder it flags, and the AUROC of the guard, softmax confidence and energy (see
+derm_accel/evaluation/ood.py).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if not __package__:  # run as `python benchmarks/guard.py`: import benchmarks.* from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import markdown_table, provenance_lines
+
+
+def _time(fn: Any, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        fn(x)
+    return time.perf_counter() - start
+
+
+def bench_guard(
+    *,
+    model: str = "",
+    data: str = "",
+    split: str = "test",
+    ood: str = "",
+    batch_size: int = 32,
+    repeats: int = 7,
+) -> dict[str, Any]:
+    """Guard cost per image vs the forward pass, and flagged shares / AUROCs on in-domain and --ood images."""
+    from datasets import load_from_disk
+
+    from derm_accel.evaluation.ood import evaluate_ood
+    from derm_accel.guard.features import forward_with_features
+    from derm_accel.guard.fit import split_batches
+    from derm_accel.models import data_config
+    from derm_accel.predict import prepared_model
+
+    if not model or not data:
+        raise ValueError("--model RUN/best and --data DATA (a converted dataset) are required")
+    prepared = prepared_model(model, "cpu")
+    if prepared.guard is None:
+        raise ValueError(f"{model} has no domain guard; fit one with `derm-accel guard {model} --data {data}`")
+    raw = load_from_disk(data)[split]
+    x, _ = next(iter(split_batches(raw, data_config(prepared.net), batch_size=batch_size)))
+    x = x.contiguous(memory_format=torch.channels_last)
+    net, guard = prepared.net, prepared.guard
+
+    def guarded(batch: torch.Tensor) -> Any:
+        logits, feats = forward_with_features(net, batch)
+        return logits, guard.score(feats)
+
+    _time(net, x), _time(guarded, x)  # warm-up
+    plain_s, guarded_s = [], []
+    for _ in range(repeats):  # alternated, so load changes hit both alike
+        plain_s.append(_time(net, x))
+        guarded_s.append(_time(guarded, x))
+    n = len(x)
+    plain_ms, guarded_ms = 1000 * statistics.median(plain_s) / n, 1000 * statistics.median(guarded_s) / n
+    block, _ = evaluate_ood(model, raw, [ood] if ood else [])
+    results = {
+        "forward_ms_per_image": plain_ms,
+        "guarded_ms_per_image": guarded_ms,
+        "overhead": guarded_ms / plain_ms - 1,
+        "in_domain_flagged": block["guard"]["in_domain_flagged"],
+        "in_domain_images": block["in_domain_images"],
+        "answered": block["guard"].get("answered"),
+        "error_among_answered": block["guard"].get("error_among_answered"),
+        "aurc": block["aurc"],
+        "ood_sets": block["sets"],
+    }
+    settings = {"model": model, "data": data, "split": split, "ood": ood, "batch_size": n, "repeats": repeats}
+    return {"settings": settings, "results": results, "summary": {"overhead": results["overhead"]}}
+
+
+def guard_markdown(results: dict[str, Any]) -> str:
+    r = results["results"]
+    cost = markdown_table(
+        ["path", "ms / image", "vs forward"],
+        [
+            ["model forward", r["forward_ms_per_image"], "1.00x"],
+            ["forward + guard", r["guarded_ms_per_image"], f"{1 + r['overhead']:.3f}x"],
+        ],
+    )
+    rows = [["in-domain (" + results["settings"]["split"] + ")", r["in_domain_images"],
+             f"{r['in_domain_flagged']:.1%}", "", "", ""]]
+    for s in r["ood_sets"]:
+        sc = s["scores"]
+        rows.append([s["source"], s["images"], f"{s['guard_flagged']:.1%}", f"{sc['ood_score']['auroc']:.3f}",
+                     f"{sc['softmax_confidence']['auroc']:.3f}", f"{sc['energy']['auroc']:.3f}"])
+    separation = markdown_table(
+        ["images", "n", "flagged by the guard", "guard AUROC", "confidence AUROC", "energy AUROC"], rows
+    )
+    return f"{provenance_lines(results)}\n{cost}\n\n{separation}\n"
+
+
+if __name__ == "__main__":
+    from benchmarks.harness import main
+
+    sys.exit(main("guard"))
