@@ -244,6 +244,144 @@ def _drop_classes(
     return staging, [new_id.get(x, -1) for x in labels], names
 
 
+def _scan(
+    src: Path, class_map: str | Path | dict | None, metadata: MetadataSpec | None, follow_external_links: bool
+) -> ScanResult:
+    """The files of SRC (class folders, or a folder of images with a metadata table), or a ConvertError."""
+    try:
+        mapping = load_class_map(class_map)
+        scan = (
+            scan_source(src, mapping, follow_external_links=follow_external_links)
+            if metadata is None
+            else scan_metadata(src, metadata, mapping, follow_external_links=follow_external_links)
+        )
+    except ScanError as exc:
+        raise ConvertError(str(exc)) from exc
+    if not scan.files:
+        reasons = Counter(s.reason for s in scan.skipped)
+        raise ConvertError(
+            f"No image files found in class folders under {src} "
+            f"(skipped: {dict(reasons) or 'nothing found'}). "
+            "Expected SRC/<class>/<images> or SRC/train|val|test/<class>/<images>."
+        )
+    return scan
+
+
+def _find_duplicates(
+    staging: Dataset,
+    scan: ScanResult,
+    row_files: list[int],
+    variants: np.ndarray,
+    *,
+    near_threshold: int,
+    conflicts: str,
+) -> tuple[list[str], list[int], list[str | None], Any]:
+    """Exact and near duplicates grouped (hash, pHash in every orientation), label conflicts resolved; the rows'
+    paths, labels and split folders (pre-split layouts) come with the resolution."""
+    files = scan.files
+    paths = [files[f].rel for f in row_files]
+    labels = staging["label"]
+    hashes = staging["content_hash"]
+    splits_hint = [files[f].split for f in row_files]
+    groups = group_images(hashes, staging["phash"], near_threshold, variants)
+    resolution = resolve_groups(
+        groups,
+        labels=labels,
+        class_names=scan.class_names,
+        paths=paths,
+        content_hashes=hashes,
+        splits=splits_hint,
+        conflicts=conflicts,
+    )
+    return paths, labels, splits_hint, resolution
+
+
+def _assign_splits(
+    kept: list[list[int]],
+    labels: list[int],
+    paths: list[str],
+    splits_hint: list[str | None],
+    *,
+    layout: str,
+    eval_only: bool,
+    val_frac: float,
+    test_frac: float,
+    seed: int,
+) -> dict[str, list[int]]:
+    """The rows of each split: a duplicate or patient group stays in one split."""
+    if eval_only:
+        group_splits = ["test"] * len(kept)
+    elif layout == "pre_split":
+        group_splits = [splits_hint[g[0]] or "train" for g in kept]
+    else:
+        group_splits = stratified_group_split(
+            [unit_label(g, labels) for g in kept],
+            [len(g) for g in kept],
+            [paths[g[0]] for g in kept],
+            val_frac=val_frac,
+            test_frac=test_frac,
+            seed=seed,
+        )
+    rows_by_split: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for group, split in zip(kept, group_splits, strict=True):
+        rows_by_split[split].extend(group)
+    for rows in rows_by_split.values():
+        rows.sort()
+    return rows_by_split
+
+
+def _report(
+    src: Path,
+    scan: ScanResult,
+    resolution: Any,
+    *,
+    class_names: list[str],
+    empty: list[int],
+    rows_by_split: dict[str, list[int]],
+    labels: list[int],
+    skipped: list[Skip],
+    files_total: int,
+    rows_total: int,
+    grouping: Any,
+    eval_only: bool,
+    seed: int,
+    license: str | None,
+    push_to_hub: str | None,
+    started: float,
+    parameters: dict[str, Any],
+) -> dict[str, Any]:
+    """conversion_report.json: every file as a row or a skip with its reason, and how the rows were made."""
+    return {
+        "format_version": 1,
+        "src": shareable_path(src),  # the report is published with the dataset
+        "layout": scan.layout,
+        "files_total": files_total,
+        "rows_total": rows_total,
+        "skipped_total": len(skipped),
+        "class_names": class_names,
+        "class_map": dict(scan.folders),
+        "empty_class_folders": scan.empty_folders,
+        "dropped_empty_classes": [scan.class_names[c] for c in empty],
+        "splits": split_counts(rows_by_split, labels, class_names),
+        "empty_splits": [s for s in SPLITS if not rows_by_split[s]],
+        "skipped_by_reason": dict(sorted(Counter(s.reason for s in skipped).items())),
+        "duplicates": {
+            **resolution.summary,
+            "how": DUPLICATES_HOW,
+        },
+        "eval_only": eval_only,
+        "metadata": getattr(scan, "report", None),
+        "grouping": grouping,
+        "parameters": parameters,
+        "seed": seed,
+        "license": license,
+        "push_to_hub": push_to_hub,
+        "versions": versions(),
+        "skipped": [s.as_dict() for s in skipped],
+        "elapsed_s": round(time.time() - started, 2),
+    }
+
+
 def convert_folders(
     src: str | Path,
     out: str | Path,
@@ -282,22 +420,7 @@ def convert_folders(
     out = Path(out).expanduser().resolve()
     _check_arguments(src, out, val_frac, test_frac, max_size, quality, near_threshold, conflicts, overwrite)
     num_proc = num_proc if num_proc > 0 else (os.cpu_count() or 1)
-    try:
-        mapping = load_class_map(class_map)
-        scan = (
-            scan_source(src, mapping, follow_external_links=follow_external_links)
-            if metadata is None
-            else scan_metadata(src, metadata, mapping, follow_external_links=follow_external_links)
-        )
-    except ScanError as exc:
-        raise ConvertError(str(exc)) from exc
-    if not scan.files:
-        reasons = Counter(s.reason for s in scan.skipped)
-        raise ConvertError(
-            f"No image files found in class folders under {src} "
-            f"(skipped: {dict(reasons) or 'nothing found'}). "
-            "Expected SRC/<class>/<images> or SRC/train|val|test/<class>/<images>."
-        )
+    scan = _scan(src, class_map, metadata, follow_external_links)
 
     features = with_metadata_features(dataset_features(scan.class_names), scan)
     options = DecodeOptions(max_size=max_size, quality=quality)
@@ -311,22 +434,10 @@ def convert_folders(
             features=features,
         )
         staging, row_files, failed, variants = _stage(scan, info, tmp / "staging.arrow", options, num_proc, progress)
-        files = scan.files
-        paths = [files[f].rel for f in row_files]
-        labels = staging["label"]
-        hashes = staging["content_hash"]
-        splits_hint = [files[f].split for f in row_files]
-        groups = group_images(hashes, staging["phash"], near_threshold, variants)
-        del variants
-        resolution = resolve_groups(
-            groups,
-            labels=labels,
-            class_names=scan.class_names,
-            paths=paths,
-            content_hashes=hashes,
-            splits=splits_hint,
-            conflicts=conflicts,
+        paths, labels, splits_hint, resolution = _find_duplicates(
+            staging, scan, row_files, variants, near_threshold=near_threshold, conflicts=conflicts
         )
+        del variants
         kept, grouping = join_groups(resolution.kept, scan, row_files)  # patients/lesions: one split each
         class_names = scan.class_names
         empty = sorted({*range(len(class_names))} - {labels[i] for unit in kept for i in unit})
@@ -334,28 +445,21 @@ def convert_folders(
             raise _failure(src, out, scan, _skips(scan, failed, resolution), [class_names[c] for c in empty])
         if empty:
             staging, labels, class_names = _drop_classes(staging, labels, class_names, empty)
-        if eval_only:
-            group_splits = ["test"] * len(kept)
-        elif scan.layout == "pre_split":
-            group_splits = [splits_hint[g[0]] or "train" for g in kept]
-        else:
-            group_splits = stratified_group_split(
-                [unit_label(g, labels) for g in kept],
-                [len(g) for g in kept],
-                [paths[g[0]] for g in kept],
-                val_frac=val_frac,
-                test_frac=test_frac,
-                seed=seed,
-            )
-        rows_by_split: dict[str, list[int]] = {s: [] for s in SPLITS}
-        for group, split in zip(kept, group_splits, strict=True):
-            rows_by_split[split].extend(group)
-        for rows in rows_by_split.values():
-            rows.sort()
+        rows_by_split = _assign_splits(
+            kept,
+            labels,
+            paths,
+            splits_hint,
+            layout=scan.layout,
+            eval_only=eval_only,
+            val_frac=val_frac,
+            test_frac=test_frac,
+            seed=seed,
+        )
 
         skipped = _skips(scan, failed, resolution)
         kept_paths = [paths[i] for rows in rows_by_split.values() for i in rows]
-        all_files = [f.rel for f in files] + [s.path for s in scan.skipped]
+        all_files = [f.rel for f in scan.files] + [s.path for s in scan.skipped]
         check_accounting(all_files, kept_paths, skipped)
 
         # datasets cannot reload an empty split from disk, so a split with no rows is left out (and reported).
@@ -365,28 +469,24 @@ def convert_folders(
             dataset.save_to_disk(str(final))
         del dataset, staging
 
-        report: dict[str, Any] = {
-            "format_version": 1,
-            "src": shareable_path(src),  # the report is published with the dataset
-            "layout": scan.layout,
-            "files_total": len(all_files),
-            "rows_total": len(kept_paths),
-            "skipped_total": len(skipped),
-            "class_names": class_names,
-            "class_map": dict(scan.folders),
-            "empty_class_folders": scan.empty_folders,
-            "dropped_empty_classes": [scan.class_names[c] for c in empty],
-            "splits": split_counts(rows_by_split, labels, class_names),
-            "empty_splits": [s for s in SPLITS if not rows_by_split[s]],
-            "skipped_by_reason": dict(sorted(Counter(s.reason for s in skipped).items())),
-            "duplicates": {
-                **resolution.summary,
-                "how": DUPLICATES_HOW,
-            },
-            "eval_only": eval_only,
-            "metadata": getattr(scan, "report", None),
-            "grouping": grouping,
-            "parameters": {
+        report = _report(
+            src,
+            scan,
+            resolution,
+            class_names=class_names,
+            empty=empty,
+            rows_by_split=rows_by_split,
+            labels=labels,
+            skipped=skipped,
+            files_total=len(all_files),
+            rows_total=len(kept_paths),
+            grouping=grouping,
+            eval_only=eval_only,
+            seed=seed,
+            license=license,
+            push_to_hub=push_to_hub,
+            started=started,
+            parameters={
                 "class_map": str(class_map) if isinstance(class_map, (str, Path)) else class_map,
                 "val_frac": val_frac,
                 "test_frac": test_frac,
@@ -401,13 +501,7 @@ def convert_folders(
                 "drop_empty_classes": drop_empty_classes,
                 "follow_external_links": follow_external_links,
             },
-            "seed": seed,
-            "license": license,
-            "push_to_hub": push_to_hub,
-            "versions": versions(),
-            "skipped": [s.as_dict() for s in skipped],
-            "elapsed_s": round(time.time() - started, 2),
-        }
+        )
         atomic_write_json(final / REPORT_NAME, report)
         build_card(report, title=CARD_TITLE).save(final / "README.md")
         replace_dir(final, out)  # an old OUT is only removed once the new one is there
