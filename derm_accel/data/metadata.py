@@ -411,20 +411,11 @@ def _class_of(raw: str, class_map: Mapping[str, str | None]) -> tuple[str | None
     return raw, ""
 
 
-def scan_metadata(
-    src: Path,
-    spec: MetadataSpec,
-    class_map: Mapping[str, str | None] | None = None,
-    *,
-    follow_external_links: bool = False,
-) -> MetadataScan:
-    """Match the table's rows to the files under ``src``; type the other columns; account for everything."""
-    class_map = dict(class_map or {})
-    table = load_tables(spec)
-    _check_label_columns(spec, table.columns)
-    index, paths, skipped = index_files(src, spec.files, follow_external_links)
-
-    row_file: list[int | None] = [None] * len(table.rows)
+def _match_rows(
+    table: Table, spec: MetadataSpec, index: FileIndex, paths: list[str]
+) -> tuple[dict[int, int], dict[int, str], dict[int, int], list[dict[str, Any]]]:
+    """Each row to the one file it names: (file -> row, files a name matches ambiguously -> that name,
+    byte-identical copies -> the file kept, the rows skipped with their reason)."""
     claimed: dict[int, int] = {}
     ambiguous: dict[int, str] = {}
     copy_of: dict[int, int] = {}
@@ -452,7 +443,42 @@ def scan_metadata(
             )
         else:
             claimed[found[0]] = r
-            row_file[r] = found[0]
+    return claimed, ambiguous, copy_of, row_skips
+
+
+def _type_columns(
+    table: Table, spec: MetadataSpec, carried: list[str], matched_rows: list[int]
+) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, str], dict[str, str]]:
+    """The carried columns as typed dataset features (names clashing with ours get a ``meta_`` prefix):
+    (features, encoded values per matched row, kinds, renamed columns)."""
+    features: dict[str, Any] = {}
+    encoded: dict[str, list[Any]] = {}
+    types: dict[str, str] = {}
+    renamed: dict[str, str] = {}
+    for column in carried:
+        name = f"meta_{column}" if column in _RESERVED else column
+        if name != column:
+            renamed[column] = name
+        cells = [table.rows[r][column] for r in matched_rows]
+        feature, values, kind = infer_feature(cells, categorical=column not in spec.group_columns)
+        features[name], encoded[name], types[name] = feature, values, kind
+    return features, encoded, types, renamed
+
+
+def scan_metadata(
+    src: Path,
+    spec: MetadataSpec,
+    class_map: Mapping[str, str | None] | None = None,
+    *,
+    follow_external_links: bool = False,
+) -> MetadataScan:
+    """Match the table's rows to the files under ``src``; type the other columns; account for everything."""
+    class_map = dict(class_map or {})
+    table = load_tables(spec)
+    _check_label_columns(spec, table.columns)
+    index, paths, skipped = index_files(src, spec.files, follow_external_links)
+
+    claimed, ambiguous, copy_of, row_skips = _match_rows(table, spec, index, paths)
 
     raw_labels = {_raw_label(table.rows[r], spec)[0] for r in claimed.values()} - {None}
     unknown_keys = sorted(set(class_map) - raw_labels)
@@ -465,17 +491,7 @@ def scan_metadata(
     consumed = {spec.image_column, *([spec.label_column] if spec.label_column else spec.label_columns)}
     carried = [c for c in table.columns if c not in consumed]
     matched_rows = sorted(claimed.values())
-    features: dict[str, Any] = {}
-    encoded: dict[str, list[Any]] = {}
-    types: dict[str, str] = {}
-    renamed: dict[str, str] = {}
-    for column in carried:
-        name = f"meta_{column}" if column in _RESERVED else column
-        if name != column:
-            renamed[column] = name
-        cells = [table.rows[r][column] for r in matched_rows]
-        feature, values, kind = infer_feature(cells, categorical=column not in spec.group_columns)
-        features[name], encoded[name], types[name] = feature, values, kind
+    features, encoded, types, renamed = _type_columns(table, spec, carried, matched_rows)
     position = {r: k for k, r in enumerate(matched_rows)}
 
     files: list[SourceFile] = []
