@@ -121,38 +121,13 @@ async def _send_error(send: Any, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(
-    model: str,
-    *,
-    top_k: int = 3,
-    device: str | None = None,
-    cors_origins: Sequence[str] = (),
-    max_bytes: int = MAX_BYTES,
-    body_timeout: float = BODY_TIMEOUT_S,
-) -> Any:
-    """Load ``model`` once (a model folder or Hub id) and return the FastAPI app serving it.
-
-    ``cors_origins``: origins allowed to call the API from a browser (none by default; ``"*"`` allows all).
-    """
-    import anyio.to_thread
+def _new_app(shown: str, *, cors_origins: Sequence[str], max_bytes: int, body_timeout: float) -> Any:
+    """The FastAPI app without routes: its description, CORS, the body limit and JSON error answers."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
     from derm_accel import __version__
-    from derm_accel.paths import shareable_path
-    from derm_accel.predict import classify_batch, default_device, prepared_model
-
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
-    if max_bytes < 1:
-        raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
-    device = device or default_device()
-    prepared = prepared_model(model, device)
-    shown = shareable_path(model) if Path(model).exists() else model
-    decoding = asyncio.Semaphore(DECODE_SLOTS)  # bounds the threads decoding at once
-    budget = PixelBudget(DECODE_BUDGET_BYTES)  # bounds the decoded pixels they hold together
-    forward = asyncio.Lock()  # one model, one device: forward passes take turns
 
     app = FastAPI(
         title="derm-accel",
@@ -177,6 +152,40 @@ def create_app(
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"error": f"invalid request ({problems})"}, status_code=422)
+
+    return app
+
+
+def create_app(
+    model: str,
+    *,
+    top_k: int = 3,
+    device: str | None = None,
+    cors_origins: Sequence[str] = (),
+    max_bytes: int = MAX_BYTES,
+    body_timeout: float = BODY_TIMEOUT_S,
+) -> Any:
+    """Load ``model`` once (a model folder or Hub id) and return the FastAPI app serving it.
+
+    ``cors_origins``: origins allowed to call the API from a browser (none by default; ``"*"`` allows all).
+    """
+    import anyio.to_thread
+
+    from derm_accel.paths import shareable_path
+    from derm_accel.predict import classify_batch, default_device, prepared_model
+
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
+    device = device or default_device()
+    prepared = prepared_model(model, device)
+    shown = shareable_path(model) if Path(model).exists() else model
+    decoding = asyncio.Semaphore(DECODE_SLOTS)  # bounds the threads decoding at once
+    budget = PixelBudget(DECODE_BUDGET_BYTES)  # bounds the decoded pixels they hold together
+    forward = asyncio.Lock()  # one model, one device: forward passes take turns
+
+    app = _new_app(shown, cors_origins=cors_origins, max_bytes=max_bytes, body_timeout=body_timeout)
 
     def k_of(requested: int | None) -> int:
         return min(requested or top_k, len(prepared.labels))
