@@ -26,10 +26,10 @@ class AccountingError(RunError):
 def versions() -> dict[str, str]:
     """Library versions that decide the bytes written (JPEG encoder, hashes, Arrow)."""
     import datasets
-    import imagehash
     import numpy
     import PIL
     import pyarrow
+    import scipy
 
     import derm_accel
 
@@ -38,7 +38,7 @@ def versions() -> dict[str, str]:
         "datasets": datasets.__version__,
         "pyarrow": pyarrow.__version__,
         "pillow": PIL.__version__,
-        "imagehash": imagehash.__version__,
+        "scipy": scipy.__version__,  # the DCT of the perceptual hash (imagehash's algorithm, computed here)
         "numpy": numpy.__version__,
         "python": platform.python_version(),
     }
