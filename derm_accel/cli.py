@@ -191,7 +191,8 @@ def convert(
     "derm-accel train --recipe recipes/smoke.yaml --set data.path=data/derm\n\n"
     "accelerate launch --config_file accelerate_configs/4xa100.yaml -m derm_accel train "
     "--recipe recipes/effnet_b3.yaml\n\n"
-    "derm-accel train --recipe recipes/effnet_b3.yaml --resume latest",
+    "derm-accel train --recipe recipes/effnet_b3.yaml --resume latest\n\n"
+    "derm-accel train --recipe recipes/effnet_b3.yaml --folds 5 --set output_dir=runs/effnet_b3_cv",
 )
 def train(
     recipe: Annotated[Path, typer.Option(help="YAML training recipe (see recipes/).")],
@@ -206,6 +207,17 @@ def train(
             "recorded in run_info.json."
         ),
     ] = False,
+    folds: Annotated[
+        int | None,
+        typer.Option(
+            help="k-fold cross-validation: pool all splits of data.path into K stratified, duplicate-grouped folds; "
+            "write RUN/fold_1..K, out-of-fold predictions and RUN/cv_report.md. Rerun to resume.",
+            min=2,
+        ),
+    ] = None,
+    group_column: Annotated[
+        str | None, typer.Option(help="With --folds: rows sharing this column (e.g. patient_id) stay in one fold.")
+    ] = None,
 ) -> None:
     """Train a timm classifier with a plain PyTorch loop driven by Accelerate (CPU, one GPU, or DDP).
 
@@ -213,6 +225,15 @@ def train(
     stopping, stop_after_steps and loader settings may change; any other change is refused with the list of keys
     unless --resume-with-changes.
     """
+    if folds is not None:
+        if resume is not None:
+            raise typer.BadParameter("--folds resumes by itself when run again; drop --resume", param_hint="--resume")
+        from derm_accel.kfold import REPORT_MD, train_folds
+
+        run_dir = train_folds(recipe, folds, set_ or [], group_column=group_column)
+        if _is_main_process():
+            typer.echo(f"run folder: {run_dir}\ncross-validation report: {Path(run_dir) / REPORT_MD}")
+        return
     from derm_accel.train import train as run_training
 
     run_dir = run_training(recipe, overrides=set_ or [], resume=resume, resume_with_changes=resume_with_changes)

@@ -1,0 +1,175 @@
+"""k-fold training as one run: ``derm-accel train --recipe R --folds K``.
+
+``RUN/fold_data/fold_k`` holds each fold's dataset (:mod:`derm_accel.cv`: the held-out fold is its ``test``
+split), ``RUN/fold_k`` is a normal run on it (with ``best/``), ``RUN/oof_predictions.csv`` the out-of-fold
+probabilities of every image (each scored by the one model that never saw it), and ``RUN/cv_report.json`` /
+``cv_report.md`` the metrics per fold, their mean ± sd with a t-interval, and the pooled out-of-fold metrics.
+A fold already scored is kept when the command runs again; one interrupted mid-training is resumed from its
+latest checkpoint. Under ``accelerate launch`` every process runs every fold (train() shards the batches);
+files are written by the main process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from derm_accel.config import Recipe, load_recipe
+from derm_accel.cv import classification_metrics, make_fold_datasets, mean_sd_ci
+
+FOLD_DATA = "fold_data"
+OOF_FILE = "oof_predictions.csv"
+REPORT_JSON = "cv_report.json"
+REPORT_MD = "cv_report.md"
+FOLD_SCORES = "fold_scores.json"  # in RUN/fold_k once its held-out fold is scored
+METRICS = ("macro_f1", "balanced_accuracy", "accuracy")
+
+
+def fold_overrides(fold_data: Path, fold_run: Path) -> list[str]:
+    return [
+        f"data.path={fold_data}",
+        "data.train_split=train",
+        "data.val_split=validation",
+        f"output_dir={fold_run}",
+    ]
+
+
+def score_fold(model_dir: Path, fold_data: Path, *, tta: str | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """Probabilities of ``model_dir`` on the fold's held-out images (every process gets all rows)."""
+    from accelerate import Accelerator
+    from datasets import load_from_disk
+
+    from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, with_transform
+    from derm_accel.evaluation.calibration import tta_probabilities
+    from derm_accel.evaluation.inference import predict_logits
+    from derm_accel.models import data_config, load_model
+
+    net, labels = load_model(str(model_dir))
+    cfg = data_config(net)
+    transform, decode = eval_input(cfg)
+    test = load_from_disk(str(fold_data))["test"]
+    min_size = decode_size(cfg["input_size"][-1], cfg.get("crop_pct"))
+    split = with_transform(test, transform, min_size=min_size, decode=decode)
+    result = predict_logits(
+        net, split, Accelerator(), batch_size=batch_size, num_workers=0, tta=tta, normalize=BatchNormalize(cfg)
+    )
+    return {
+        "probabilities": tta_probabilities(result.logits).numpy(),
+        "labels": result.labels.numpy(),
+        "source_paths": list(test["source_path"]),
+        "label_names": labels,
+    }
+
+
+def _train_fold(recipe: Recipe, fold_data: Path, fold_run: Path) -> None:
+    from derm_accel.checkpoints import list_checkpoints
+    from derm_accel.train import train
+
+    resume = "latest" if list_checkpoints(fold_run) else None
+    train(recipe, fold_overrides(fold_data, fold_run), resume=resume)
+
+
+def train_folds(
+    recipe: str | Path | Recipe | dict,
+    folds: int,
+    overrides: list[str] | None = None,
+    *,
+    seed: int = 0,
+    group_column: str | None = None,
+    tta: str | None = None,
+) -> Path:
+    """Train the recipe on each of ``folds`` folds of its dataset (all splits pooled); return RUN."""
+    from accelerate import PartialState
+
+    recipe = load_recipe(recipe, overrides)
+    run_dir = Path(recipe.output_dir)
+    state = PartialState()
+    data_root = run_dir / FOLD_DATA
+    if state.is_main_process:
+        make_fold_datasets(recipe.data.path, data_root, folds, seed=seed, group_column=group_column)
+    state.wait_for_everyone()
+    scored = []
+    for k in range(1, folds + 1):
+        fold_data, fold_run = data_root / f"fold_{k}", run_dir / f"fold_{k}"
+        done = fold_run / FOLD_SCORES
+        if not done.is_file():
+            _train_fold(recipe, fold_data, fold_run)
+        scores = score_fold(fold_run / "best", fold_data, tta=tta)
+        scores["fold"] = k
+        if state.is_main_process and not done.is_file():
+            metrics = classification_metrics(
+                scores["labels"], scores["probabilities"].argmax(1), len(scores["label_names"])
+            )
+            done.write_text(json.dumps({"fold": k, "tta": tta, **metrics}, indent=2) + "\n")
+        scored.append(scores)
+        state.wait_for_everyone()
+    if state.is_main_process:
+        write_cv_outputs(run_dir, scored, recipe, folds=folds, seed=seed, tta=tta)
+    state.wait_for_everyone()
+    return run_dir
+
+
+def cv_report(scored: list[dict[str, Any]], *, folds: int, seed: int, tta: str | None) -> dict[str, Any]:
+    """Per-fold metrics, their mean/sd/t-interval, and the metrics of the pooled out-of-fold predictions."""
+    num_classes = len(scored[0]["label_names"])
+    per_fold = []
+    for s in scored:
+        metrics = classification_metrics(s["labels"], s["probabilities"].argmax(1), num_classes)
+        per_fold.append({"fold": s["fold"], "num_test": len(s["labels"]), **metrics})
+    labels = np.concatenate([s["labels"] for s in scored])
+    probs = np.concatenate([s["probabilities"] for s in scored])
+    return {
+        "folds": folds,
+        "seed": seed,
+        "tta": tta,
+        "label_names": scored[0]["label_names"],
+        "per_fold": per_fold,
+        "summary": {m: mean_sd_ci([f[m] for f in per_fold]) for m in METRICS},
+        "out_of_fold": {"num_samples": len(labels), **classification_metrics(labels, probs.argmax(1), num_classes)},
+    }
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# {report['folds']}-fold cross-validation",
+        "",
+        "Folds: stratified by class, duplicate groups kept in one fold (derm_accel.cv); each fold's model is",
+        "scored on the fold it never saw. Interval: 95% t-interval of the mean over folds.",
+        "",
+        "| metric | mean ± sd | 95% interval | out-of-fold (pooled) |",
+        "|---|---|---|---|",
+    ]
+    for m in METRICS:
+        s = report["summary"][m]
+        lines.append(
+            f"| {m} | {s['mean']:.3f} ± {s['sd']:.3f} | [{s['ci_low']:.3f}, {s['ci_high']:.3f}] | "
+            f"{report['out_of_fold'][m]:.3f} |"
+        )
+    lines += ["", "| fold | test images | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for f in report["per_fold"]:
+        lines.append(f"| {f['fold']} | {f['num_test']} | " + " | ".join(f"{f[m]:.3f}" for m in METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_cv_outputs(
+    run_dir: Path, scored: list[dict[str, Any]], recipe: Recipe, *, folds: int, seed: int, tta: str | None
+) -> dict[str, Any]:
+    from derm_accel.evaluation.report import write_predictions_csv
+
+    names = scored[0]["label_names"]
+    write_predictions_csv(
+        run_dir / OOF_FILE,
+        [p for s in scored for p in s["source_paths"]],
+        np.concatenate([s["labels"] for s in scored]),
+        np.concatenate([s["probabilities"] for s in scored]),
+        names,
+        extra={"fold": [s["fold"] for s in scored for _ in s["labels"]]},
+    )
+    report = cv_report(scored, folds=folds, seed=seed, tta=tta)
+    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    (run_dir / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    (run_dir / REPORT_MD).write_text(render_markdown(report))
+    return report

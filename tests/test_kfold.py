@@ -1,0 +1,105 @@
+"""k-fold cross-validation: fold assignment, statistics, and ``train --folds`` end to end on generated data."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from sklearn.metrics import balanced_accuracy_score, f1_score
+
+from derm_accel.cv import assign_folds, mean_sd_ci, paired_difference
+from tests.train_utils import make_dataset, reset_accelerate, tiny_recipe
+
+
+def test_folds_are_stratified_and_keep_groups_together() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 30)
+    groups = np.arange(90)
+    groups[10:14] = 10  # a group of four copies
+    groups[40:42] = 40
+    rng.shuffle(groups)  # groups spread over classes as they come; only their membership matters
+    fold = assign_folds(labels, groups, 3, seed=1)
+    assert set(fold.tolist()) == {0, 1, 2}
+    for g in np.unique(groups):
+        assert len(set(fold[groups == g].tolist())) == 1, f"group {g} split across folds"
+    for c in range(3):
+        counts = np.bincount(fold[labels == c], minlength=3)
+        assert counts.max() - counts.min() <= 4, counts  # within the size of the largest group
+    assert np.array_equal(fold, assign_folds(labels, groups, 3, seed=1))
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        assign_folds(labels, groups, 1)
+
+
+def test_mean_sd_and_paired_t_interval() -> None:
+    a, b = [0.61, 0.55, 0.58, 0.64, 0.52], [0.50, 0.51, 0.49, 0.57, 0.50]
+    s = mean_sd_ci(a)
+    assert s["mean"] == pytest.approx(np.mean(a)) and s["sd"] == pytest.approx(np.std(a, ddof=1))
+    d = paired_difference(a, b)
+    diffs = np.subtract(a, b)
+    low, high = stats.t.interval(0.95, len(diffs) - 1, loc=diffs.mean(), scale=stats.sem(diffs))
+    assert (d["ci_low"], d["ci_high"]) == (pytest.approx(low), pytest.approx(high))
+    assert d["mean"] == pytest.approx(0.066)
+    with pytest.raises(ValueError, match="same folds"):
+        paired_difference(a, b[:4])
+
+
+def test_train_folds_writes_fold_runs_out_of_fold_predictions_and_report(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from derm_accel.cli import app
+    from derm_accel.kfold import FOLD_SCORES, train_folds
+
+    torch.set_num_threads(2)
+    data = make_dataset(tmp_path / "data", size=32)  # 3 classes x 24 images over train/validation/test
+    run = tmp_path / "cv"
+    recipe = tiny_recipe(data, run, train={"epochs": 1, "max_steps_per_epoch": 2})
+    reset_accelerate()
+    train_folds(recipe, 3)
+    reset_accelerate()
+
+    for k in (1, 2, 3):
+        assert (run / f"fold_{k}" / "best" / "model.safetensors").is_file()
+    with open(run / "oof_predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    sources = [r["source_path"] for r in rows]
+    assert len(rows) == 72 and len(set(sources)) == 72  # every image scored exactly once
+    from datasets import load_from_disk
+
+    for k in (1, 2, 3):  # each image was scored by the model whose training folds did not hold it
+        fold = load_from_disk(str(run / "fold_data" / f"fold_{k}"))
+        held_out = set(fold["test"]["source_path"])
+        assert held_out == {r["source_path"] for r in rows if r["fold"] == str(k)}
+        assert not held_out & (set(fold["train"]["source_path"]) | set(fold["validation"]["source_path"]))
+
+    report = json.loads((run / "cv_report.json").read_text())
+    names = report["label_names"]
+    y = np.array([names.index(r["true_label"]) for r in rows])
+    probs = np.array([[float(r[n]) for n in names] for r in rows])
+    pred = probs.argmax(1)
+    oof = report["out_of_fold"]
+    assert oof["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", labels=[0, 1, 2], zero_division=0))
+    assert oof["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    per_fold = [f["macro_f1"] for f in report["per_fold"]]
+    assert report["summary"]["macro_f1"]["mean"] == pytest.approx(np.mean(per_fold))
+    assert "± " in (run / "cv_report.md").read_text()
+
+    # Run again through the CLI: scored folds are kept (not retrained), the report is rewritten.
+    stamp = (run / "fold_2" / FOLD_SCORES).stat().st_mtime_ns
+    weights = (run / "fold_2" / "best" / "model.safetensors").stat().st_mtime_ns
+    (run / "cv_report.json").unlink()
+    recipe_file = tmp_path / "recipe.yaml"
+    import yaml
+
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["train", "--recipe", str(recipe_file), "--folds", "3"])
+    reset_accelerate()
+    assert result.exit_code == 0, result.output
+    assert "cv_report.md" in result.output
+    assert json.loads((run / "cv_report.json").read_text())["out_of_fold"] == oof
+    assert (run / "fold_2" / FOLD_SCORES).stat().st_mtime_ns == stamp
+    assert (run / "fold_2" / "best" / "model.safetensors").stat().st_mtime_ns == weights
