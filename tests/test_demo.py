@@ -169,3 +169,26 @@ def test_card_summary_from_the_card_or_the_config(model_dir: Path, tmp_path: Pat
     assert "license" not in summary
     assert example_images(model_dir / "examples") == [str(model_dir / "examples" / f"example{i}.jpg") for i in (0, 1)]
     assert example_images(tmp_path / "missing") == []
+
+
+def test_with_a_domain_guard_an_everyday_photo_gets_no_diagnosis(tmp_path: Path) -> None:
+    from derm_accel.data.synthetic import render
+    from tests.hub_fixtures import write_model_dir
+    from tests.test_guard import natural_photos
+
+    guarded = write_model_dir(tmp_path, guard=True)
+    photos = [str(p) for p in natural_photos()]
+    flagged = [r["path"] for r in predict(photos, model=str(guarded), device="cpu") if r.get("in_domain") is False]
+    assert flagged, "the guard flags none of scikit-image's everyday photos"
+    run = DemoModel(str(guarded), device="cpu")
+    scores, verdict, heat, raw = run(flagged[0])
+    assert scores == {} and heat is None and verdict.startswith(OUT_OF_DOMAIN) and raw["abstain"] is True
+    lesions = []
+    for i in range(12):  # new renders of the classes the guard was fitted on
+        lesions.append(str(tmp_path / f"lesion{i}.png"))
+        render(i % 3, seed=1000 + i, size=96).save(lesions[-1])
+    passed = [r["path"] for r in predict(lesions, model=str(guarded), device="cpu") if r["in_domain"]]
+    assert passed, "the guard flags every new generated lesion"
+    scores, verdict, heat, raw = run(passed[0])
+    assert raw["in_domain"] is True and scores and heat is not None
+    assert "looks like the training images" in verdict or "abstains" in verdict
