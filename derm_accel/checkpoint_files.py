@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from derm_accel.errors import InputError
+from derm_accel.fileio import atomic_write_json
 
 MANIFEST_NAME = "manifest.json"
 EMA_NAME = "ema.safetensors"
@@ -109,9 +109,7 @@ def write_manifest(folder: Path) -> None:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST_NAME
     }
-    tmp = folder / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps({"format": 1, "files": files}, indent=1) + "\n")
-    os.replace(tmp, folder / MANIFEST_NAME)
+    atomic_write_json(folder / MANIFEST_NAME, {"format": 1, "files": files})
 
 
 def verify_checkpoint(folder: Path) -> list[str]:

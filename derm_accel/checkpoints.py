@@ -37,6 +37,7 @@ from derm_accel.checkpoint_files import (
     verify_checkpoint,
     write_manifest,
 )
+from derm_accel.fileio import replace_dir
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -122,9 +123,7 @@ def save_checkpoint(
         if recipe is not None:
             (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
         write_manifest(tmp)
-        if final.exists():  # the same step saved again (e.g. epoch end right after a step checkpoint)
-            shutil.rmtree(final)
-        tmp.rename(final)
+        replace_dir(tmp, final)  # the same step may be saved again (epoch end right after a step checkpoint)
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
