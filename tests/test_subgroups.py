@@ -236,6 +236,9 @@ def test_binning_and_worst_group_gap():
     labels, order, kind = group_values("diameter", list(range(1, 21)))
     assert kind == "quartile" and len(order) == 4 and labels[0] == order[0] and labels[-1] == order[-1]
     assert parse_subgroups("age, site:value") == [("age", "auto"), ("site", "value")]
+    for bad in ("age,age", "age,age_group", "age:weekly"):
+        with pytest.raises(ValueError, match="--subgroups"):
+            parse_subgroups(bad)
     rows = [
         {"column": "skin", "value": "I-II", "n": 40, "accuracy": 0.9, "balanced_accuracy": 0.8},
         {"column": "skin", "value": "V-VI", "n": 35, "accuracy": 0.6, "balanced_accuracy": 0.5},

@@ -46,6 +46,13 @@ def parse_subgroups(spec: str | Sequence[str] | None) -> list[tuple[str, str]]:
         if kind not in KINDS:
             raise ValueError(f"--subgroups {item!r}: binning must be one of {', '.join(KINDS)}.")
         out.append((name.strip(), kind))
+    names = [n for n, _ in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    clash = sorted(set(names) & {f"{n}_group" for n in names})
+    if twice:
+        raise ValueError(f"--subgroups names {twice} more than once.")
+    if clash:
+        raise ValueError(f"--subgroups {clash} clash with the COL_group columns predictions.csv gets; rename them.")
     return out
 
 
@@ -373,9 +380,9 @@ def plot_subgroups(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
         ax.set_xlim(0, 1.02)
         ax.set_title(column, loc="left", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
-    axes[-1].set_xlabel("accuracy (circles) and balanced accuracy (squares), 95% bootstrap intervals; grey: small")
+    axes[-1].set_xlabel("circles: accuracy, squares: balanced accuracy (95% CI); grey: small group")
     fig.tight_layout()
-    fig.savefig(Path(path), dpi=110)
+    fig.savefig(Path(path), dpi=110, bbox_inches="tight")
     return Path(path)
 
 
