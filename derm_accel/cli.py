@@ -67,7 +67,7 @@ def _choices(name: str, *values: str) -> type[Enum]:
 Conflicts = _choices("Conflicts", "drop", "keep-majority")
 TTA = _choices("TTA", "flip")
 Backend = _choices("Backend", "torch", "onnxruntime")
-BenchKind = _choices("BenchKind", "data", "steps", "train", "infer", "comm", "convert")
+BenchKind = _choices("BenchKind", "data", "steps", "train", "infer", "comm", "convert", "guard")
 ExportFormat = _choices("ExportFormat", "onnx")
 
 
