@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from derm_accel.artifacts import METRIC_NAMES, METRICS, RECIPE, TRAINING_INFO, fmt, number
+from derm_accel.artifacts import CONVERSION_REPORT, METRIC_NAMES, METRICS, RECIPE, TRAINING_INFO, fmt, number
 from derm_accel.errors import InputError
 from derm_accel.evaluation.subgroups import model_card_section as subgroup_card_section
 
@@ -110,7 +110,7 @@ def _dataset_info(recipe: Mapping[str, Any], training_info: Mapping[str, Any]) -
 def dataset_provenance(data_path: str | os.PathLike) -> dict[str, Any]:
     """What training records about its converted dataset for the card: the source folder's name (not the local
     ``data/`` path), and the Hub dataset id and license when ``convert`` recorded them."""
-    report = read_optional_json(Path(data_path) / "conversion_report.json")
+    report = read_optional_json(Path(data_path) / CONVERSION_REPORT)
     info = {
         "name": Path(str(report.get("src") or data_path)).name,
         "hub_id": report.get("push_to_hub"),
@@ -139,6 +139,14 @@ def _hub_dataset_id(dataset: Mapping[str, Any]) -> str | None:
         if isinstance(value, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", value):
             return value
     return None
+
+
+def _evaluated_on(metrics: Mapping[str, Any], hub_dataset: str | None, training_name: str) -> tuple[str, str]:
+    """The model-index dataset of the report: the training data's, or for an external validation
+    (``--label-map``) the evaluated folder's own name."""
+    if metrics.get("external_validation") and metrics.get("data"):
+        return "imagefolder", Path(str(metrics["data"])).name
+    return hub_dataset or "imagefolder", Path(training_name).name
 
 
 def eval_results(metrics: Mapping[str, Any], dataset_type: str, dataset_name: str) -> list[EvalResult]:
@@ -520,7 +528,7 @@ def build_model_card(
         datasets=[hub_dataset] if hub_dataset else None,
         metrics=sorted({m for k, (m, _) in _HUB_METRICS.items() if number(metrics.get(k)) is not None}) or None,
         model_name=repo_id.split("/")[-1],
-        eval_results=eval_results(metrics, hub_dataset or "imagefolder", Path(dataset_name).name) or None,
+        eval_results=eval_results(metrics, *_evaluated_on(metrics, hub_dataset, dataset_name)) or None,
     )
     title = (
         f"# {repo_id.split('/')[-1]}\n\nA `{config['architecture']}` classifier of {len(labels)} "

@@ -199,6 +199,8 @@ def test_unknown_class_is_reported_apart_not_scored(external):
     truth = {r["img_id"]: r["diagnostic"] for r in rows}
     assert all(truth[u["source_path"]] == "BOD" for u in unscored)
     assert "not scored" in (out / "report.md").read_text()
+    card = build_model_card(external["model"], "lab/model", report_dir=out, license="apache-2.0")
+    assert {r.dataset_name for r in card.data.eval_results} == {"data"}  # the external set, not the training set
 
 
 def test_label_map_errors_are_clear(external, tmp_path):
