@@ -86,6 +86,9 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (smoke runs)
     stop_after_steps: int | None = None  # end this invocation after N optimizer steps (e.g. a job time limit)
     log_every_steps: int = 10
+    # Process-group timeout: a rank that stops answering (hung, or its machine gone silent) stops the others
+    # after this long, with an error naming it, instead of the 30-minute default.
+    dist_timeout_s: float = 600.0
     # Experiment trackers Accelerate logs to (TRACKERS); logs/metrics.jsonl is always written as well.
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
 
@@ -333,6 +336,7 @@ def validate(recipe: Recipe) -> None:
         f"train.stop_after_steps must be null or >= 1, got {t.stop_after_steps}",
     )
     need(t.log_every_steps >= 1, f"train.log_every_steps must be at least 1, got {t.log_every_steps}")
+    need(t.dist_timeout_s > 0, f"train.dist_timeout_s is in seconds and must be > 0, got {t.dist_timeout_s}")
     unknown = [name for name in t.log_with if name not in TRACKERS]
     need(
         not unknown,

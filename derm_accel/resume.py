@@ -19,6 +19,7 @@ RESUMABLE_KEYS = frozenset(
         "train.checkpoint_every_steps",
         "train.keep_checkpoints",
         "train.log_every_steps",
+        "train.dist_timeout_s",
         "train.early_stopping_patience",
         "train.stop_after_steps",
         "train.compile",

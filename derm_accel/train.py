@@ -13,6 +13,7 @@ of processes.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from sklearn.metrics import f1_score
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
@@ -46,7 +47,12 @@ from derm_accel.checkpoints import (
 from derm_accel.config import DataConfig, OptimConfig, Recipe, RecipeError, load_recipe
 from derm_accel.data import loaders
 from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, train_decode_size, train_transform
-from derm_accel.distributed import use_cpu_ranks_without_gpu
+from derm_accel.distributed import (
+    is_collective_failure,
+    lost_rank_error,
+    start_rank_monitor,
+    use_cpu_ranks_without_gpu,
+)
 from derm_accel.errors import RunError
 from derm_accel.fileio import atomic_write_json
 from derm_accel.model_card import dataset_provenance
@@ -228,11 +234,17 @@ def train(
     state = resume_state(run, checkpoint, changes)
     start_logging(run, state, resumed=bool(resume))
     stop = None
-    for epoch in range(state.epoch, recipe.train.epochs):
-        stats = train_one_epoch(run, state, epoch)
-        stop = stats.stop or end_epoch(run, state, epoch, stats)
-        if stop:
-            break
+    try:
+        for epoch in range(state.epoch, recipe.train.epochs):
+            stats = train_one_epoch(run, state, epoch)
+            stop = stats.stop or end_epoch(run, state, epoch, stats)
+            if stop:
+                break
+    except Exception as e:  # a rank died or hangs: name it on the survivors instead of a bare backend error
+        if not is_collective_failure(e):
+            raise
+        where = f"at epoch {state.epoch + 1}, after optimizer step {state.global_step}"
+        raise lost_rank_error(e, where, recipe.train.dist_timeout_s) from e
     finish(run, state, stop)
     return run.run_dir
 
@@ -316,7 +328,9 @@ def build_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
         gradient_accumulation_steps=recipe.optim.grad_accum,
         log_with=build_trackers(recipe, run_dir),
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / LOG_DIR)),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.dist_timeout_s))],
     )
+    start_rank_monitor(t.dist_timeout_s)
     if accelerator.num_processes != world_size:
         raise ValueError(
             f"{world_size} processes were launched but Accelerate sees {accelerator.num_processes} "
