@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from derm_accel.cli import app
 from derm_accel.data.convert import ConvertError, convert_folders
-from derm_accel.data.metadata import infer_feature, metadata_spec
+from derm_accel.data.metadata import metadata_spec
 from derm_accel.data.synthetic import render
+from derm_accel.data.tables import infer_feature
 from tests.layouts import LAYOUTS
 
 QUIET = {"progress": False, "near_threshold": -1, "max_size": 0}
@@ -148,7 +149,8 @@ def test_typed_columns_and_nulls(tmp_path):
     assert rows["a"]["zip"] == "0123" and rows["a"]["smoker"] is True and rows["b"]["smoker"] is False
     assert rows["c"]["weight"] == 80.0 and rows["a"]["age"] == 34
     assert all(v != "" for r in rows.values() for v in r.values())  # empty cells are null, never ""
-    assert infer_feature(["1", "2", None])[2] == "int" and infer_feature(["1", "2.5"])[2] == "float"
+    assert infer_feature(["1", "2", None])[2] == "int" and infer_feature(["1", "2.5", "-1e3"])[2] == "float"
+    assert infer_feature(["1_000", "2"])[2] != "float"  # Python float() would read 1_000
 
 
 def test_every_file_and_row_is_accounted(tmp_path):
