@@ -238,6 +238,8 @@ def test_binning_and_worst_group_gap():
     labels, order, kind = group_values("diameter", list(range(1, 21)))
     assert kind == "quartile" and len(order) == 4 and labels[0] == order[0] and labels[-1] == order[-1]
     assert parse_subgroups("age, site:value") == [("age", "auto"), ("site", "value")]
+    with pytest.raises(ValueError, match="60 distinct values"):
+        group_values("patient_id", [f"P{i}" for i in range(60)])
     for bad in ("age,age", "age,age_group", "age:weekly"):
         with pytest.raises(ValueError, match="--subgroups"):
             parse_subgroups(bad)

@@ -25,6 +25,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 from derm_accel.artifacts import fmt
 
 SMALL_GROUP = 30
+MAX_GROUPS = 50
 MISSING = "(missing)"
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
 KINDS = ("auto", "decade", "fitzpatrick", "quartile", "value")
@@ -140,6 +141,11 @@ def group_values(name: str, values: Sequence[Any], kind: str = "auto") -> tuple[
             (math.inf, "") if g == MISSING else ((float(g), "") if by_number else (0, g))
         )
     order = sorted(set(labels), key=lambda g: (order_key(g), g))
+    if len(order) > MAX_GROUPS:
+        raise ValueError(
+            f"--subgroups {name} has {len(order)} distinct values (e.g. {order[:3]}); at most {MAX_GROUPS} groups "
+            "make a readable table. Pick a coarser column, or bin a numeric one with COL:quartile or COL:decade."
+        )
     return labels, order, kind
 
 
@@ -282,10 +288,9 @@ def column_values(split: Any, name: str) -> list[Any]:
 
 
 def check_columns(split: Any, spec: Sequence[tuple[str, str]]) -> None:
-    """Fail before inference when a requested column is missing."""
-    for name, _ in spec:
-        if name not in split.column_names:
-            column_values(split, name)
+    """Fail before inference when a requested column is missing or cannot be grouped."""
+    for name, kind in spec:
+        group_values(name, column_values(split, name), kind)
 
 
 def prediction_columns(columns: Mapping[str, tuple[list[str], list[str], str]], raw: Mapping[str, list[Any]]) -> dict:
