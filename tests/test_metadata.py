@@ -263,3 +263,43 @@ def test_cli_metadata_options_and_clear_errors(tmp_path):
         )
     result = runner.invoke(app, ["convert", str(tmp_path / "ham"), str(tmp_path / "o5"), "--preset", "ham10000"])
     assert result.exit_code == 2 and "need --metadata" in result.output
+
+
+def test_parquet_table_and_class_map(tmp_path):
+    """A Parquet table keeps its own types and nulls; --class-map renames and drops label values."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    src.mkdir()
+    names = [f"im{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        render(i % 3, 700 + i, 40).save(src / f"{name}.jpg", quality=90)
+    table = pa.table(
+        {
+            "isic_id": names,
+            "dx": ["nv", "mel", "bkl", "nv", "mel", "bkl"],
+            "age": [30, None, 50, 60, 70, 80],
+            "smoker": [True, False, None, True, False, True],
+            "size_mm": [1.5, 2.0, None, 4.25, 5.0, 6.0],
+        }
+    )
+    pq.write_table(table, tmp_path / "meta.parquet")
+    spec = metadata_spec(tmp_path / "meta.parquet", image_column="isic_id", label_column="dx")
+    report = convert_folders(
+        src,
+        tmp_path / "out",
+        metadata=spec,
+        class_map={"nv": "nevus", "mel": "melanoma", "bkl": None},
+        eval_only=True,
+        **QUIET,
+    )
+    assert report["class_names"] == ["melanoma", "nevus"]
+    assert sorted(s["path"] for s in report["skipped"] if s["reason"] == "dropped_class") == ["im2.jpg", "im5.jpg"]
+    test = load_from_disk(str(tmp_path / "out"))["test"]
+    assert test.features["age"] == Value("int64") and test.features["smoker"] == Value("bool")
+    assert test.features["size_mm"] == Value("float64")
+    rows = {Path(r["source_path"]).stem: r for r in test.remove_columns("image")}
+    assert rows["im1"]["age"] is None and rows["im3"]["size_mm"] == 4.25 and rows["im0"]["smoker"] is True
+    with pytest.raises(ConvertError, match="Class map names labels"):
+        convert_folders(src, tmp_path / "o2", metadata=spec, class_map={"scc": "x"}, **QUIET)
