@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 from derm_accel import __version__
+from derm_accel.errors import OutputExistsError
+from derm_accel.fileio import staged_dir
 from derm_accel.hub import PushError, _check_repo_id, _with_retries
 
 logger = logging.getLogger(__name__)
@@ -110,10 +112,8 @@ def stage_space(
 
     out = Path(out)
     if out.exists() and not all(p.name in (*SPACE_FILES, EXAMPLES_DIR) for p in out.iterdir()):
-        raise ValueError(f"{out} holds files that a Space push does not stage; choose a new folder.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+        raise OutputExistsError(f"{out} holds files that a Space push does not stage; choose a new folder.")
+    with staged_dir(out) as tmp:  # swapped in whole once complete; an earlier staging is replaced
         (tmp / "README.md").write_text(
             space_card(repo_id, space_id, card.data.license, getattr(card.data, "license_name", None)),
             encoding="utf-8",
@@ -126,12 +126,6 @@ def stage_space(
             (tmp / EXAMPLES_DIR).mkdir()
             for path in examples:
                 shutil.copy2(path, tmp / EXAMPLES_DIR / path.name)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
