@@ -113,5 +113,5 @@ def lost_rank_error(error: BaseException, where: str, timeout_s: float) -> LostR
     return LostRankError(
         f"Rank {rank}: {who} {where} ({type(error).__name__}: {first}). This process stops too. When every "
         f"machine is back, continue with --resume latest and the same number of processes. A rank that hangs "
-        f"instead of dying is waited for train.dist_timeout_s={timeout_s:g} s."
+        f"instead of dying is waited for train.dist_timeout_s={timeout_s:g} s (then up to a minute to name it)."
     )

@@ -161,6 +161,17 @@ def test_huge_png_is_refused_before_decoding_in_predict(model_dir: Path, huge_pn
         decode.open_bounded(huge_png.read_bytes())
 
 
+def test_huge_png_is_refused_by_serve_with_a_4xx(model_dir: Path, huge_png: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from derm_accel.serve import create_app
+
+    client = TestClient(create_app(str(model_dir), device="cpu"))
+    answer = client.post("/predict", content=huge_png.read_bytes())
+    assert answer.status_code == 400 and "decode budget" in answer.json()["error"]
+    assert client.get("/health").status_code == 200
+
+
 def test_large_jpeg_is_decoded_at_reduced_scale(monkeypatch: pytest.MonkeyPatch) -> None:
     from derm_accel.data.transforms import decode_image
 
@@ -204,10 +215,9 @@ def test_pixel_budget_lets_decodes_run_together_only_while_their_bytes_fit() -> 
     assert order == ["first in", "first out", "second in"]
     with budget.hold(30), budget.hold(70):  # fit together
         assert budget.in_use == 100
-    with budget.hold(1000):  # larger than the budget: runs alone
-        with pytest.raises(TimeoutError):
-            with budget.hold(1, timeout=0.05):
-                pass
+    # Larger than the budget: it runs alone, and anything else waits.
+    with budget.hold(1000), pytest.raises(TimeoutError), budget.hold(1, timeout=0.05):
+        pass
     assert budget.in_use == 0
 
 
