@@ -134,6 +134,15 @@ def test_fit_name_keeps_short_names_and_cuts_multibyte_names_on_a_character() ->
     assert fit_name("é" * 200 + "1", ".png") != fit_name("é" * 200 + "2", ".png")
 
 
+def test_evaluate_report_folder_name_fits_for_a_long_run_name() -> None:
+    from derm_accel.evaluation.run import default_out_dir
+
+    long_run = "r" * 250  # a valid folder name, but "<run>-best-test" is not
+    name = default_out_dir(f"runs/{long_run}/best", "test").name
+    assert len(name.encode()) <= 255 and name.endswith("-test") and name.startswith("r" * 200)
+    assert default_out_dir("runs/x/best", "test") == Path("reports/x-best-test")
+
+
 # -- decode budget ---------------------------------------------------------------------------------------------
 
 

@@ -133,7 +133,9 @@ def default_out_dir(model: str, split: str) -> Path:
     name = path.name
     if name in {"best", "last", "final"} and path.parent.name:
         name = f"{path.parent.name}-{name}"
-    return Path("reports") / f"{name}-{split}"
+    from derm_accel.paths import fit_name  # RUN-best of a 250-byte RUN name: still one valid folder name
+
+    return Path("reports") / fit_name(name, f"-{split}")
 
 
 def _score(
