@@ -11,7 +11,10 @@ files are written by the main process.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +67,55 @@ def score_fold(model_dir: Path, fold_data: Path, *, tta: str | None = None, batc
     }
 
 
+@contextlib.contextmanager
+def _process_group_kept() -> Iterator[Any]:
+    """The process group's state, kept alive across folds, then destroyed.
+
+    Each train() ends with ``Accelerator.end_training()``, which destroys the process group. accelerate skips
+    that for a fork-launched group, a flag every ``PartialState()`` re-reads from ``FORK_LAUNCHED``; so that
+    variable is set while the folds run.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    before = os.environ.get("FORK_LAUNCHED")
+    os.environ["FORK_LAUNCHED"] = "1"
+    try:
+        yield PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # read as AcceleratorState reads it
+    finally:
+        if before is None:
+            os.environ.pop("FORK_LAUNCHED", None)
+        else:
+            os.environ["FORK_LAUNCHED"] = before
+    state = PartialState()  # re-reads the flag
+    state.destroy_process_group()
+
+
 def _train_fold(recipe: Recipe, fold_data: Path, fold_run: Path) -> None:
     from derm_accel.checkpoints import list_checkpoints
     from derm_accel.train import train
 
     resume = "latest" if list_checkpoints(fold_run) else None
     train(recipe, fold_overrides(fold_data, fold_run), resume=resume)
+
+
+def _fold(recipe: Recipe, data_root: Path, run_dir: Path, k: int, tta: str | None, main: bool) -> dict[str, Any]:
+    """Train fold ``k`` unless it was scored before; score its held-out images (on every process)."""
+    from accelerate.state import PartialState
+
+    fold_data, fold_run = data_root / f"fold_{k}", run_dir / f"fold_{k}"
+    done = fold_run / FOLD_SCORES
+    if not done.is_file():
+        _train_fold(recipe, fold_data, fold_run)
+    scores = score_fold(fold_run / "best", fold_data, tta=tta)
+    scores["fold"] = k
+    if main and not done.is_file():
+        metrics = classification_metrics(
+            scores["labels"], scores["probabilities"].argmax(1), len(scores["label_names"])
+        )
+        done.write_text(json.dumps({"fold": k, "tta": tta, **metrics}, indent=2) + "\n")
+    PartialState().wait_for_everyone()
+    return scores
 
 
 def train_folds(
@@ -82,33 +128,20 @@ def train_folds(
     tta: str | None = None,
 ) -> Path:
     """Train the recipe on each of ``folds`` folds of its dataset (all splits pooled); return RUN."""
-    from accelerate import PartialState
+    from derm_accel.distributed import use_cpu_ranks_without_gpu
 
     recipe = load_recipe(recipe, overrides)
     run_dir = Path(recipe.output_dir)
-    state = PartialState()
-    data_root = run_dir / FOLD_DATA
-    if state.is_main_process:
-        make_fold_datasets(recipe.data.path, data_root, folds, seed=seed, group_column=group_column)
-    state.wait_for_everyone()
-    scored = []
-    for k in range(1, folds + 1):
-        fold_data, fold_run = data_root / f"fold_{k}", run_dir / f"fold_{k}"
-        done = fold_run / FOLD_SCORES
-        if not done.is_file():
-            _train_fold(recipe, fold_data, fold_run)
-        scores = score_fold(fold_run / "best", fold_data, tta=tta)
-        scores["fold"] = k
-        if state.is_main_process and not done.is_file():
-            metrics = classification_metrics(
-                scores["labels"], scores["probabilities"].argmax(1), len(scores["label_names"])
-            )
-            done.write_text(json.dumps({"fold": k, "tta": tta, **metrics}, indent=2) + "\n")
-        scored.append(scores)
+    use_cpu_ranks_without_gpu()
+    with _process_group_kept() as state:
+        data_root = run_dir / FOLD_DATA
+        if state.is_main_process:
+            make_fold_datasets(recipe.data.path, data_root, folds, seed=seed, group_column=group_column)
         state.wait_for_everyone()
-    if state.is_main_process:
-        write_cv_outputs(run_dir, scored, recipe, folds=folds, seed=seed, tta=tta)
-    state.wait_for_everyone()
+        scored = [_fold(recipe, data_root, run_dir, k, tta, state.is_main_process) for k in range(1, folds + 1)]
+        if state.is_main_process:
+            write_cv_outputs(run_dir, scored, recipe, folds=folds, seed=seed, tta=tta)
+        state.wait_for_everyone()
     return run_dir
 
 

@@ -103,3 +103,41 @@ def test_train_folds_writes_fold_runs_out_of_fold_predictions_and_report(tmp_pat
     assert json.loads((run / "cv_report.json").read_text())["out_of_fold"] == oof
     assert (run / "fold_2" / FOLD_SCORES).stat().st_mtime_ns == stamp
     assert (run / "fold_2" / "best" / "model.safetensors").stat().st_mtime_ns == weights
+
+
+@pytest.mark.distributed
+def test_train_folds_under_accelerate_launch_two_ranks(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    data = make_dataset(tmp_path / "data", size=32)
+    run = tmp_path / "cv"
+    recipe = tiny_recipe(data, run, data={"batch_size": 4}, train={"epochs": 1, "max_steps_per_epoch": 1})
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env["OMP_NUM_THREADS"] = "1"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(repo / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29523"]
+    result = subprocess.run(
+        [*launch, "-m", "derm_accel", "train", "--recipe", str(recipe_file), "--folds", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("cross-validation report") == 1  # printed by rank 0 only
+    for k in (1, 2):
+        info = json.loads((run / f"fold_{k}" / "run_info.json").read_text())
+        assert info["accelerate"]["num_processes"] == 2
+    with open(run / "oof_predictions.csv") as f:
+        sources = [r["source_path"] for r in csv.DictReader(f)]
+    assert len(sources) == len(set(sources)) == 72  # gathered once each, padding dropped
+    report = json.loads((run / "cv_report.json").read_text())
+    assert [f["num_test"] for f in report["per_fold"]] == [36, 36]
