@@ -6,7 +6,6 @@ It calls exactly the functions behind ``derm-accel convert``, ``train``, ``evalu
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import yaml
 
 from derm_accel.data.synthetic import write_sample
+from derm_accel.fileio import atomic_write_json
 
 # A small timm model that learns the generated sample from scratch in about a minute on two CPU cores.
 DEFAULT_MODEL = "resnet10t"
@@ -148,7 +148,7 @@ def run_quickstart(
 
     image = _first_test_image(data_dir, src)
     prediction = predict(str(image), model=str(best), top_k=3)[0]
-    (workdir / "prediction.json").write_text(json.dumps(prediction, indent=2) + "\n")
+    atomic_write_json(workdir / "prediction.json", prediction)
     timings["total"] = time.perf_counter() - start
 
     summary = {
@@ -158,6 +158,7 @@ def run_quickstart(
         "test_accuracy": metrics["accuracy"],
         "test_macro_f1": metrics["macro_f1"],
         "num_test": metrics["num_samples"],
+        "guard": (metrics.get("out_of_domain") or {}).get("guard"),
         "model": model,
         "data": str(data_dir),
         "run": str(run_dir),
@@ -167,7 +168,7 @@ def run_quickstart(
         "prediction": prediction,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(workdir / "summary.json", summary)
     summary["text"] = _summary_text(summary, src)
     return summary
 
@@ -180,6 +181,7 @@ def _summary_text(s: dict[str, Any], src: Path) -> str:
             "",
             f"derm-accel quickstart finished in {s['timings_s']['total']:.0f} s ({s['model']}, {s['images']} images)",
             f"  test accuracy   {s['test_accuracy']:.3f}   macro-F1 {s['test_macro_f1']:.3f}   (n={s['num_test']})",
+            _guard_line(s.get("guard")),
             f"  dataset         {s['data']}",
             f"  weights         {s['weights']}",
             f"  report          {s['report']}",
@@ -196,3 +198,11 @@ def _summary_text(s: dict[str, Any], src: Path) -> str:
             f"(source images: {src})",
         ]
     )
+
+
+def _guard_line(guard: dict[str, Any] | None) -> str:
+    if not guard:
+        return "  domain guard    none"
+    answered = guard.get("answered")
+    abstain = "" if answered is None else f", {answered:.0%} answered after abstention"
+    return f"  domain guard    flags {guard['in_domain_flagged']:.0%} of the test images as out of domain{abstain}"

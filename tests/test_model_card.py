@@ -60,12 +60,14 @@ def test_card_sections(artifacts: tuple[Path, Path]) -> None:
         "## Training data",
         "## Training procedure",
         "## Evaluation",
+        "## Out-of-domain inputs and abstention",
         "## Limitations and bias",
         "## How to use",
         "## Citation",
     ]
     assert "### Out-of-scope use" in text and "not a medical device and gives no diagnosis" in text
     assert "### How the split kept duplicates apart" in text
+    assert "This model has no domain guard" in text  # this fixture's model has none: the card says so
     # Training procedure from training_info.json.
     for needle in (
         "| Mixed precision | bf16 |",

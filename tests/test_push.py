@@ -33,7 +33,7 @@ def _files_containing(root: Path, needle: bytes) -> list[Path]:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("run")
-    return write_model_dir(root), write_report_dir(root)
+    return write_model_dir(root, guard=True), write_report_dir(root)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +97,7 @@ def test_dry_run_stages_exactly_the_upload_without_network(
             "recipe.yaml",
             "training_info.json",
             "val_metrics.json",
+            "domain_guard.safetensors",
         }
         | expected_eval
     )
@@ -214,6 +215,27 @@ print("OUT=" + json.dumps({{"logits": logits.tolist(), "labels": model.pretraine
     got = torch.tensor(out["logits"])
     assert got.shape == (len(eval_images), len(LABELS))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_a_hub_download_keeps_the_domain_guard(
+    clean_push, artifacts: tuple[Path, Path], eval_images: list[Path]
+) -> None:
+    from derm_accel.predict import predict
+
+    hub, _, root = clean_push
+    model_dir, _ = artifacts
+    code = f"""
+import json
+from derm_accel.predict import predict
+print("OUT=" + json.dumps(predict({[str(p) for p in eval_images]!r}, model={REPO_ID!r}, device="cpu")))
+"""
+    proc = run_python(code, hub_env(hub.url, root / "hf_home_guard", HF_TOKEN=TOKEN))
+    remote = json.loads(proc.stdout.split("OUT=")[1])
+    local = predict([str(p) for p in eval_images], model=str(model_dir), device="cpu")
+    assert all(isinstance(r["ood_score"], float) and isinstance(r["in_domain"], bool) for r in remote)
+    for a, b in zip(remote, local, strict=True):
+        assert a["label"] == b["label"] and a["in_domain"] == b["in_domain"]
+        assert a["ood_score"] == pytest.approx(b["ood_score"], rel=1e-4, abs=1e-3)
 
 
 def test_card_on_the_hub_parses_and_holds_the_metrics(clean_push) -> None:

@@ -21,9 +21,10 @@ MAX_DIM = 768
 def summarize(feature: torch.Tensor, max_dim: int = MAX_DIM) -> torch.Tensor:
     """(B, C, H, W) or (B, N, C) maps -> (B, 2C) channel mean and std; (B, C) vectors pass through; float32."""
     feature = feature.float()
-    if feature.ndim == 4:
-        flat = feature.flatten(2)  # (B, C, HW)
-        parts = [flat.mean(-1), flat.std(-1, correction=0)]
+    if feature.ndim == 4:  # reductions over (H, W) read channels_last maps in place (flatten would copy them)
+        mean = feature.mean(dim=(2, 3))
+        var = (feature * feature).mean(dim=(2, 3)) - mean * mean
+        parts = [mean, var.clamp_min(0).sqrt()]
     elif feature.ndim == 3:  # tokens (B, N, C)
         parts = [feature.mean(1), feature.std(1, correction=0)]
     elif feature.ndim == 2:

@@ -30,6 +30,7 @@ from derm_accel.guard.model import DomainGuard, GuardError, save_guard
 
 CROSS_FIT_FOLDS = 5
 MIN_FIT_IMAGES = 20
+MIN_ANSWERED = 10  # when the target error is out of reach, the fallback threshold still answers this many
 
 
 @dataclass
@@ -107,7 +108,8 @@ def cross_fitted_distances(features: list[np.ndarray], folds: int = CROSS_FIT_FO
 def selective_threshold(confidence: np.ndarray, correct: np.ndarray, target_error: float) -> dict[str, Any]:
     """The lowest confidence threshold whose answered images have an error rate <= ``target_error``.
 
-    If no threshold reaches the target, the one with the lowest error is kept and ``target_met`` is False.
+    If no threshold reaches the target, the one with the lowest error among those answering at least
+    ``MIN_ANSWERED`` images is kept and ``target_met`` is False.
     """
     order = np.argsort(-confidence, kind="stable")
     conf, wrong = confidence[order], 1.0 - correct[order].astype(float)
@@ -116,7 +118,11 @@ def selective_threshold(confidence: np.ndarray, correct: np.ndarray, target_erro
     cut = np.r_[conf[1:] < conf[:-1], True]
     candidates = np.flatnonzero(cut & (risk <= target_error))
     met = len(candidates) > 0
-    last = candidates[-1] if met else int(np.flatnonzero(cut)[np.argmin(risk[cut])])
+    if met:
+        last = candidates[-1]
+    else:  # the lowest error among cuts answering enough images for that error to mean something
+        enough = np.flatnonzero(cut & (np.arange(1, len(conf) + 1) >= min(MIN_ANSWERED, len(conf))))
+        last = int(enough[np.argmin(risk[enough])])
     return {
         "confidence_threshold": float(conf[last]),
         "target_error": target_error,
