@@ -157,7 +157,7 @@ def test_bad_arguments_fail_clearly(model_dir: Path, images: Path, tmp_path: Pat
         predict(images, model=str(model_dir), top_k=0)
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         predict(images, model=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="neither a model folder nor a Hub repo"):
+    with pytest.raises(FileNotFoundError, match="No such model folder"):
         predict(images, model=str(tmp_path / "nope" / "deeper" / "x"))
 
 
