@@ -36,6 +36,7 @@ SCRIPTS = {
     "comm": "ddp_comm",
     "convert": "convert",
     "guard": "guard",
+    "onnx": "onnx_runtime",
 }
 KINDS = tuple(SCRIPTS)
 

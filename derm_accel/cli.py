@@ -67,7 +67,7 @@ def _choices(name: str, *values: str) -> type[Enum]:
 Conflicts = _choices("Conflicts", "drop", "keep-majority")
 TTA = _choices("TTA", "flip")
 Backend = _choices("Backend", "torch", "onnxruntime")
-BenchKind = _choices("BenchKind", "data", "steps", "train", "infer", "comm", "convert", "guard")
+BenchKind = _choices("BenchKind", "data", "steps", "train", "infer", "comm", "convert", "guard", "onnx")
 ExportFormat = _choices("ExportFormat", "onnx")
 
 
