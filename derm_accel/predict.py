@@ -147,7 +147,7 @@ def classify_batch(
     # bf16 autocast on CUDA, fp32 elsewhere: the fastest settings that keep top-1 unchanged.
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
         if use_guard:
-            logits, features = forward_with_features(prepared.net, batch)
+            logits, features = forward_with_features(prepared.net, batch, prepared.guard.max_dim)
             scores = prepared.guard.score(features).float().cpu().tolist()
         else:
             logits, scores = prepared.net(batch), [None] * len(batch)

@@ -32,7 +32,7 @@ def test_one_pass_gives_the_same_logits_as_forward(arch: str) -> None:
         logits, features = forward_with_features(net, x)
         torch.testing.assert_close(logits, net(x), rtol=0, atol=1e-5)
     assert len(features) >= 2  # several depths, plus pre-logits
-    assert all(f.shape[0] == 3 and f.ndim == 2 and f.shape[1] <= 768 for f in features)
+    assert all(f.shape[0] == 3 and f.ndim == 2 and f.shape[1] <= 512 for f in features)
 
 
 def test_summaries_are_channel_mean_and_std() -> None:
@@ -40,7 +40,7 @@ def test_summaries_are_channel_mean_and_std() -> None:
     s = summarize(x)
     torch.testing.assert_close(s[:, :3], x.flatten(2).mean(-1))
     torch.testing.assert_close(s[:, 3:], x.flatten(2).std(-1, correction=0))
-    assert summarize(torch.randn(2, 5000)).shape == (2, 768)  # wide vectors are pooled down
+    assert summarize(torch.randn(2, 5000)).shape == (2, 512)  # wide vectors are pooled down
 
 
 def _gaussian_scored(rng: np.random.Generator, n: int, shift: float = 0.0) -> Scored:

@@ -45,6 +45,12 @@ def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict[str, Any]
     return {"coverage": coverage, "risk": risk, "aurc": float(risk.mean())}
 
 
+def _width(prepared: Any) -> int:
+    from derm_accel.guard.features import MAX_DIM
+
+    return prepared.guard.max_dim if prepared.guard is not None else MAX_DIM
+
+
 def _oriented(scored: Any, guard: Any) -> dict[str, np.ndarray]:
     out = {"softmax_confidence": 1.0 - scored.confidence, "energy": scored.energy}
     if guard is not None:
@@ -69,7 +75,7 @@ def score_folder(prepared: Any, folder: str | Path, *, batch_size: int = 32) -> 
     if not tensors:
         raise FileNotFoundError(f"--ood {folder}: no readable images ({len(skipped)} skipped)")
     batches = ((torch.stack(tensors[i : i + batch_size]), None) for i in range(0, len(tensors), batch_size))
-    return score_batches(prepared.net, batches, "cpu"), skipped
+    return score_batches(prepared.net, batches, "cpu", _width(prepared)), skipped
 
 
 def score_ood_source(prepared: Any, source: str | Path, *, batch_size: int = 32) -> tuple[Any, list[dict]]:
@@ -84,7 +90,8 @@ def score_ood_source(prepared: Any, source: str | Path, *, batch_size: int = 32)
         dataset = load_from_disk(str(source))
         pooled = concatenate_datasets([dataset[s] for s in sorted(dataset)])
         cfg = data_config(prepared.net)
-        return score_batches(prepared.net, split_batches(pooled, cfg, batch_size=batch_size), "cpu"), []
+        batches = split_batches(pooled, cfg, batch_size=batch_size)
+        return score_batches(prepared.net, batches, "cpu", _width(prepared)), []
     if not source.is_dir():
         raise FileNotFoundError(f"--ood {source} is neither a folder of images nor a converted dataset")
     return score_folder(prepared, source, batch_size=batch_size)
@@ -101,7 +108,8 @@ def evaluate_ood(
     prepared = prepared_model(model, "cpu")
     guard = prepared.guard
     cfg = data_config(prepared.net)
-    in_dom = score_batches(prepared.net, split_batches(raw_split, cfg, batch_size=batch_size), "cpu")
+    batches = split_batches(raw_split, cfg, batch_size=batch_size)
+    in_dom = score_batches(prepared.net, batches, "cpu", _width(prepared))
     in_scores = _oriented(in_dom, guard)
     correct = (in_dom.logits.argmax(-1) == in_dom.labels).numpy()
     curve = risk_coverage(in_dom.confidence, correct)

@@ -14,17 +14,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# Larger summaries are average-pooled down to this size: the stored precision matrix grows with its square.
-MAX_DIM = 768
+# Larger summaries are average-pooled down to this size: the stored precision matrix and the cost of the
+# Mahalanobis distance grow with its square (512 keeps the guard under 10% of the forward; docs/benchmarks.md).
+MAX_DIM = 512
 
 
 def summarize(feature: torch.Tensor, max_dim: int = MAX_DIM) -> torch.Tensor:
     """(B, C, H, W) or (B, N, C) maps -> (B, 2C) channel mean and std; (B, C) vectors pass through; float32."""
     feature = feature.float()
-    if feature.ndim == 4:  # reductions over (H, W) read channels_last maps in place (flatten would copy them)
-        mean = feature.mean(dim=(2, 3))
-        var = (feature * feature).mean(dim=(2, 3)) - mean * mean
-        parts = [mean, var.clamp_min(0).sqrt()]
+    if feature.ndim == 4:  # one fused pass over (H, W); channels_last maps are read in place
+        var, mean = torch.var_mean(feature, dim=(2, 3), correction=0)
+        parts = [mean, var.sqrt()]
     elif feature.ndim == 3:  # tokens (B, N, C)
         parts = [feature.mean(1), feature.std(1, correction=0)]
     elif feature.ndim == 2:
@@ -46,7 +46,9 @@ def _intermediates(net: Any, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.
         return None  # a timm model whose intermediates need arguments we cannot guess: pre-logits only
 
 
-def forward_with_features(net: Any, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def forward_with_features(
+    net: Any, x: torch.Tensor, max_dim: int = MAX_DIM
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``(logits, [summary per depth])`` for a batch, equal in logits to ``net(x)`` (tested per family)."""
     out = _intermediates(net, x)
     if out is None:
@@ -55,4 +57,4 @@ def forward_with_features(net: Any, x: torch.Tensor) -> tuple[torch.Tensor, list
         final, maps = out
     pre_logits = net.forward_head(final, pre_logits=True)
     logits = net.forward_head(final)
-    return logits, [summarize(m) for m in maps] + [summarize(pre_logits)]
+    return logits, [summarize(m, max_dim) for m in maps] + [summarize(pre_logits, max_dim)]

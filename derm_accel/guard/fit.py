@@ -25,7 +25,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.model_selection import KFold
 
-from derm_accel.guard.features import forward_with_features
+from derm_accel.guard.features import MAX_DIM, forward_with_features
 from derm_accel.guard.model import DomainGuard, GuardError, save_guard
 
 CROSS_FIT_FOLDS = 5
@@ -50,14 +50,16 @@ class Scored:
         return (-torch.logsumexp(self.logits.float(), dim=-1)).numpy()
 
 
-def score_batches(net: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], device: str) -> Scored:
+def score_batches(
+    net: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], device: str, max_dim: int = MAX_DIM
+) -> Scored:
     """Run the model over (inputs, labels) batches; inputs already normalised float tensors."""
     net = net.to(device).eval()
     logits, feats, labels = [], [], []
     with torch.inference_mode():
         for x, y in batches:
             x = x.to(device).contiguous(memory_format=torch.channels_last)
-            out, summaries = forward_with_features(net, x)
+            out, summaries = forward_with_features(net, x, max_dim)
             logits.append(out.float().cpu())
             feats.append([f.cpu() for f in summaries])
             if y is not None:

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from derm_accel.errors import InputError
+from derm_accel.guard.features import MAX_DIM
 
 GUARD_FILE = "domain_guard.safetensors"
 CONFIG_KEY = "derm_accel"
@@ -40,6 +41,7 @@ class DomainGuard:
     threshold: float  # ood_score above this: out of domain
     confidence_threshold: float | None = None  # top-1 probability under this: abstain (selective prediction)
     settings: dict[str, Any] = field(default_factory=dict)
+    max_dim: int = MAX_DIM  # width the feature summaries were pooled to when the guard was fitted
 
     def distances(self, features: list[torch.Tensor]) -> torch.Tensor:
         """(B, L) squared Mahalanobis distances, one column per depth."""
@@ -60,7 +62,7 @@ class DomainGuard:
     def to(self, device: torch.device | str) -> DomainGuard:
         move = [t.to(device) for t in self.means], [t.to(device) for t in self.precisions]
         return DomainGuard(*move, self.z_mean.to(device), self.z_std.to(device), self.threshold,
-                           self.confidence_threshold, dict(self.settings))
+                           self.confidence_threshold, dict(self.settings), self.max_dim)
 
     def config(self) -> dict[str, Any]:
         """What goes under ``config.json["derm_accel"]``."""
@@ -69,6 +71,7 @@ class DomainGuard:
                 "file": GUARD_FILE,
                 "format_version": FORMAT_VERSION,
                 "depths": len(self.means),
+                "max_dim": self.max_dim,
                 "threshold": self.threshold,
                 **self.settings.get("domain_guard", {}),
             },
@@ -117,11 +120,14 @@ def guard_from_files(config: dict[str, Any], weights: str | Path) -> DomainGuard
     except KeyError as exc:
         raise GuardError(f"{weights} lacks tensor {exc}; refit it with `derm-accel guard`") from exc
     selective = settings.get("selective_prediction") or {}
-    extra = {k: v for k, v in guard_cfg.items() if k not in ("file", "format_version", "depths", "threshold")}
+    extra = {
+        k: v for k, v in guard_cfg.items() if k not in ("file", "format_version", "depths", "threshold", "max_dim")
+    }
     sel_extra = {k: v for k, v in selective.items() if k != "confidence_threshold"}
     return DomainGuard(
         means, precisions, z_mean, z_std, float(guard_cfg["threshold"]), selective.get("confidence_threshold"),
         {"domain_guard": extra, "selective_prediction": sel_extra},
+        int(guard_cfg.get("max_dim", 768)),  # 768: guards written before the width was recorded
     )
 
 
