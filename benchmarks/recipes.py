@@ -184,10 +184,13 @@ def summarize(per_fold: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def markdown(summary: dict[str, Any], folds_run: int, folds: int) -> str:
     def cell(s: dict[str, Any]) -> str:
-        return f"{s['mean']:.3f} ± {s['sd']:.3f}"
+        return f"{s['mean']:.3f}" + (f" ± {s['sd']:.3f}" if s["n"] > 1 else "")
 
     def diff(s: dict[str, Any] | None) -> str:
-        return "" if s is None else f"{s['mean']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]"
+        if s is None:
+            return ""
+        interval = f" [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]" if s["n"] > 1 else " (one fold: no interval)"
+        return f"{s['mean']:+.3f}{interval}"
 
     lines = [
         "| recipe | folds | macro-F1 | balanced acc. | accuracy | Δ macro-F1 vs plain (95% t-interval) |",
