@@ -130,6 +130,27 @@ def save_checkpoint(
     return final
 
 
+def set_aside_later_checkpoints(run_dir: str | Path, resumed: Path) -> list[Path]:
+    """Rename this run's checkpoints after ``resumed`` to hidden ``.abandoned-step_N`` folders.
+
+    A run resumed from an earlier checkpoint (a damaged newest one, or an explicit rollback) starts a new
+    timeline: the later checkpoints must neither outlive the new ones when pruning nor be picked by the next
+    ``--resume latest``. They are kept, not deleted, and never listed again. Returns their new paths.
+    """
+    match = _NAME.match(Path(resumed).name)
+    if match is None or Path(resumed).parent != Path(run_dir) / CHECKPOINT_DIR:
+        return []
+    step = int(match.group(1))
+    moved = []
+    for later in list_checkpoints(run_dir):
+        if int(_NAME.match(later.name).group(1)) > step:
+            target = later.with_name(f".abandoned-{later.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            later.rename(target)
+            moved.append(target)
+    return moved
+
+
 def resolve_checkpoint(resume: str, run_dir: str | Path) -> Path:
     """``"latest"``: newest complete checkpoint of ``run_dir``; a run folder: its newest; else the path."""
     if resume == "latest":

@@ -92,7 +92,7 @@ def explain(
     from tqdm.auto import tqdm
 
     device = device or default_device()
-    net, labels, transform, min_size, _ = prepared_model(model, device)
+    net, labels, transform, min_size, _ = prepared_model(model, device, guard=False)
     if target is not None and target not in labels:
         raise ValueError(f"--target {target!r} is not one of the model's classes: {labels}")
     cfg = data_config(net)

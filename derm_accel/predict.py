@@ -27,7 +27,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", "
 MODEL_CACHE_SIZE = 4
 BACKENDS = ("torch", "onnxruntime")
 
-_cache: OrderedDict[tuple[str, str, float], tuple[Any, list[str], Any]] = OrderedDict()
+_cache: OrderedDict[tuple[str, str, float, bool], tuple[Any, list[str], Any]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -62,7 +62,7 @@ def predict(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = "cpu" if backend == "onnxruntime" else device or default_device()
-    prepared = prepared_model(model, device, backend=backend)
+    prepared = prepared_model(model, device, backend=backend, guard=guard)
     transform, min_size = prepared.transform, prepared.min_size
     k = min(top_k, len(prepared.labels))
 
@@ -107,8 +107,9 @@ class PreparedModel(NamedTuple):
     guard: Any = None  # DomainGuard, or None when the model folder has none
 
 
-def prepared_model(model: Any, device: str, *, backend: str = "torch") -> PreparedModel:
-    """The model, its label names, eval transform, draft-decode size and domain guard (None if it has none).
+def prepared_model(model: Any, device: str, *, backend: str = "torch", guard: bool = True) -> PreparedModel:
+    """The model, its label names, eval transform, draft-decode size and domain guard (None if it has none,
+    or with ``guard=False``, which does not read the guard at all).
 
     Decoding at the smallest JPEG DCT scale that still covers the resize before the centre crop keeps every
     entry point's pixels identical to each other.
@@ -122,7 +123,7 @@ def prepared_model(model: Any, device: str, *, backend: str = "torch") -> Prepar
         net = OnnxClassifier(os.fspath(model))
         labels, guard = net.labels, None
     else:
-        net, labels, guard = cached_model(model, device)
+        net, labels, guard = cached_model(model, device, guard=guard)
     cfg = data_config(net)
     min_size = decode_size(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct"))
     return PreparedModel(net, labels, eval_transform(cfg), min_size, guard)
@@ -157,7 +158,7 @@ def classify_batch(
         result = {**top[0], "top_k": top}
         if use_guard:
             result.update(verdict(prepared.guard, score, top[0]["probability"]))
-        elif prepared.guard is not None:
+        elif not guard or prepared.guard is not None:
             result.update(ood_score=None, in_domain=None, abstain=False, reason="domain guard turned off")
         else:
             result.update(verdict(None, None, top[0]["probability"]))
@@ -249,7 +250,7 @@ def default_device() -> str:
     return "cpu"
 
 
-def cached_model(model: Any, device: str) -> tuple[Any, list[str], Any]:
+def cached_model(model: Any, device: str, *, guard: bool = True) -> tuple[Any, list[str], Any]:
     """A model in eval mode on ``device``, its label names and its domain guard (or None), from the per-process
     LRU cache if there."""
     import torch
@@ -259,8 +260,9 @@ def cached_model(model: Any, device: str) -> tuple[Any, list[str], Any]:
         num_classes = getattr(model, "num_classes", None)
         if not labels or (num_classes is not None and len(labels) != num_classes):
             labels = [str(i) for i in range(num_classes or 0)] or labels
-        return model.to(device).eval(), labels, getattr(model, "domain_guard", None)
+        return model.to(device).eval(), labels, getattr(model, "domain_guard", None) if guard else None
 
+    from derm_accel.guard.model import GUARD_FILE
     from derm_accel.models import WEIGHTS_NAME, resolve_model_source
 
     source = resolve_model_source(os.fspath(model))
@@ -268,7 +270,9 @@ def cached_model(model: Any, device: str) -> tuple[Any, list[str], Any]:
     if source.startswith("local-dir:"):
         weights = Path(source.removeprefix("local-dir:")) / WEIGHTS_NAME
         stamp = weights.stat().st_mtime if weights.is_file() else 0.0  # a retrained folder is reloaded
-    key = (source, str(device), stamp)
+        guard_file = weights.with_name(GUARD_FILE)
+        stamp += guard_file.stat().st_mtime if guard_file.is_file() else 0.0  # and a refitted guard
+    key = (source, str(device), stamp, guard)
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
@@ -277,9 +281,10 @@ def cached_model(model: Any, device: str) -> tuple[Any, list[str], Any]:
     from derm_accel.models import load_model
 
     net, labels = load_model(source, device=device)
-    guard = load_guard(source)
+    domain_guard = load_guard(source) if guard else None
     # channels_last: faster inference on CPU (infer table in docs/benchmarks.md), the layout tensor cores want.
-    loaded = (net.to(memory_format=torch.channels_last), labels, None if guard is None else guard.to(device))
+    on_device = None if domain_guard is None else domain_guard.to(device)
+    loaded = (net.to(memory_format=torch.channels_last), labels, on_device)
     with _cache_lock:
         _cache[key] = loaded
         _cache.move_to_end(key)

@@ -42,6 +42,7 @@ from derm_accel.checkpoints import (
     read_recipe,
     read_state,
     save_checkpoint,
+    set_aside_later_checkpoints,
     verified_checkpoint,
 )
 from derm_accel.config import DataConfig, OptimConfig, Recipe, RecipeError, load_recipe
@@ -470,6 +471,11 @@ def resume_state(
     state.layout = layout
     run.first_step, run.last_checkpoint = state.global_step, checkpoint
     acc.print(f"Resumed from {checkpoint}: epoch {state.epoch + 1}, step {state.global_step}")
+    acc.wait_for_everyone()  # every process has read the checkpoints before later ones are moved
+    if acc.is_main_process:
+        for moved in set_aside_later_checkpoints(run.run_dir, checkpoint):
+            acc.print(f"Set aside {moved.name}: written after {checkpoint.name}, it is not part of this timeline")
+    acc.wait_for_everyone()
     for kind, found in (changes or {}).items():
         if found:
             state.recipe_changes.append(

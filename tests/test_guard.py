@@ -125,7 +125,7 @@ def test_guard_flags_natural_photos_and_never_changes_the_label(guarded_model: P
     without = predict([str(p) for p in lesions] + photos, model=str(guarded_model), device="cpu", guard=False)
     for a, b in zip(with_guard, without, strict=True):
         assert (a["label"], a["probability"]) == (b["label"], b["probability"])
-        assert b["in_domain"] is None and b["ood_score"] is None
+        assert b["in_domain"] is None and b["ood_score"] is None and b["reason"] == "domain guard turned off"
     lesion_flags = [r["in_domain"] for r in with_guard[: len(lesions)]]
     photo_flags = [r["in_domain"] for r in with_guard[len(lesions) :]]
     assert sum(lesion_flags) >= 10  # at most 2 of 12 new in-domain images flagged

@@ -158,3 +158,23 @@ def test_weights_gone_non_finite_are_never_checkpointed(
     assert "Last checkpoint with finite weights: " in str(err.value) and "step_000000001" in str(err.value)
     assert [p.name for p in list_checkpoints(run)] == ["step_000000001"]
     reset_accelerate()
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path: Path) -> None:
+    from derm_accel.checkpoints import (
+        CHECKPOINT_DIR,
+        STATE_NAME,
+        checkpoint_name,
+        list_checkpoints,
+        set_aside_later_checkpoints,
+    )
+
+    root = tmp_path / CHECKPOINT_DIR
+    for step in (4, 8, 12):
+        (root / checkpoint_name(step)).mkdir(parents=True)
+        (root / checkpoint_name(step) / STATE_NAME).write_text("{}")
+    moved = set_aside_later_checkpoints(tmp_path, root / checkpoint_name(4))
+    assert [p.name for p in moved] == [f".abandoned-{checkpoint_name(s)}" for s in (8, 12)]
+    assert list_checkpoints(tmp_path) == [root / checkpoint_name(4)]  # the next --resume latest and pruning
+    assert all((p / STATE_NAME).exists() for p in moved)  # kept, not deleted
+    assert set_aside_later_checkpoints(tmp_path, tmp_path / "elsewhere" / checkpoint_name(2)) == []

@@ -172,8 +172,11 @@ def _identical(paths: Sequence[str]) -> bool:
         return False
     digests = set()
     for path in paths:
-        with open(path, "rb") as f:
-            digests.add(hashlib.file_digest(f, "sha256").hexdigest())
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:  # chunked: hashlib.file_digest needs Python 3.11
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        digests.add(digest.hexdigest())
     return len(digests) == 1
 
 

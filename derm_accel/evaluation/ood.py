@@ -54,11 +54,13 @@ def _width(prepared: Any) -> int:
 def _oriented(scored: Any, guard: Any) -> dict[str, np.ndarray]:
     out = {"softmax_confidence": 1.0 - scored.confidence, "energy": scored.energy}
     if guard is not None:
-        out["ood_score"] = guard.score(scored.features).numpy()
+        out["ood_score"] = guard.score(scored.features).cpu().numpy()
     return out
 
 
-def score_folder(prepared: Any, folder: str | Path, *, batch_size: int = 32) -> tuple[Any, list[dict[str, str]]]:
+def score_folder(
+    prepared: Any, folder: str | Path, *, batch_size: int = 32, device: str = "cpu"
+) -> tuple[Any, list[dict[str, str]]]:
     """Score every image file under ``folder`` as predict would read it; unreadable files are listed, not lost."""
     from derm_accel.guard.fit import score_batches
     from derm_accel.predict import _read_image, expand_inputs
@@ -75,10 +77,12 @@ def score_folder(prepared: Any, folder: str | Path, *, batch_size: int = 32) -> 
     if not tensors:
         raise FileNotFoundError(f"--ood {folder}: no readable images ({len(skipped)} skipped)")
     batches = ((torch.stack(tensors[i : i + batch_size]), None) for i in range(0, len(tensors), batch_size))
-    return score_batches(prepared.net, batches, "cpu", _width(prepared)), skipped
+    return score_batches(prepared.net, batches, device, _width(prepared)), skipped
 
 
-def score_ood_source(prepared: Any, source: str | Path, *, batch_size: int = 32) -> tuple[Any, list[dict]]:
+def score_ood_source(
+    prepared: Any, source: str | Path, *, batch_size: int = 32, device: str = "cpu"
+) -> tuple[Any, list[dict]]:
     """A folder of images, or a converted dataset (all its splits), scored by the model."""
     from derm_accel.guard.fit import score_batches, split_batches
     from derm_accel.models import data_config
@@ -91,25 +95,37 @@ def score_ood_source(prepared: Any, source: str | Path, *, batch_size: int = 32)
         pooled = concatenate_datasets([dataset[s] for s in sorted(dataset)])
         cfg = data_config(prepared.net)
         batches = split_batches(pooled, cfg, batch_size=batch_size)
-        return score_batches(prepared.net, batches, "cpu", _width(prepared)), []
+        return score_batches(prepared.net, batches, device, _width(prepared)), []
     if not source.is_dir():
         raise FileNotFoundError(f"--ood {source} is neither a folder of images nor a converted dataset")
-    return score_folder(prepared, source, batch_size=batch_size)
+    return score_folder(prepared, source, batch_size=batch_size, device=device)
 
 
 def evaluate_ood(
-    model: str, raw_split: Any, ood_sources: list[str], *, batch_size: int = 32
+    model: str,
+    raw_split: Any,
+    ood_sources: list[str],
+    *,
+    batch_size: int = 32,
+    label_target: list[int] | None = None,
+    device: str = "cpu",
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The report block for out-of-domain sets, and the in-domain confidence/correctness for the plot."""
+    """The report block for out-of-domain sets, and the in-domain confidence/correctness for the plot.
+
+    ``label_target[i]`` is the model's class index of the split's class ``i`` (external validation with a
+    label map); by default the split's classes are the model's.
+    """
     from derm_accel.guard.fit import score_batches, split_batches
     from derm_accel.models import data_config
     from derm_accel.predict import prepared_model
 
-    prepared = prepared_model(model, "cpu")
+    prepared = prepared_model(model, device)
     guard = prepared.guard
     cfg = data_config(prepared.net)
     batches = split_batches(raw_split, cfg, batch_size=batch_size)
-    in_dom = score_batches(prepared.net, batches, "cpu", _width(prepared))
+    in_dom = score_batches(prepared.net, batches, device, _width(prepared))
+    if label_target is not None:
+        in_dom.labels = torch.tensor(label_target, dtype=torch.long)[in_dom.labels]
     in_scores = _oriented(in_dom, guard)
     correct = (in_dom.logits.argmax(-1) == in_dom.labels).numpy()
     curve = risk_coverage(in_dom.confidence, correct)
@@ -130,7 +146,7 @@ def evaluate_ood(
             float(1 - correct[answered].mean()) if answered.any() else None
         )
     for source in ood_sources:
-        scored, skipped = score_ood_source(prepared, source, batch_size=batch_size)
+        scored, skipped = score_ood_source(prepared, source, batch_size=batch_size, device=device)
         out_scores = _oriented(scored, guard)
         entry: dict[str, Any] = {"source": Path(source).name, "images": len(scored.logits), "skipped": skipped}
         entry["scores"] = {name: separation(in_scores[name], out_scores[name]) for name in SCORES if name in out_scores}

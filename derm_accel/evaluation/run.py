@@ -241,7 +241,10 @@ def evaluate_model(
 
     metrics: dict[str, Any] | None = None
     if accelerator.is_main_process:
-        ood_block = out_of_domain_block(model, raw_split, ood or [], report_dir / FILES["risk_coverage"])
+        ood_block = out_of_domain_block(
+            model, scored_split, ood or [], report_dir / FILES["risk_coverage"],
+            label_target=None if mapping is None else list(mapping.target), device=str(accelerator.device),
+        )
         metrics = _write_outputs(
             ood_block=ood_block,
             model=model,
@@ -377,10 +380,19 @@ def _write_outputs(
     return metrics
 
 
-def out_of_domain_block(model: str, raw_split: Any, ood: list[str], plot_path: Path) -> dict[str, Any] | None:
+def out_of_domain_block(
+    model: str,
+    raw_split: Any,
+    ood: list[str],
+    plot_path: Path,
+    *,
+    label_target: list[int] | None = None,
+    device: str = "cpu",
+) -> dict[str, Any] | None:
     """The guard's figures on the evaluated split and on each ``--ood`` set, with the risk-coverage plot.
 
-    Runs when ``--ood`` is given or the model carries a domain guard; None otherwise.
+    Runs when ``--ood`` is given or the model carries a domain guard; None otherwise. ``label_target`` maps the
+    split's label indices to the model's (``--label-map``; the split holds only images of known classes).
     """
     from derm_accel.evaluation.ood import evaluate_ood
     from derm_accel.guard.model import load_guard
@@ -388,7 +400,7 @@ def out_of_domain_block(model: str, raw_split: Any, ood: list[str], plot_path: P
 
     if not ood and load_guard(resolve_model_source(model)) is None:
         return None
-    block, curve = evaluate_ood(model, raw_split, ood)
+    block, curve = evaluate_ood(model, raw_split, ood, label_target=label_target, device=device)
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     plots.plot_risk_coverage(curve["confidence"], curve["correct"], plot_path, block)
     return block

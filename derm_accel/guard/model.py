@@ -166,15 +166,23 @@ def load_guard(source: str) -> DomainGuard | None:
     if source.startswith("local-dir:"):
         return read_guard(source.removeprefix("local-dir:"))
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     repo_id, _, revision = source.removeprefix("hf-hub:").partition("@")
+    config_path = hf_hub_download(repo_id, "config.json", revision=revision or None)  # cached with the model
+    config = json.loads(Path(config_path).read_text())
+    if not (config.get(CONFIG_KEY) or {}).get("domain_guard"):
+        return None  # published without a guard: predictions say so
     try:
-        config_path = hf_hub_download(repo_id, "config.json", revision=revision or None)
-        config = json.loads(Path(config_path).read_text())
-        if not (config.get(CONFIG_KEY) or {}).get("domain_guard"):
-            return None
         weights = hf_hub_download(repo_id, GUARD_FILE, revision=revision or None)
-    except EntryNotFoundError:
-        return None
+    except LocalEntryNotFoundError as exc:  # checked first: it is also an EntryNotFoundError
+        raise GuardError(
+            f"{repo_id}'s config.json declares a domain guard but {GUARD_FILE} is not in the local Hub cache and "
+            f"the Hub cannot be reached; load the model once online, or pass --no-guard to predict without it"
+        ) from exc
+    except EntryNotFoundError as exc:
+        raise GuardError(
+            f"{repo_id}'s config.json declares a domain guard but the repo has no {GUARD_FILE}; re-push the model "
+            f"folder with `derm-accel push`, or pass --no-guard to predict without it"
+        ) from exc
     return guard_from_files(config, weights)
