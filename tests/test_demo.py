@@ -103,7 +103,7 @@ def test_browser_upload_shows_the_top_class_of_predict(
             page.goto(demo_url)
             notice = page.locator("#notice").inner_text()
             assert "Not a medical device" in notice
-            assert page.get_by_text("Examples").first.is_visible()
+            page.get_by_text("Examples").first.wait_for(state="visible", timeout=30_000)  # rendered client-side
             page.locator("#upload input[type=file]").set_input_files(str(lesion))
             page.locator("#verdict").get_by_text("Top class").wait_for(timeout=60_000)
             verdict = page.locator("#verdict").inner_text()
