@@ -14,11 +14,13 @@ import contextlib
 import json
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from derm_accel.errors import InputError
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_NEAR_THRESHOLD = 4  # convert's default
@@ -152,9 +154,19 @@ def write_fold(rows: Any, fold_of: np.ndarray, groups: np.ndarray, fold: int, ou
 
 
 def make_fold_datasets(
-    data: str | Path, out_dir: str | Path, folds: int, *, seed: int = 0, group_column: str | None = None
+    data: str | Path,
+    out_dir: str | Path,
+    folds: int,
+    *,
+    seed: int = 0,
+    group_column: str | None = None,
+    trained: Sequence[Path] = (),
 ) -> list[Path]:
-    """``out_dir/fold_1 .. fold_K``: one converted dataset per fold (reused when the assignment is unchanged)."""
+    """``out_dir/fold_1 .. fold_K``: one converted dataset per fold (reused when the assignment is unchanged).
+
+    ``trained`` lists fold runs that already exist: a changed assignment is then refused, since their models
+    may have trained on images that the new folds hold out.
+    """
     out_dir = Path(out_dir)
     rows = pooled_rows(data)
     groups = duplicate_groups(rows, near_threshold(data), group_column)
@@ -171,6 +183,12 @@ def make_fold_datasets(
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = out_dir / "folds.json"
     fresh = not manifest.is_file() or json.loads(manifest.read_text()) != assignment
+    if fresh and manifest.is_file() and trained:
+        raise InputError(
+            f"{', '.join(str(p) for p in trained)} were trained on another fold assignment (the data, --folds, "
+            f"the seed, --group-column or the images changed), so their models may have seen the new held-out "
+            f"images. Use a new output_dir (--set output_dir=runs/NEW), or delete those fold runs."
+        )
     paths = []
     for k in range(folds):
         path = out_dir / f"fold_{k + 1}"

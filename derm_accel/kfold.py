@@ -28,6 +28,7 @@ OOF_FILE = "oof_predictions.csv"
 REPORT_JSON = "cv_report.json"
 REPORT_MD = "cv_report.md"
 FOLD_SCORES = "fold_scores.json"  # in RUN/fold_k once its held-out fold is scored
+CV_RECIPE = "cv_recipe.json"  # the recipe the fold runs were trained with (a rerun must match it)
 METRICS = ("macro_f1", "balanced_accuracy", "accuracy")
 
 
@@ -136,13 +137,51 @@ def train_folds(
     with _process_group_kept() as state:
         data_root = run_dir / FOLD_DATA
         if state.is_main_process:
-            make_fold_datasets(recipe.data.path, data_root, folds, seed=seed, group_column=group_column)
+            trained = sorted(p for p in run_dir.glob("fold_[0-9]*") if p.is_dir())
+            check_same_recipe(run_dir, recipe, trained)
+            make_fold_datasets(
+                recipe.data.path, data_root, folds, seed=seed, group_column=group_column, trained=trained
+            )
         state.wait_for_everyone()
         scored = [_fold(recipe, data_root, run_dir, k, tta, state.is_main_process) for k in range(1, folds + 1)]
         if state.is_main_process:
             write_cv_outputs(run_dir, scored, recipe, folds=folds, seed=seed, tta=tta)
         state.wait_for_everyone()
     return run_dir
+
+
+def check_same_recipe(run_dir: Path, recipe: Recipe, trained: list[Path]) -> None:
+    """Refuse to mix fold models of another recipe into this cross-validation; record the recipe otherwise."""
+    from derm_accel.errors import InputError
+    from derm_accel.fileio import atomic_write_json
+
+    path = run_dir / CV_RECIPE
+    wanted = recipe.to_dict()
+    if trained and path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in _flat_keys(before) | _flat_keys(wanted) if _get(before, k) != _get(wanted, k))
+        if changed:
+            raise InputError(
+                f"{run_dir} holds fold runs of another recipe (changed: {', '.join(changed)}); their scores would "
+                f"be mixed with this one's. Use a new output_dir (--set output_dir=runs/NEW)."
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, wanted)
+
+
+def _flat_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for k, v in tree.items():
+        keys |= _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return keys
+
+
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
 
 
 def cv_report(scored: list[dict[str, Any]], *, folds: int, seed: int, tta: str | None) -> dict[str, Any]:

@@ -104,6 +104,17 @@ def test_train_folds_writes_fold_runs_out_of_fold_predictions_and_report(tmp_pat
     assert (run / "fold_2" / FOLD_SCORES).stat().st_mtime_ns == stamp
     assert (run / "fold_2" / "best" / "model.safetensors").stat().st_mtime_ns == weights
 
+    # A rerun that would mix these fold models with other folds or another recipe is refused, naming why.
+    from derm_accel.errors import InputError
+
+    with pytest.raises(InputError, match="another fold assignment"):
+        train_folds(recipe, 2)
+    reset_accelerate()
+    with pytest.raises(InputError, match=r"another recipe \(changed: optim\.lr\)"):
+        train_folds(recipe, 3, ["optim.lr=0.01"])
+    reset_accelerate()
+    assert (run / "fold_2" / FOLD_SCORES).stat().st_mtime_ns == stamp
+
 
 @pytest.mark.distributed
 def test_train_folds_under_accelerate_launch_two_ranks(tmp_path: Path) -> None:
