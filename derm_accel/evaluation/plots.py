@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -77,16 +78,26 @@ def plot_roc_curves(
         auc = roc_auc_score(onehot.ravel(), probabilities.ravel())
         ax.plot(fpr, tpr, color="black", lw=2.5, label=f"micro average (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
+    _finish_curves(
+        ax, "false positive rate (1 - specificity)", "true positive rate (sensitivity)",
+        f"One-vs-rest ROC curves ({drawn} classes)", drawn, loc="lower right", summary_lines=2,
+    )
+    return _save(fig, path)
+
+
+def _finish_curves(
+    ax: Any, xlabel: str, ylabel: str, title: str, drawn: int, *, loc: str, summary_lines: int
+) -> None:
+    """Unit axes, labels and a legend of every class curve; past 15 classes only the last ``summary_lines``."""
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false positive rate (1 - specificity)")
-    ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_title(f"One-vs-rest ROC curves ({drawn} classes)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     if drawn <= 15:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc=loc)
     else:
-        ax.legend(handles=ax.get_lines()[-2:], fontsize=8, loc="lower right")
-    return _save(fig, path)
+        ax.legend(handles=ax.get_lines()[-summary_lines:], fontsize=8, loc=loc)
 
 
 def equal_mass_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int | None = None) -> list[dict]:
@@ -174,15 +185,10 @@ def plot_precision_recall(
         precision, recall, _ = precision_recall_curve(onehot.ravel(), probabilities.ravel())
         ap = average_precision_score(onehot.ravel(), probabilities.ravel())
         ax.step(recall, precision, where="post", color="black", lw=2.5, label=f"micro average (AP {ap:.3f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("recall (sensitivity)")
-    ax.set_ylabel("precision (positive predictive value)")
-    ax.set_title(f"One-vs-rest precision-recall curves ({drawn} classes)")
-    if drawn <= 15:
-        ax.legend(fontsize=7, loc="lower left")
-    else:
-        ax.legend(handles=ax.get_lines()[-1:], fontsize=8, loc="lower left")
+    _finish_curves(
+        ax, "recall (sensitivity)", "precision (positive predictive value)",
+        f"One-vs-rest precision-recall curves ({drawn} classes)", drawn, loc="lower left", summary_lines=1,
+    )
     return _save(fig, path)
 
 
