@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from derm_accel.guard.fit import risk_coverage
+
 SCORES = ("ood_score", "softmax_confidence", "energy")
 
 
@@ -33,16 +35,6 @@ def separation(in_scores: np.ndarray, out_scores: np.ndarray) -> dict[str, float
         "auroc": float(roc_auc_score(y, np.r_[in_scores, out_scores])),
         "fpr_at_95_tpr": fpr_at_95_tpr(in_scores, out_scores),
     }
-
-
-def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict[str, Any]:
-    """Coverage and risk when answering the most confident first; AURC is the mean risk over coverages."""
-    order = np.argsort(-confidence, kind="stable")
-    wrong = 1.0 - correct[order].astype(float)
-    n = len(wrong)
-    risk = np.cumsum(wrong) / np.arange(1, n + 1)
-    coverage = np.arange(1, n + 1) / n
-    return {"coverage": coverage, "risk": risk, "aurc": float(risk.mean())}
 
 
 def _width(prepared: Any) -> int:

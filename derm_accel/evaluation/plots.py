@@ -251,7 +251,7 @@ def plot_risk_coverage(
     confidence: np.ndarray, correct: np.ndarray, path: str | os.PathLike, block: dict | None = None
 ) -> Path:
     """Error among answered images vs share answered (most confident first), with the model's operating point."""
-    from derm_accel.evaluation.ood import risk_coverage
+    from derm_accel.guard.fit import risk_coverage
 
     curve = risk_coverage(np.asarray(confidence), np.asarray(correct))
     fig = Figure(figsize=(5.5, 4))

@@ -107,15 +107,24 @@ def cross_fitted_distances(features: list[np.ndarray], folds: int = CROSS_FIT_FO
     return out
 
 
+def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict[str, Any]:
+    """Coverage and risk when answering the most confident first; AURC is the mean risk over coverages."""
+    order = np.argsort(-confidence, kind="stable")
+    wrong = 1.0 - correct[order].astype(float)
+    n = len(wrong)
+    risk = np.cumsum(wrong) / np.arange(1, n + 1)
+    coverage = np.arange(1, n + 1) / n
+    return {"confidence": confidence[order], "coverage": coverage, "risk": risk, "aurc": float(risk.mean())}
+
+
 def selective_threshold(confidence: np.ndarray, correct: np.ndarray, target_error: float) -> dict[str, Any]:
     """The lowest confidence threshold whose answered images have an error rate <= ``target_error``.
 
     If no threshold reaches the target, the one with the lowest error among those answering at least
     ``MIN_ANSWERED`` images is kept and ``target_met`` is False.
     """
-    order = np.argsort(-confidence, kind="stable")
-    conf, wrong = confidence[order], 1.0 - correct[order].astype(float)
-    risk = np.cumsum(wrong) / np.arange(1, len(conf) + 1)
+    curve = risk_coverage(confidence, correct)
+    conf, risk = curve["confidence"], curve["risk"]
     # Only cut between distinct confidences: tied images are answered or refused together.
     cut = np.r_[conf[1:] < conf[:-1], True]
     candidates = np.flatnonzero(cut & (risk <= target_error))
