@@ -47,6 +47,8 @@ CANDIDATES: dict[str, list[str]] = {
     "ema": ["optim.ema=true", "optim.ema_decay=0.9"],
     "crop_0.08": ["data.augment.scale=[0.08, 1.0]"],
     "res_288": ["data.image_size=288"],
+    "batch_16": ["data.batch_size=16"],
+    "layer_decay_0.8_lr_3e-3": ["optim.layer_decay=0.8", "optim.lr=3e-3"],
 }
 
 
@@ -140,11 +142,18 @@ def recipe_fold(name: str, fold_dir: Path, run_dir: Path, args: argparse.Namespa
 
 
 # ------------------------------------------------------------------------------------------------ runner
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def cache_key(name: str, args: argparse.Namespace) -> str:
     if name == BASELINE:
         spec: Any = [args.model, args.epochs, args.batch_size, args.plain_lr, args.seed, "plain-v1"]
     else:
-        spec = recipe_dict(name, Path("DATA"), Path("RUN"), args)
+        # Unset (null) keys are left out, so a recipe option added later, off by default, keeps the cache valid.
+        spec = _without_nulls(recipe_dict(name, Path("DATA"), Path("RUN"), args))
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -245,13 +245,21 @@ def train(
     epilog="**Examples**\n\n"
     "derm-accel evaluate --model runs/effnet_b3/best --data data/derm --split test --out reports/effnet_b3\n\n"
     "derm-accel evaluate --model ORG/NAME --data data/derm --tta flip --calibrate\n\n"
+    "derm-accel evaluate --model runs/cv5 --data data/derm-test  (the `train --folds 5` fold models as one ensemble)"
+    "\n\n"
     "derm-accel evaluate --model runs/x/best --data data/pad-ufes --label-map pad_to_model.yaml "
     "--subgroups fitspatrick,age\n\n"
     "accelerate launch --config_file accelerate_configs/4xa100.yaml -m derm_accel evaluate --model runs/x/best "
     "--data data/derm",
 )
 def evaluate(
-    model: Annotated[str, typer.Option(help="Model folder (RUN/best) or Hub repo id ORG/NAME.")],
+    model: Annotated[
+        list[str],
+        typer.Option(
+            help="Model folder (RUN/best) or Hub repo id ORG/NAME. Repeat it (or pass an ensemble folder such as a "
+            "`train --folds` run) to evaluate an ensemble: probabilities averaged, each member reported too."
+        ),
+    ],
     data: Annotated[Path, typer.Option(help="Dataset folder written by `derm-accel convert`.")],
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     out: Annotated[Path | None, typer.Option(help="Report folder (default reports/MODEL-SPLIT).")] = None,
@@ -289,7 +297,8 @@ def evaluate(
     from derm_accel.evaluation.run import evaluate_model
 
     metrics = evaluate_model(
-        model, data, split=split, out_dir=out, batch_size=batch_size, num_workers=num_workers,
+        model if len(model) > 1 else model[0], data, split=split, out_dir=out, batch_size=batch_size,
+        num_workers=num_workers,
         tta=tta.value if tta else None,
         calibrate=calibrate, ood=[str(p) for p in ood or []], label_map=label_map, subgroups=subgroups,
         progress=not quiet,
@@ -362,7 +371,13 @@ def push(
 )
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
-    model: Annotated[str, typer.Option(help="Model folder (RUN/best) or Hub repo id ORG/NAME.")],
+    model: Annotated[
+        list[str],
+        typer.Option(
+            help="Model folder (RUN/best) or Hub repo id ORG/NAME; repeat it (or pass an ensemble folder) to average "
+            "several models' probabilities."
+        ),
+    ],
     top_k: Annotated[int, typer.Option(help="How many classes to list per image.")] = 3,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
@@ -385,7 +400,8 @@ def predict(
     from derm_accel.predict import predict as run_predict
 
     results = run_predict(
-        [str(p) for p in images], model=model, top_k=top_k, batch_size=batch_size, guard=guard, backend=backend.value,
+        [str(p) for p in images], model=model if len(model) > 1 else model[0], top_k=top_k, batch_size=batch_size,
+        guard=guard, backend=backend.value,
         progress=not quiet,
     )
     failed = 0

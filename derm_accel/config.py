@@ -70,6 +70,9 @@ class OptimConfig:
     grad_accum: int = 1
     ema: bool = False
     ema_decay: float = 0.9998
+    # Layer-wise learning-rate decay (timm's param_groups_layer_decay): the head trains at lr, each block
+    # below it at layer_decay times the one above. null: one learning rate for every layer.
+    layer_decay: float | None = None
 
 
 @dataclass
@@ -312,6 +315,10 @@ def validate(recipe: Recipe) -> None:
     need(0 <= o.label_smoothing < 1, f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
     need(o.grad_clip is None or o.grad_clip >= 0, f"optim.grad_clip must be null or >= 0, got {o.grad_clip}")
     need(o.grad_accum >= 1, f"optim.grad_accum must be at least 1, got {o.grad_accum}")
+    need(
+        o.layer_decay is None or 0 < o.layer_decay <= 1,
+        f"optim.layer_decay must be null or in (0, 1], e.g. 0.85; got {o.layer_decay}",
+    )
     need(0 < o.ema_decay < 1, f"optim.ema_decay must be in (0, 1), e.g. 0.9998; got {o.ema_decay}")
     need(t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}")
     need(

@@ -27,7 +27,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", "
 MODEL_CACHE_SIZE = 4
 BACKENDS = ("torch", "onnxruntime")
 
-_cache: OrderedDict[tuple[str, str, float, bool], tuple[Any, list[str], Any]] = OrderedDict()
+_cache: OrderedDict[tuple[tuple[str, ...], str, float, bool], tuple[Any, list[str], Any]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -37,7 +37,7 @@ class NonFiniteOutputError(InputError):
 
 def predict(
     images: str | os.PathLike | Sequence[str | os.PathLike],
-    model: str | os.PathLike | torch.nn.Module,
+    model: str | os.PathLike | torch.nn.Module | Sequence[str | os.PathLike],
     *,
     top_k: int = 3,
     batch_size: int = 32,
@@ -48,9 +48,10 @@ def predict(
 ) -> list[dict[str, Any]]:
     """Classify image files and folders (searched recursively); one result dict per image, in input order.
 
-    ``model`` is a model folder (RUN/best), a Hub repo id ``ORG/NAME`` (or ``hf-hub:ORG/NAME@REV``), or an
-    already loaded timm model; with ``backend="onnxruntime"`` it is a folder written by ``derm-accel export
-    --format onnx`` (CPU, no domain guard). Each result is ``{"path", "label", "probability", "top_k":
+    ``model`` is a model folder (RUN/best), a Hub repo id ``ORG/NAME`` (or ``hf-hub:ORG/NAME@REV``), an
+    already loaded timm model, or a list of models / an ensemble folder (probabilities averaged); with
+    ``backend="onnxruntime"`` it is a folder written by ``derm-accel export --format onnx`` (CPU, no domain
+    guard). Each result is ``{"path", "label", "probability", "top_k":
     [{"label", "probability"}, ...]}``, or ``{"path", "error"}`` for a file that is missing or not a readable
     image. ``progress`` shows a progress bar over the images (on stderr).
     """
@@ -262,26 +263,21 @@ def cached_model(model: Any, device: str, *, guard: bool = True) -> tuple[Any, l
             labels = [str(i) for i in range(num_classes or 0)] or labels
         return model.to(device).eval(), labels, getattr(model, "domain_guard", None) if guard else None
 
-    from derm_accel.guard.model import GUARD_FILE
-    from derm_accel.models import WEIGHTS_NAME, resolve_model_source
+    from derm_accel.ensemble import expand_sources, load_models
+    from derm_accel.models import resolve_model_source
 
-    source = resolve_model_source(os.fspath(model))
-    stamp = 0.0
-    if source.startswith("local-dir:"):
-        weights = Path(source.removeprefix("local-dir:")) / WEIGHTS_NAME
-        stamp = weights.stat().st_mtime if weights.is_file() else 0.0  # a retrained folder is reloaded
-        guard_file = weights.with_name(GUARD_FILE)
-        stamp += guard_file.stat().st_mtime if guard_file.is_file() else 0.0  # and a refitted guard
-    key = (source, str(device), stamp, guard)
+    # Several models, or an ensemble folder/repo, load as one Ensemble (guarded by its first member's guard).
+    listed = [os.fspath(m) for m in model] if isinstance(model, (list, tuple)) else os.fspath(model)
+    sources = tuple(resolve_model_source(s) for s in expand_sources(listed))
+    key = (sources, str(device), sum(_stamp(s) for s in sources), guard)
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
     from derm_accel.guard.model import load_guard
-    from derm_accel.models import load_model
 
-    net, labels = load_model(source, device=device)
-    domain_guard = load_guard(source) if guard else None
+    net, labels = load_models(list(sources), device=device)
+    domain_guard = load_guard(sources[0]) if guard else None
     # channels_last: faster inference on CPU (infer table in docs/benchmarks.md), the layout tensor cores want.
     on_device = None if domain_guard is None else domain_guard.to(device)
     loaded = (net.to(memory_format=torch.channels_last), labels, on_device)
@@ -291,3 +287,14 @@ def cached_model(model: Any, device: str, *, guard: bool = True) -> tuple[Any, l
         while len(_cache) > MODEL_CACHE_SIZE:
             _cache.popitem(last=False)
     return loaded
+
+
+def _stamp(source: str) -> float:
+    """Modification times of a local model's weights and guard: a retrained or refitted folder is reloaded."""
+    from derm_accel.guard.model import GUARD_FILE
+    from derm_accel.models import WEIGHTS_NAME
+
+    if not source.startswith("local-dir:"):
+        return 0.0
+    folder = Path(source.removeprefix("local-dir:"))
+    return sum(p.stat().st_mtime for p in (folder / WEIGHTS_NAME, folder / GUARD_FILE) if p.is_file())

@@ -72,10 +72,24 @@ class NonFiniteLossError(RunError):
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Adam or AdamW through timm, with no weight decay on norm layers and biases."""
+    """Adam or AdamW through timm, with no weight decay on norm layers and biases, and ``optim.layer_decay``.
+
+    timm's layer-decay groups carry an ``lr_scale`` that only timm's schedulers apply; it is folded into each
+    group's learning rate here, so :func:`build_schedule` scales the per-layer rates as it does a single one.
+    """
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, filter_bias_and_bn=True)
+    optimizer = create_optimizer_v2(
+        model,
+        opt=cfg.name,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        filter_bias_and_bn=True,
+        layer_decay=cfg.layer_decay,
+    )
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * group.pop("lr_scale", 1.0)
+    return optimizer
 
 
 def build_schedule(

@@ -172,13 +172,42 @@ def render_report(metrics: dict[str, Any], files: dict[str, str]) -> str:
         *_before_after_lines(metrics),
         *_class_lines(metrics, files),
     ]
-    lines += external_report_lines(metrics) + subgroup_report_lines(metrics)
+    lines += external_report_lines(metrics) + subgroup_report_lines(metrics) + ensemble_report_lines(metrics)
     if metrics.get("out_of_domain"):
         from derm_accel.evaluation.ood import render_ood_section
 
         lines += render_ood_section(metrics["out_of_domain"], files.get("risk_coverage"))
     lines += _appendix_lines(metrics, files, options)
     return "\n".join(lines)
+
+
+def ensemble_report_lines(metrics: dict[str, Any]) -> list[str]:
+    """The ensemble beside each of its members, on the same images with the same options."""
+    block = metrics.get("ensemble")
+    if not block:
+        return []
+    lines = [
+        "## Ensemble and its members",
+        "",
+        f"The model is an ensemble of {len(block['members'])}: {block['combine']}. Each member alone, on the same "
+        f"images{' with the same test-time augmentation' if metrics.get('tta') else ''} (before any calibration):",
+        "",
+        "| model | accuracy | balanced accuracy | macro-F1 |",
+        "|---|---|---|---|",
+    ]
+    scored = [m for m in block["members"] if "macro_f1" in m]
+    for m in scored:
+        lines.append(f"| {m['model']} | {m['accuracy']:.3f} | {m['balanced_accuracy']:.3f} | {m['macro_f1']:.3f} |")
+    if not scored:
+        lines.append("| (members are not scored one by one with a label map) | | | |")
+    lines.append(
+        f"| **ensemble** | **{metrics['accuracy']:.3f}** | **{metrics['balanced_accuracy']:.3f}** | "
+        f"**{metrics['macro_f1']:.3f}** |"
+    )
+    if metrics.get("calibration"):
+        lines += ["", "The ensemble row includes the temperature scaling above."]
+    lines += ["", f"Out-of-domain verdicts use {block['guard']}.", ""]
+    return lines
 
 
 def _summary_lines(metrics: dict[str, Any], options: list[str]) -> list[str]:

@@ -6,6 +6,7 @@ figures and report.md on the main process. Under ``accelerate launch`` every ran
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -27,9 +28,18 @@ from ..data.transforms import (
     with_transform,
 )
 from ..distributed import use_cpu_ranks_without_gpu
+from ..ensemble import (
+    Ensemble,
+    MemberLogits,
+    combine_members,
+    expand_sources,
+    load_models,
+    member_metrics,
+    split_members,
+)
 from ..errors import InputError
 from ..fileio import atomic_write_json
-from ..models import data_config, load_model
+from ..models import data_config
 from ..paths import shareable_path
 from . import plots
 from .calibration import fit_temperature, negative_log_likelihood, tta_probabilities
@@ -171,7 +181,7 @@ def _examples(raw_split: Any, labels: np.ndarray, probabilities: np.ndarray, nam
 
 
 def evaluate_model(
-    model: str,
+    model: str | list[str],
     data: str | Path,
     *,
     split: str = "test",
@@ -190,6 +200,9 @@ def evaluate_model(
 ) -> dict:
     """Evaluate ``model`` (RUN/best, a model folder or ORG/NAME) on ``data[split]``; return the metrics.
 
+    Several models (a list, or an ensemble folder such as a ``train --folds`` run) are evaluated as one
+    ensemble averaging their probabilities; metrics.json and the report also score each member alone.
+
     ``tta="flip"`` averages the softmax over the original and flipped images; ``calibrate`` fits a
     temperature on the validation split. Both are reported before and after in metrics.json and report.md;
     predictions.csv holds the final probabilities. ``label_map`` (YAML/JSON, dataset class -> model class)
@@ -203,8 +216,11 @@ def evaluate_model(
         )
     use_cpu_ranks_without_gpu()
     accelerator = Accelerator()
-    report_dir = Path(out_dir) if out_dir is not None else default_out_dir(model, split)
-    net, model_labels = load_model(model)
+    sources = expand_sources(model)
+    model = sources[0] if len(sources) == 1 else f"ensemble of {len(sources)}: " + ", ".join(sources)
+    report_dir = Path(out_dir) if out_dir is not None else default_out_dir(sources[0], split)
+    net, model_labels = load_models(sources)
+    members = net.member_names if isinstance(net, Ensemble) else None
     dataset, raw_split = load_split(data, split)
     data_labels = list(raw_split.features[LABEL_COLUMN].names)
     mapping = resolve_label_map(load_label_map(label_map), data_labels, model_labels) if label_map else None
@@ -227,9 +243,16 @@ def evaluate_model(
         normalize=BatchNormalize(cfg),
         progress=progress,
     )
+    scored_net = MemberLogits(net) if members else net
     result = predict_logits(
-        net, with_transform(raw_split, transform, min_size=min_size, decode=decode), accelerator, **infer
+        scored_net, with_transform(raw_split, transform, min_size=min_size, decode=decode), accelerator, **infer
     )
+    member_rows = None
+    if members:  # one pass gave every member's logits: score each, then average them into the ensemble
+        per_member = split_members(result.logits, len(members))
+        if mapping is None:
+            member_rows = member_metrics(per_member, result.labels.numpy(), members)
+        result = dataclasses.replace(result, logits=combine_members(per_member))
     val = None
     if calibrate:
         val_split = with_transform(dataset["validation"], transform, min_size=min_size, decode=decode)
@@ -242,7 +265,7 @@ def evaluate_model(
     metrics: dict[str, Any] | None = None
     if accelerator.is_main_process:
         ood_block = out_of_domain_block(
-            model, scored_split, ood or [], report_dir / FILES["risk_coverage"],
+            sources[0], scored_split, ood or [], report_dir / FILES["risk_coverage"],
             label_target=None if mapping is None else list(mapping.target), device=str(accelerator.device),
         )
         metrics = _write_outputs(
@@ -261,6 +284,7 @@ def evaluate_model(
             val=val,
             out_dir=report_dir,
             max_thumbnails=max_thumbnails,
+            ensemble=None if members is None else ensemble_block(sources, member_rows),
         )
     metrics = broadcast_object_list([metrics])[0] if accelerator.num_processes > 1 else metrics
     accelerator.wait_for_everyone()
@@ -284,6 +308,7 @@ def _write_outputs(
     external: External | None = None,
     subgroups: list[tuple[str, str]] | None = None,
     ood_block: dict[str, Any] | None = None,
+    ensemble: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     metric = load_metric()
@@ -334,6 +359,7 @@ def _write_outputs(
         "calibration": stages.get("calibration"),
         "external_validation": external.summary(len(y), temperature) if external is not None else None,
         "out_of_domain": ood_block,
+        "ensemble": ensemble,
         "predictions_file": FILES["predictions"],
         "predictions_note": "predictions.csv holds the final probabilities"
         + (" (after the options above)" if stages else ""),
@@ -378,6 +404,15 @@ def _write_outputs(
     (out_dir / FILES["report"]).write_text(render_report(metrics, FILES))
     logger.info("wrote the evaluation report to %s", out_dir)
     return metrics
+
+
+def ensemble_block(sources: list[str], member_rows: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """metrics.json's ``ensemble``: how members are combined, and each member's own scores on the split."""
+    return {
+        "combine": "mean of the members' probabilities",
+        "members": member_rows or [{"model": s} for s in sources],
+        "guard": "the first member's domain guard",
+    }
 
 
 def out_of_domain_block(

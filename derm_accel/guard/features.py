@@ -49,7 +49,13 @@ def _intermediates(net: Any, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.
 def forward_with_features(
     net: Any, x: torch.Tensor, max_dim: int = MAX_DIM
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(logits, [summary per depth])`` for a batch, equal in logits to ``net(x)`` (tested per family)."""
+    """``(logits, [summary per depth])`` for a batch, equal in logits to ``net(x)`` (tested per family).
+
+    A model with its own ``forward_with_guard_features`` (an ensemble) supplies both itself.
+    """
+    own = getattr(net, "forward_with_guard_features", None)
+    if own is not None:
+        return own(x, max_dim)
     out = _intermediates(net, x)
     if out is None:
         final, maps = net.forward_features(x), []

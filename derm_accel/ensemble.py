@@ -1,0 +1,241 @@
+"""Ensembles: several classifiers answer together by averaging their class probabilities.
+
+An ensemble is either several ``--model`` arguments or an *ensemble folder*: ``ensemble.json`` beside its
+members, each a normal model folder (``config.json`` + ``model.safetensors``, optionally a domain guard).
+``derm-accel train --folds K`` writes ``RUN/ensemble.json`` over ``RUN/fold_k/best``; ``derm-accel push RUN``
+publishes the members as subfolders of one repo. :class:`Ensemble` is one ``torch.nn.Module`` whose output is
+the log of the mean member probability, so softmax of it *is* the averaged probability and every consumer of a
+classifier (evaluate, predict, serve, the demo) takes it unchanged.
+
+Members must share their class names (same order) and their preprocessing (input size, crop, interpolation,
+mean and std); anything else is refused with the member named. The domain guard of an ensemble is its first
+member's guard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from derm_accel.errors import InputError
+from derm_accel.fileio import atomic_write_json
+
+ENSEMBLE_FILE = "ensemble.json"
+FORMAT = 1
+COMBINE = "mean_probability"
+PREPROCESSING_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
+
+
+class EnsembleError(InputError):
+    """An ensemble whose members cannot be combined, or an ensemble.json that does not describe one."""
+
+
+class Ensemble(torch.nn.Module):
+    """Members of one architecture family or several; ``forward`` gives log(mean softmax) over the members."""
+
+    def __init__(self, members: list[torch.nn.Module], names: list[str], label_names: list[str]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise EnsembleError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = torch.nn.ModuleList(members)
+        self.member_names = list(names)
+        self.num_classes = len(label_names)
+        self.pretrained_cfg = {**members[0].pretrained_cfg, "label_names": list(label_names)}
+        self.default_cfg = self.pretrained_cfg
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[batch, members, classes]`` raw logits of every member."""
+        return torch.stack([m(x) for m in self.members], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return combine(self.member_logits(x))
+
+    def forward_with_guard_features(self, x: torch.Tensor, max_dim: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Ensemble logits, with the guard features of the first member (whose guard the ensemble uses)."""
+        from derm_accel.guard.features import forward_with_features
+
+        first, features = forward_with_features(self.members[0], x, max_dim)
+        rest = [m(x) for m in self.members[1:]]
+        return combine(torch.stack([first, *rest], dim=1)), features
+
+
+def combine(member_logits: torch.Tensor) -> torch.Tensor:
+    """log of the mean of the members' softmax (dim 1), in float32: ``softmax(combine(l)) == mean softmax(l)``."""
+    log_probs = member_logits.float().log_softmax(dim=-1)
+    return torch.logsumexp(log_probs, dim=1) - math.log(member_logits.shape[1])
+
+
+def write_ensemble(folder: str | os.PathLike, members: list[str], *, note: str | None = None) -> Path:
+    """Write ``folder/ensemble.json`` naming ``members`` (paths relative to ``folder``)."""
+    folder = Path(folder)
+    for member in members:
+        _member_dir(folder, member)  # each must exist and be a model folder inside ``folder``
+    spec = {"format": FORMAT, "combine": COMBINE, "members": list(members)}
+    if note:
+        spec["note"] = note
+    path = folder / ENSEMBLE_FILE
+    atomic_write_json(path, spec)
+    return path
+
+
+def read_ensemble(folder: str | os.PathLike) -> list[Path]:
+    """The member folders an ``ensemble.json`` names, checked: inside ``folder``, each a model folder."""
+    folder = Path(folder)
+    path = folder / ENSEMBLE_FILE
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EnsembleError(f"{path} is not readable JSON ({exc}); rewrite it or pass each --model.") from exc
+    members = spec.get("members") if isinstance(spec, dict) else None
+    if spec.get("combine", COMBINE) != COMBINE or not isinstance(members, list) or len(members) < 2:
+        raise EnsembleError(
+            f"{path} must hold {{'combine': '{COMBINE}', 'members': [two or more member folders]}}; got {spec!r}"
+        )
+    return [_member_dir(folder, str(m)) for m in members]
+
+
+def _member_dir(folder: Path, member: str) -> Path:
+    path = (folder / member).resolve()
+    if folder.resolve() not in path.parents:
+        raise EnsembleError(f"{folder / ENSEMBLE_FILE}: member '{member}' lies outside {folder}; refused.")
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise EnsembleError(
+            f"{folder / ENSEMBLE_FILE}: member '{member}' ({path}) is not a model folder with config.json and "
+            f"model.safetensors."
+        )
+    return path
+
+
+def ensemble_members(source: str) -> list[str] | None:
+    """The member sources of an ensemble folder (local or a Hub repo with ``ensemble.json``), else None."""
+    from derm_accel.models import looks_like_path
+
+    local = Path(source.removeprefix("local-dir:")).expanduser()
+    if local.is_dir():
+        return [str(p) for p in read_ensemble(local)] if (local / ENSEMBLE_FILE).is_file() else None
+    if source.startswith("local-dir:") or looks_like_path(source):
+        return None
+    repo = source.removeprefix("hf-hub:")
+    if repo.count("/") != 1:
+        return None
+    return _hub_members(repo)
+
+
+def _hub_members(repo: str) -> list[str] | None:
+    """Download an ensemble repo's members (safetensors and JSON only); None when the repo has no ensemble.json."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, _, revision = repo.partition("@")
+    try:
+        hf_hub_download(repo_id, ENSEMBLE_FILE, revision=revision or None)
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None  # a single model (or, offline, one whose ensemble.json was never downloaded)
+    except HfHubHTTPError as exc:
+        if getattr(exc.response, "status_code", None) == 404:
+            return None  # not found at all: loading the model itself then says why, naming the repo
+        raise
+    root = snapshot_download(
+        repo_id, revision=revision or None, allow_patterns=[ENSEMBLE_FILE, "*/*.json", "*/*.safetensors"]
+    )
+    return [str(p) for p in read_ensemble(root)]
+
+
+def expand_sources(sources: str | list[str]) -> list[str]:
+    """Model arguments with every ensemble folder or repo replaced by its members."""
+    expanded: list[str] = []
+    for source in [sources] if isinstance(sources, (str, os.PathLike)) else sources:
+        expanded += ensemble_members(os.fspath(source)) or [os.fspath(source)]
+    return expanded
+
+
+def load_models(sources: str | list[str], *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[str]]:
+    """One model (:func:`derm_accel.models.load_model`), or an :class:`Ensemble` of several or of an ensemble
+    folder's members."""
+    from derm_accel.models import load_model
+
+    expanded = expand_sources(sources)
+    if len(expanded) == 1:
+        return load_model(expanded[0], device=device)
+    return load_ensemble(expanded, device=device)
+
+
+def load_ensemble(sources: list[str], *, device: str | torch.device = "cpu") -> tuple[Ensemble, list[str]]:
+    """Load every member and check that they can be averaged: same classes, same preprocessing."""
+    from derm_accel.models import data_config, load_model
+
+    members, labels = [], None
+    for source in sources:
+        net, names = load_model(source, device=device)
+        if labels is None:
+            labels, first, first_cfg = names, source, data_config(net)
+        elif names != labels:
+            raise EnsembleError(
+                f"{source} predicts {names}, but {first} predicts {labels}: members of an ensemble must have the "
+                f"same classes in the same order."
+            )
+        else:
+            cfg = data_config(net)
+            diff = {k: (first_cfg.get(k), cfg.get(k)) for k in PREPROCESSING_KEYS if first_cfg.get(k) != cfg.get(k)}
+            if diff:
+                raise EnsembleError(
+                    f"{source} preprocesses images differently from {first} ({diff}); an ensemble feeds every "
+                    f"member the same tensor, so its members must share input size, crop and normalisation."
+                )
+        members.append(net)
+    ensemble = Ensemble(members, [_display(s) for s in sources], labels or [])
+    return ensemble.to(device).eval(), list(labels or [])
+
+
+def _display(source: str) -> str:
+    path = Path(source)
+    return str(path.relative_to(Path.cwd())) if path.is_absolute() and Path.cwd() in path.parents else source
+
+
+def member_metrics(member_logits: torch.Tensor, labels: Any, names: list[str]) -> list[dict[str, Any]]:
+    """Accuracy, balanced accuracy and macro-F1 of each member from ``[N, views, members, classes]`` logits."""
+    from derm_accel.cv import classification_metrics
+
+    rows = []
+    k = member_logits.shape[-1]
+    for i, name in enumerate(names):
+        probs = member_logits[:, :, i].float().softmax(-1).mean(1)
+        rows.append({"model": name, **classification_metrics(labels, probs.argmax(-1).numpy(), k)})
+    return rows
+
+
+def describe(source: str | list[str]) -> dict[str, Any] | None:
+    """``{"members": [...]}`` for an ensemble source or list, else None (for reports and cards)."""
+    if isinstance(source, (list, tuple)):
+        return {"combine": COMBINE, "members": [_display(s) for s in source]} if len(source) > 1 else None
+    members = ensemble_members(source)
+    return None if members is None else {"combine": COMBINE, "members": [_display(s) for s in members]}
+
+
+class MemberLogits(torch.nn.Module):
+    """An ensemble's members side by side: ``[batch, members * classes]``. One inference pass then yields the
+    ensemble (:func:`combine_members`) and every member's own scores (:func:`member_metrics`)."""
+
+    def __init__(self, ensemble: Ensemble) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ensemble.member_logits(x).flatten(1)
+
+
+def split_members(logits: torch.Tensor, members: int) -> torch.Tensor:
+    """``[N, views, members * classes]`` from :class:`MemberLogits` -> ``[N, views, members, classes]``."""
+    n, v, width = logits.shape
+    return logits.reshape(n, v, members, width // members)
+
+
+def combine_members(member_logits: torch.Tensor) -> torch.Tensor:
+    """``[N, views, members, classes]`` -> the ensemble's ``[N, views, classes]`` (log mean probability)."""
+    n, v, m, c = member_logits.shape
+    return combine(member_logits.reshape(n * v, m, c)).reshape(n, v, c)
