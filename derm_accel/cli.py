@@ -211,12 +211,20 @@ def train(
         int | None,
         typer.Option(
             help="k-fold cross-validation: pool all splits of data.path into K stratified, duplicate-grouped folds; "
-            "write RUN/fold_1..K, out-of-fold predictions and RUN/cv_report.md. Rerun to resume.",
+            "write RUN/fold_1..K, out-of-fold predictions, RUN/cv_report.md and RUN/ensemble.json (the fold "
+            "models as one ensemble for evaluate/predict/push). Rerun to resume.",
             min=2,
         ),
     ] = None,
     group_column: Annotated[
         str | None, typer.Option(help="With --folds: rows sharing this column (e.g. patient_id) stay in one fold.")
+    ] = None,
+    holdout: Annotated[
+        str | None,
+        typer.Option(
+            help="With --folds: keep this split (e.g. test) out of every fold; the fold models, their ensemble and "
+            "their weight average (soup) are compared on it, and RUN/soup is kept if it does not lose."
+        ),
     ] = None,
 ) -> None:
     """Train a timm classifier with a plain PyTorch loop driven by Accelerate (CPU, one GPU, or DDP).
@@ -230,10 +238,12 @@ def train(
             raise typer.BadParameter("--folds resumes by itself when run again; drop --resume", param_hint="--resume")
         from derm_accel.kfold import REPORT_MD, train_folds
 
-        run_dir = train_folds(recipe, folds, set_ or [], group_column=group_column)
+        run_dir = train_folds(recipe, folds, set_ or [], group_column=group_column, holdout=holdout)
         if _is_main_process():
             typer.echo(f"run folder: {run_dir}\ncross-validation report: {Path(run_dir) / REPORT_MD}")
         return
+    if group_column or holdout:
+        raise typer.BadParameter("--group-column and --holdout apply to --folds runs only", param_hint="--folds")
     from derm_accel.train import train as run_training
 
     run_dir = run_training(recipe, overrides=set_ or [], resume=resume, resume_with_changes=resume_with_changes)

@@ -40,8 +40,9 @@ def _quiet() -> Iterator[None]:
             ds_logging.enable_progress_bar()
 
 
-def pooled_rows(data: str | Path) -> Any:
-    """Every row of every split of a converted dataset, as one ``Dataset`` sorted by ``source_path``.
+def pooled_rows(data: str | Path, holdout: str | None = None) -> Any:
+    """Every row of every split of a converted dataset (but ``holdout``), as one ``Dataset`` sorted by
+    ``source_path``.
 
     Sorting makes the fold assignment independent of how convert split the rows, so two conversions of the
     same folders (e.g. at two image sizes) get the same folds.
@@ -51,7 +52,9 @@ def pooled_rows(data: str | Path) -> Any:
     if not (Path(data) / "dataset_dict.json").exists():
         raise FileNotFoundError(f"{data} is not a dataset written by `derm-accel convert` (no dataset_dict.json)")
     dataset = load_from_disk(str(data))
-    pooled = concatenate_datasets([dataset[s] for s in dataset])
+    if holdout is not None and holdout not in dataset:
+        raise InputError(f"{data} has no '{holdout}' split to hold out (it has {sorted(dataset)}); fix --holdout.")
+    pooled = concatenate_datasets([dataset[s] for s in dataset if s != holdout])
     order = np.argsort(np.asarray(pooled["source_path"], dtype=object), kind="stable")
     return pooled.select(order.tolist())
 
@@ -161,14 +164,15 @@ def make_fold_datasets(
     seed: int = 0,
     group_column: str | None = None,
     trained: Sequence[Path] = (),
+    holdout: str | None = None,
 ) -> list[Path]:
     """``out_dir/fold_1 .. fold_K``: one converted dataset per fold (reused when the assignment is unchanged).
 
     ``trained`` lists fold runs that already exist: a changed assignment is then refused, since their models
-    may have trained on images that the new folds hold out.
+    may have trained on images that the new folds hold out. ``holdout`` names a split kept out of every fold.
     """
     out_dir = Path(out_dir)
-    rows = pooled_rows(data)
+    rows = pooled_rows(data, holdout)
     groups = duplicate_groups(rows, near_threshold(data), group_column)
     fold_of = assign_folds(np.asarray(rows["label"]), groups, folds, seed)
     assignment = {
@@ -176,6 +180,7 @@ def make_fold_datasets(
         "folds": folds,
         "seed": seed,
         "group_column": group_column,
+        **({"holdout": holdout} if holdout else {}),  # absent when unset: earlier manifests stay valid
         "source_paths": list(rows["source_path"]),
         "fold": fold_of.tolist(),
         "group": groups.tolist(),
@@ -186,8 +191,8 @@ def make_fold_datasets(
     if fresh and manifest.is_file() and trained:
         raise InputError(
             f"{', '.join(str(p) for p in trained)} were trained on another fold assignment (the data, --folds, "
-            f"the seed, --group-column or the images changed), so their models may have seen the new held-out "
-            f"images. Use a new output_dir (--set output_dir=runs/NEW), or delete those fold runs."
+            f"the seed, --group-column, --holdout or the images changed), so their models may have seen the new "
+            f"held-out images. Use a new output_dir (--set output_dir=runs/NEW), or delete those fold runs."
         )
     paths = []
     for k in range(folds):

@@ -22,12 +22,14 @@ import numpy as np
 
 from derm_accel.config import Recipe, load_recipe
 from derm_accel.cv import classification_metrics, make_fold_datasets, mean_sd_ci
+from derm_accel.ensemble import write_ensemble
 
 FOLD_DATA = "fold_data"
 OOF_FILE = "oof_predictions.csv"
 REPORT_JSON = "cv_report.json"
 REPORT_MD = "cv_report.md"
 FOLD_SCORES = "fold_scores.json"  # in RUN/fold_k once its held-out fold is scored
+SOUP_DIR = "soup"
 CV_RECIPE = "cv_recipe.json"  # the recipe the fold runs were trained with (a rerun must match it)
 METRICS = ("macro_f1", "balanced_accuracy", "accuracy")
 
@@ -43,6 +45,13 @@ def fold_overrides(fold_data: Path, fold_run: Path) -> list[str]:
 
 def score_fold(model_dir: Path, fold_data: Path, *, tta: str | None = None, batch_size: int = 64) -> dict[str, Any]:
     """Probabilities of ``model_dir`` on the fold's held-out images (every process gets all rows)."""
+    return score_split(model_dir, fold_data, "test", tta=tta, batch_size=batch_size)
+
+
+def score_split(
+    model_dir: Path, data: str | Path, split: str, *, tta: str | None = None, batch_size: int = 64
+) -> dict[str, Any]:
+    """Probabilities of ``model_dir`` on ``data[split]`` (every process gets all rows)."""
     from accelerate import Accelerator
     from datasets import load_from_disk
 
@@ -54,7 +63,7 @@ def score_fold(model_dir: Path, fold_data: Path, *, tta: str | None = None, batc
     net, labels = load_model(str(model_dir))
     cfg = data_config(net)
     transform, decode = eval_input(cfg)
-    test = load_from_disk(str(fold_data))["test"]
+    test = load_from_disk(str(data))[split]
     min_size = decode_size(cfg["input_size"][-1], cfg.get("crop_pct"))
     split = with_transform(test, transform, min_size=min_size, decode=decode)
     result = predict_logits(
@@ -127,8 +136,15 @@ def train_folds(
     seed: int = 0,
     group_column: str | None = None,
     tta: str | None = None,
+    holdout: str | None = None,
 ) -> Path:
-    """Train the recipe on each of ``folds`` folds of its dataset (all splits pooled); return RUN."""
+    """Train the recipe on each of ``folds`` folds of its dataset (all splits pooled); return RUN.
+
+    ``holdout`` (e.g. "test") keeps that split out of every fold: the fold models, their ensemble and their
+    weight average (:mod:`derm_accel.soup`) are then compared on it, and ``RUN/soup`` is kept where the soup
+    does not lose to the best fold model. ``RUN/ensemble.json`` (the fold models as one ensemble) is written
+    last, when every fold is scored.
+    """
     from derm_accel.distributed import use_cpu_ranks_without_gpu
 
     recipe = load_recipe(recipe, overrides)
@@ -140,14 +156,51 @@ def train_folds(
             trained = sorted(p for p in run_dir.glob("fold_[0-9]*") if p.is_dir())
             check_same_recipe(run_dir, recipe, trained)
             make_fold_datasets(
-                recipe.data.path, data_root, folds, seed=seed, group_column=group_column, trained=trained
+                recipe.data.path, data_root, folds, seed=seed, group_column=group_column, trained=trained,
+                holdout=holdout,
             )
         state.wait_for_everyone()
         scored = [_fold(recipe, data_root, run_dir, k, tta, state.is_main_process) for k in range(1, folds + 1)]
         if state.is_main_process:
-            write_cv_outputs(run_dir, scored, recipe, folds=folds, seed=seed, tta=tta)
+            report = write_cv_outputs(run_dir, scored, recipe, folds=folds, seed=seed, tta=tta)
+            if holdout:
+                report["holdout"] = holdout_comparison(run_dir, recipe, folds, holdout, tta)
+                write_report(run_dir, report)
+            write_ensemble(
+                run_dir, [f"fold_{k}/best" for k in range(1, folds + 1)], note=f"the {folds} fold models of {run_dir}"
+            )
         state.wait_for_everyone()
     return run_dir
+
+
+def holdout_comparison(run_dir: Path, recipe: Recipe, folds: int, holdout: str, tta: str | None) -> dict[str, Any]:
+    """Fold models, their ensemble and their soup on the held-out split; RUN/soup kept only if it does not lose."""
+    import shutil
+
+    from derm_accel.soup import compare_on_split, write_soup
+
+    members = [run_dir / f"fold_{k}" / "best" for k in range(1, folds + 1)]
+    soup_dir, candidate = run_dir / SOUP_DIR, run_dir / f".{SOUP_DIR}-candidate"
+    shutil.rmtree(candidate, ignore_errors=True)
+    write_soup(members, candidate)
+    result = compare_on_split(members, candidate, recipe.data.path, holdout, tta=tta)
+    result["members"] = [{**m, "model": f"fold_{k}"} for k, m in enumerate(result["members"], start=1)]
+    shutil.rmtree(soup_dir, ignore_errors=True)
+    if result["offered"]:
+        if recipe.guard.enabled:  # the guard of the soup's own features, fitted as train fits one
+            from derm_accel.guard.fit import fit_model_guard
+
+            g = recipe.guard
+            d = recipe.data
+            fit_model_guard(
+                candidate, d.path, train_split=d.train_split, val_split=d.val_split,
+                in_domain_share=g.in_domain_share, target_error=g.target_error,
+            )
+        candidate.rename(soup_dir)
+        result["soup_dir"] = SOUP_DIR
+    else:
+        shutil.rmtree(candidate)
+    return result
 
 
 def check_same_recipe(run_dir: Path, recipe: Recipe, trained: list[Path]) -> None:
@@ -223,7 +276,29 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "| fold | test images | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for f in report["per_fold"]:
         lines.append(f"| {f['fold']} | {f['num_test']} | " + " | ".join(f"{f[m]:.3f}" for m in METRICS) + " |")
+    if report.get("holdout"):
+        lines += holdout_lines(report["holdout"])
     return "\n".join(lines) + "\n"
+
+
+def holdout_lines(h: dict[str, Any]) -> list[str]:
+    """The held-out split: each fold model, their ensemble (RUN/ensemble.json) and their soup."""
+    rows = [(m["model"], m) for m in h["members"]] + [("ensemble (mean probability)", h["ensemble"])]
+    rows.append(("soup (weight average)", h["soup"]))
+    verdict = (
+        f"kept as `{h['soup_dir']}` (one model, a single model's inference cost)"
+        if h["offered"]
+        else f"not kept: its macro-F1 is below the best fold model's ({h['best_member_macro_f1']:.3f})"
+    )
+    lines = [
+        "",
+        f"## Held-out split `{h['split']}` ({h['num_samples']} images no fold model trained on)",
+        "",
+        "| model | " + " | ".join(METRICS) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
+    lines += [f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in METRICS) + " |" for name, m in rows]
+    return [*lines, "", f"The soup is {verdict}."]
 
 
 def write_cv_outputs(
@@ -242,6 +317,10 @@ def write_cv_outputs(
     )
     report = cv_report(scored, folds=folds, seed=seed, tta=tta)
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    write_report(run_dir, report)
+    return report
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> None:
     (run_dir / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
     (run_dir / REPORT_MD).write_text(render_markdown(report))
-    return report

@@ -152,3 +152,43 @@ def test_train_folds_under_accelerate_launch_two_ranks(tmp_path: Path) -> None:
     assert len(sources) == len(set(sources)) == 72  # gathered once each, padding dropped
     report = json.loads((run / "cv_report.json").read_text())
     assert [f["num_test"] for f in report["per_fold"]] == [36, 36]
+
+
+def test_train_folds_with_a_holdout_compares_members_ensemble_and_soup(tmp_path: Path) -> None:
+    from datasets import load_from_disk
+    from safetensors.torch import load_file
+
+    from derm_accel.ensemble import Ensemble, load_models
+    from derm_accel.kfold import score_split, train_folds
+    from derm_accel.soup import soup_state
+
+    torch.set_num_threads(2)
+    data = make_dataset(tmp_path / "data", size=32)
+    run = tmp_path / "cv"
+    recipe = tiny_recipe(data, run, train={"epochs": 1, "max_steps_per_epoch": 2})
+    reset_accelerate()
+    train_folds(recipe, 2, holdout="test")
+    reset_accelerate()
+
+    held_out = set(load_from_disk(str(data))["test"]["source_path"])
+    for k in (1, 2):  # the held-out split is in no fold, neither for training nor for scoring
+        fold = load_from_disk(str(run / "fold_data" / f"fold_{k}"))
+        assert not held_out & {p for split in fold.values() for p in split["source_path"]}
+    h = json.loads((run / "cv_report.json").read_text())["holdout"]
+    assert h["split"] == "test" and h["num_samples"] == len(held_out) == 9
+    members = [run / f"fold_{k}" / "best" for k in (1, 2)]
+    probs = [score_split(m, data, "test")["probabilities"] for m in members]
+    labels = score_split(members[0], data, "test")["labels"]
+    ensemble_f1 = f1_score(labels, np.mean(probs, axis=0).argmax(1), average="macro", labels=[0, 1, 2], zero_division=0)
+    assert h["ensemble"]["macro_f1"] == pytest.approx(ensemble_f1)
+    assert [m["model"] for m in h["members"]] == ["fold_1", "fold_2"]
+    assert h["offered"] == (h["soup"]["macro_f1"] >= max(m["macro_f1"] for m in h["members"]))
+    assert (run / "soup" / "model.safetensors").is_file() == h["offered"]
+    assert "## Held-out split `test`" in (run / "cv_report.md").read_text()
+
+    # The soup is the plain average of the fold weights; the run folder loads as the fold ensemble.
+    soup, a, b = soup_state(members), *(load_file(str(m / "model.safetensors")) for m in members)
+    key = next(k for k, v in a.items() if v.is_floating_point() and not torch.equal(v, b[k]))
+    assert torch.allclose(soup[key], (a[key] + b[key]) / 2)
+    net, _ = load_models(str(run))
+    assert isinstance(net, Ensemble) and len(net.members) == 2
