@@ -34,6 +34,7 @@ MODEL_FILES = ("model.safetensors", "config.json")
 RUN_FILES = (RECIPE, TRAINING_INFO, VAL_METRICS, "domain_guard.safetensors")
 REPORT_SUFFIXES = (".json", ".csv", ".png", ".md")
 EVAL_DIR = "eval"
+ENSEMBLE_FILE = "ensemble.json"  # derm_accel.ensemble.ENSEMBLE_FILE; that module imports torch
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # Retries of a whole step; huggingface_hub also retries single requests (preupload, LFS) on its own.
 RETRY_ATTEMPTS = 4
@@ -53,10 +54,32 @@ def stage_upload(
     license: str | None = None,
     link: bool = False,
 ) -> Path:
-    """Copy exactly the files a push uploads into ``out`` and write the model card there."""
+    """Copy exactly the files a push uploads into ``out`` and write the model card there. A folder holding
+    ``ensemble.json`` is staged as one ensemble repo (:mod:`derm_accel.hub_ensemble`)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir} is not a folder; pass RUN/best written by `derm-accel train`.")
+    if (model_dir / ENSEMBLE_FILE).is_file():
+        from derm_accel.hub_ensemble import stage_ensemble
+
+        return stage_ensemble(model_dir, out, repo_id, report_dir=report_dir, license=license, link=link)
+    check_model_dir(model_dir)
+    check_report_dir(report_dir)
+    # The card validates config.json and the license before anything is copied.
+    card = build_model_card(model_dir, repo_id, report_dir=report_dir, license=license)
+
+    out = check_out_dir(out)
+    # Stage beside ``out`` and swap it in at the end: ``out`` is never left half-written.
+    with staged_dir(out) as tmp:
+        copy_model_files(model_dir, tmp, link)
+        copy_report(report_dir, tmp, link)
+        card.save(tmp / "README.md")
+    return out
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Refuse a model folder that would not load for others, naming the file: missing files, a damaged
+    safetensors header, config and weights that disagree, non-finite weights, a damaged domain guard."""
     for name in MODEL_FILES:
         if not (model_dir / name).is_file():
             raise FileNotFoundError(
@@ -70,38 +93,51 @@ def stage_upload(
     from derm_accel.guard.model import read_guard
 
     read_guard(model_dir)  # a damaged guard file or settings fail here, naming the file, before any upload
+
+
+def check_report_dir(report_dir: str | Path | None) -> None:
     if report_dir is not None and not (Path(report_dir) / METRICS).is_file():
         raise FileNotFoundError(
             f"{Path(report_dir) / 'metrics.json'} not found; pass the folder `derm-accel evaluate` wrote."
         )
-    # The card validates config.json and the license before anything is copied.
-    card = build_model_card(model_dir, repo_id, report_dir=report_dir, license=license)
 
+
+def check_out_dir(out: str | Path) -> Path:
+    """``out`` may be new, empty or an earlier staging (replaced whole); anything else is refused."""
     out = Path(out)
     if out.exists() and not _is_previous_staging(out):
         raise OutputExistsError(
             f"{out} holds files that a push does not stage; choose a new folder for the staged upload."
         )
-    # Stage beside ``out`` and swap it in at the end: ``out`` is never left half-written.
-    with staged_dir(out) as tmp:
-        for name in MODEL_FILES + RUN_FILES:
-            if (model_dir / name).is_file():
-                _link_or_copy(model_dir / name, tmp / name, link)
-        if report_dir is not None:
-            (tmp / EVAL_DIR).mkdir()
-            for path in sorted(Path(report_dir).iterdir()):
-                if path.is_file() and path.suffix in REPORT_SUFFIXES and not path.name.startswith("."):
-                    _link_or_copy(path, tmp / EVAL_DIR / path.name, link)
-        card.save(tmp / "README.md")
     return out
 
 
+def copy_model_files(model_dir: Path, dest: Path, link: bool) -> None:
+    """The weights, timm config and run files a model repo (or an ensemble member's subfolder) holds."""
+    for name in MODEL_FILES + RUN_FILES:
+        if (model_dir / name).is_file():
+            _link_or_copy(model_dir / name, dest / name, link)
+
+
+def copy_report(report_dir: str | Path | None, dest: Path, link: bool) -> None:
+    """The evaluation report's files into ``dest/eval``."""
+    if report_dir is None:
+        return
+    (dest / EVAL_DIR).mkdir()
+    for path in sorted(Path(report_dir).iterdir()):
+        if path.is_file() and path.suffix in REPORT_SUFFIXES and not path.name.startswith("."):
+            _link_or_copy(path, dest / EVAL_DIR / path.name, link)
+
+
 def _is_previous_staging(folder: Path) -> bool:
-    """An empty folder, or one holding only what a dry run stages (so re-running it may replace it)."""
+    """An empty folder, or one holding only what a dry run stages, of a model or of an ensemble (so re-running
+    it may replace it)."""
+    from derm_accel.hub_ensemble import is_member_staging
+
     if not folder.is_dir():
         return False
-    allowed = {"README.md", EVAL_DIR, *MODEL_FILES, *RUN_FILES}
-    return all(entry.name in allowed for entry in folder.iterdir())
+    allowed = {"README.md", EVAL_DIR, ENSEMBLE_FILE, *MODEL_FILES, *RUN_FILES}
+    return all(entry.name in allowed or is_member_staging(entry) for entry in folder.iterdir())
 
 
 def push_model(

@@ -1,0 +1,108 @@
+"""Stage an ensemble folder (``ensemble.json`` beside its member model folders) as one Hub repo.
+
+The repo holds ``ensemble.json`` at its root naming short member subfolders (``fold_k`` for the
+``fold_k/best`` of a ``train --folds`` run, else ``member_1``, ``member_2``, ...), each member's model files
+(weights, timm config, recipe, training info, validation metrics, domain guard) in its subfolder, the
+evaluation report in ``eval/`` and a model card saying how to load it. Nothing else from the run folder
+(checkpoints, fold data, logs) is staged. :func:`derm_accel.ensemble.load_models` loads the repo by its id.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from derm_accel.errors import InputError
+from derm_accel.fileio import staged_dir
+
+FOLD = re.compile(r"fold_\d+")
+MEMBER_DIR = re.compile(r"(fold|member)_\d+")
+
+
+def member_names(folder: Path, members: list[Path]) -> list[str]:
+    """``fold_k`` for every member when each is ``fold_k/best`` (distinct k), else ``member_1``, ..."""
+    root = folder.resolve()
+    parts = [m.relative_to(root).parts for m in members]
+    names = [p[0] for p in parts if len(p) == 2 and p[1] == "best" and FOLD.fullmatch(p[0])]
+    if len(names) == len(members) and len(set(names)) == len(names):
+        return names
+    return [f"member_{i}" for i in range(1, len(members) + 1)]
+
+
+def is_member_staging(entry: Path) -> bool:
+    """A member subfolder of an earlier ensemble staging: a member name holding only a model's files."""
+    from derm_accel.hub import MODEL_FILES, RUN_FILES
+
+    if not entry.is_dir() or entry.is_symlink() or not MEMBER_DIR.fullmatch(entry.name):
+        return False
+    return all(p.is_file() and p.name in (*MODEL_FILES, *RUN_FILES) for p in entry.iterdir())
+
+
+def check_compatible(members: list[Path]) -> None:
+    """Members must predict the same classes in the same order and preprocess images the same way (an
+    ensemble feeds each the same tensor); checked on ``config.json`` before anything is uploaded."""
+    from derm_accel.ensemble import PREPROCESSING_KEYS
+
+    configs = [json.loads((m / "config.json").read_text()) for m in members]
+    first = configs[0]
+    for member, config in zip(members[1:], configs[1:], strict=True):
+        if config.get("label_names") != first.get("label_names"):
+            raise InputError(
+                f"{member / 'config.json'} predicts {config.get('label_names')}, but {members[0]} predicts "
+                f"{first.get('label_names')}: members of an ensemble must have the same classes in the same order."
+            )
+        a, b = first.get("pretrained_cfg") or {}, config.get("pretrained_cfg") or {}
+        diff = {k: (a.get(k), b.get(k)) for k in PREPROCESSING_KEYS if _plain(a.get(k)) != _plain(b.get(k))}
+        if diff:
+            raise InputError(
+                f"{member / 'config.json'} preprocesses images differently from {members[0]} ({diff}); members "
+                "of an ensemble must share input size, crop and normalisation."
+            )
+
+
+def _plain(value: object) -> object:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _note(folder: Path) -> str | None:
+    from derm_accel.ensemble import ENSEMBLE_FILE
+
+    spec = json.loads((folder / ENSEMBLE_FILE).read_text())  # read_ensemble already checked it
+    note = spec.get("note")
+    return note if isinstance(note, str) and note else None
+
+
+def stage_ensemble(
+    folder: Path,
+    out: str | Path,
+    repo_id: str,
+    *,
+    report_dir: str | Path | None = None,
+    license: str | None = None,
+    link: bool = False,
+) -> Path:
+    """Check every member as a single push would, then stage the ensemble repo into ``out`` (atomically)."""
+    from derm_accel.ensemble import read_ensemble, write_ensemble
+    from derm_accel.hub import check_model_dir, check_out_dir, check_report_dir, copy_model_files, copy_report
+    from derm_accel.model_card import build_ensemble_card
+
+    members = read_ensemble(folder)
+    names = member_names(folder, members)
+    for member in members:
+        check_model_dir(member)
+    check_compatible(members)
+    check_report_dir(report_dir)
+    named = list(zip(names, members, strict=True))
+    card = build_ensemble_card(named, repo_id, report_dir=report_dir, license=license)
+
+    out = check_out_dir(out)
+    with staged_dir(out) as tmp:  # swapped in whole once complete
+        for name, member in named:
+            (tmp / name).mkdir()
+            copy_model_files(member, tmp / name, link)
+        write_ensemble(tmp, names, note=_note(folder))
+        copy_report(report_dir, tmp, link)
+        card.save(tmp / "README.md")
+    return out
+
