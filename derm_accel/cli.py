@@ -324,10 +324,17 @@ def evaluate(
     epilog="**Examples**\n\n"
     "derm-accel push runs/effnet_b3/best --repo-id my-lab/effnet-b3-derm35 --report reports/effnet_b3\n\n"
     "derm-accel push runs/effnet_b3/best --repo-id my-lab/effnet-b3-derm35 --dry-run --out staged/\n\n"
-    "derm-accel push runs/effnet_b3/best --repo-id my-lab/effnet-b3-derm35 --space my-lab/effnet-b3-derm35-demo",
+    "derm-accel push runs/effnet_b3/best --repo-id my-lab/effnet-b3-derm35 --space my-lab/effnet-b3-derm35-demo\n\n"
+    "derm-accel push runs/cv5 --repo-id ORG/NAME-cv5 --report reports/cv5  (an ensemble: `train --folds 5` run)",
 )
 def push(
-    model_dir: Annotated[Path, typer.Argument(help="Model folder written by training (RUN/best).")],
+    model_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Model folder written by training (RUN/best), or an ensemble folder holding ensemble.json (a "
+            "`train --folds K` run): its members go into one repo as subfolders fold_1..K."
+        ),
+    ],
     repo_id: Annotated[str, typer.Option(help="Hub repo id, ORG/NAME.")],
     report: Annotated[Path | None, typer.Option(help="Evaluation report folder to publish with the model.")] = None,
     private: Annotated[bool, typer.Option(help="Create the repo as private.")] = False,
@@ -352,13 +359,20 @@ def push(
     ] = None,
 ) -> None:
     """Publish weights (safetensors), a timm config.json, the evaluation and a model card to the Hub; with
-    --space also a Gradio Space running `derm-accel demo` on the model."""
-    from derm_accel.hub import push_model
+    --space also a Gradio Space running `derm-accel demo` on the model. An ensemble folder is published as one
+    repo: ensemble.json, each member in its subfolder, and a card saying how to load the whole or one member."""
+    from derm_accel.hub import ENSEMBLE_FILE, push_model
 
     if space:
+        from derm_accel.errors import InputError
         from derm_accel.space import check_space_id
 
         check_space_id(space, repo_id)  # before the model is pushed
+        if (model_dir / ENSEMBLE_FILE).is_file():
+            raise InputError(
+                f"--space does not take an ensemble yet ({model_dir / ENSEMBLE_FILE}); push the ensemble without "
+                "--space, or push one member folder (e.g. RUN/fold_1/best) with --space."
+            )
     where = push_model(
         model_dir, repo_id, report_dir=report, private=private, revision=revision,
         commit_message=commit_message, token=token, dry_run=dry_run, out=out, license=license,
