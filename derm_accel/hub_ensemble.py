@@ -65,12 +65,11 @@ def _plain(value: object) -> object:
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def _note(folder: Path) -> str | None:
-    from derm_accel.ensemble import ENSEMBLE_FILE
-
-    spec = json.loads((folder / ENSEMBLE_FILE).read_text())  # read_ensemble already checked it
-    note = spec.get("note")
-    return note if isinstance(note, str) and note else None
+def _note(folder: Path, members: list[Path]) -> str:
+    """Where each member came from, relative to the pushed folder (never a local absolute path: the note of
+    ``train --folds`` names the run folder, which stays private)."""
+    root = folder.resolve()
+    return "members from the pushed folder's " + ", ".join(m.relative_to(root).as_posix() for m in members)
 
 
 def stage_ensemble(
@@ -101,7 +100,7 @@ def stage_ensemble(
         for name, member in named:
             (tmp / name).mkdir()
             copy_model_files(member, tmp / name, link)
-        write_ensemble(tmp, names, note=_note(folder))
+        write_ensemble(tmp, names, note=_note(folder, members))
         copy_report(report_dir, tmp, link)
         card.save(tmp / "README.md")
     return out

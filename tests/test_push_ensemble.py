@@ -42,7 +42,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (run / "fold_data").mkdir()
     (run / "fold_data" / "folds.json").write_text("{}")
     (run / "oof_predictions.csv").write_text("source_path,label\n")
-    write_ensemble(run, ["fold_1/best", "fold_2/best"], note="fold_k/best of a 2-fold run")
+    write_ensemble(run, ["fold_1/best", "fold_2/best"], note=f"the 2 fold models of {run}")  # as train writes it
     return run
 
 
@@ -91,7 +91,7 @@ def test_dry_run_stages_the_ensemble_as_one_repo(run: Path, report: Path, tmp_pa
         "format": 1,
         "combine": "mean_probability",
         "members": ["fold_1", "fold_2"],
-        "note": "fold_k/best of a 2-fold run",
+        "note": "members from the pushed folder's fold_1/best, fold_2/best",  # the local run path stays private
     }
     assert _tree_hashes(run) == before
 
