@@ -148,6 +148,21 @@ def test_other_member_folders_are_renamed_member_k(run: Path, tmp_path: Path) ->
     assert labels == LABELS and net.member_names == [str(staged / "member_1"), str(staged / "member_2")]
 
 
+def test_a_report_evaluate_wrote_for_the_folder_goes_into_the_card(run: Path, tmp_path: Path) -> None:
+    from derm_accel.data.synthetic import write_dataset
+    from derm_accel.evaluation.run import evaluate_model
+    from derm_accel.hub import push_model
+
+    data = write_dataset(tmp_path / "data", {"test": [4, 4, 4]}, size=72, names=LABELS)
+    metrics = evaluate_model(str(run), data, split="test", out_dir=tmp_path / "report", num_workers=0)
+    staged = Path(push_model(run, REPO_ID, report_dir=tmp_path / "report", dry_run=True, out=tmp_path / "staged"))
+    text = (staged / "README.md").read_text()
+    for name, row in zip(("fold_1", "fold_2"), metrics["ensemble"]["members"], strict=True):
+        assert f"| `{name}/` | {row['accuracy']:.3f} | {row['balanced_accuracy']:.3f} | {row['macro_f1']:.3f} |" in text
+    assert f"| **ensemble** | **{metrics['accuracy']:.3f}** |" in text
+    assert (staged / "eval" / "metrics.json").read_bytes() == (tmp_path / "report" / "metrics.json").read_bytes()
+
+
 def test_damaged_or_mismatched_members_and_wrong_reports_are_refused(
     run: Path, report: Path, tmp_path: Path
 ) -> None:
