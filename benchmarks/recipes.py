@@ -106,6 +106,7 @@ def recipe_dict(name: str, fold_dir: Path, run_dir: Path, args: argparse.Namespa
 
     base = _recipe(fold_dir, run_dir, args.model, Path(args.pretrained_file), args.epochs, "other")
     base["data"]["batch_size"] = args.batch_size
+    base["model"].pop("tta", None)  # the benchmark scores every model both ways itself (NAME and NAME+tta)
     return load_recipe(base, CANDIDATES[name] + list(args.set or [])).to_dict()
 
 

@@ -65,7 +65,7 @@ def _choices(name: str, *values: str) -> type[Enum]:
 
 
 Conflicts = _choices("Conflicts", "drop", "keep-majority")
-TTA = _choices("TTA", "flip")
+TTA = _choices("TTA", "flip", "none")
 Backend = _choices("Backend", "torch", "onnxruntime")
 BenchKind = _choices("BenchKind", "data", "steps", "train", "infer", "comm", "convert", "guard", "onnx")
 ExportFormat = _choices("ExportFormat", "onnx")
@@ -275,7 +275,13 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="Report folder (default reports/MODEL-SPLIT).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 2,
-    tta: Annotated[TTA | None, typer.Option(help="Test-time augmentation (original + flips).")] = None,
+    tta: Annotated[
+        TTA | None,
+        typer.Option(
+            help="Test-time augmentation: flip (original + flips, softmax averaged) or none. Default: the model's own "
+            "(config.json derm_accel.tta, set by the recipe's model.tta)."
+        ),
+    ] = None,
     calibrate: Annotated[bool, typer.Option(help="Fit temperature scaling on the validation split.")] = False,
     label_map: Annotated[
         Path | None,
@@ -414,6 +420,10 @@ def predict(
             help="torch, or onnxruntime with --model a folder from `derm-accel export --format onnx` (CPU, no guard)."
         ),
     ] = Backend("torch"),
+    tta: Annotated[
+        TTA | None,
+        typer.Option(help="Test-time augmentation: flip or none. Default: the model's own (config.json)."),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Predict the class of images with a local or Hub model. Unreadable files get a per-file error.
@@ -425,7 +435,7 @@ def predict(
 
     results = run_predict(
         [str(p) for p in images], model=model if len(model) > 1 else model[0], top_k=top_k, batch_size=batch_size,
-        guard=guard, backend=backend.value,
+        guard=guard, backend=backend.value, tta=tta.value if tta else None,
         progress=not quiet,
     )
     failed = 0

@@ -40,6 +40,9 @@ class ModelConfig:
     pretrained_file: str | None = None  # local timm-layout folder (air-gapped sites)
     drop_rate: float = 0.3
     drop_path_rate: float = 0.2
+    # Test-time augmentation the exported model answers with by default (evaluate, predict, serve, demo):
+    # null (single view) or flip (original + horizontal + vertical flip, softmax averaged). derm_accel.tta.
+    tta: str | None = None
 
 
 @dataclass
@@ -275,6 +278,7 @@ def validate(recipe: Recipe) -> None:
     )
     need(0 <= m.drop_rate < 1, f"model.drop_rate must be in [0, 1), got {m.drop_rate}")
     need(0 <= m.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+    need(m.tta in (None, "flip"), f"model.tta must be null (single view) or flip, got {m.tta!r}")
     need(bool(d.path), "data.path is empty; point it at a dataset written by `derm-accel convert`")
     g = recipe.guard
     need(

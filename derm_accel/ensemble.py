@@ -47,6 +47,7 @@ class Ensemble(torch.nn.Module):
         self.num_classes = len(label_names)
         self.pretrained_cfg = {**members[0].pretrained_cfg, "label_names": list(label_names)}
         self.default_cfg = self.pretrained_cfg
+        self.default_tta = getattr(members[0], "default_tta", None)  # derm_accel.tta: the first member's
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[batch, members, classes]`` raw logits of every member."""
@@ -193,8 +194,11 @@ def load_ensemble(sources: list[str], *, device: str | torch.device = "cpu") -> 
 
 
 def _display(source: str) -> str:
-    path = Path(source)
-    return str(path.relative_to(Path.cwd())) if path.is_absolute() and Path.cwd() in path.parents else source
+    """A member's name in reports and cards: never the user's absolute directory layout."""
+    from derm_accel.paths import shareable_path
+
+    local = source.removeprefix("local-dir:")
+    return shareable_path(local) if Path(local).exists() else source
 
 
 def member_metrics(member_logits: torch.Tensor, labels: Any, names: list[str]) -> list[dict[str, Any]]:

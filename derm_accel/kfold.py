@@ -148,6 +148,7 @@ def train_folds(
     from derm_accel.distributed import use_cpu_ranks_without_gpu
 
     recipe = load_recipe(recipe, overrides)
+    tta = tta or recipe.model.tta  # folds are scored the way the exported models answer
     run_dir = Path(recipe.output_dir)
     use_cpu_ranks_without_gpu()
     with _process_group_kept() as state:

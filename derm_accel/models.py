@@ -22,6 +22,7 @@ from timm.models import save_for_hf
 
 from derm_accel.errors import InputError
 from derm_accel.fileio import staged_dir
+from derm_accel.tta import declared_tta
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -174,11 +175,12 @@ def export_model(
     *,
     extra_files: dict[str, str | bytes] | None = None,
     license: str | None = None,
+    tta: str | None = None,
 ) -> Path:
     """Write ``model`` in timm's Hub layout, atomically: a reader never sees half a folder.
 
     ``config.json`` describes the trained model only (:func:`honest_pretrained_cfg`), with ``license`` as its
-    license when given.
+    license when given, and ``tta`` (:mod:`derm_accel.tta`) as the test-time augmentation it answers with.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +203,8 @@ def export_model(
         config["pretrained_cfg"] = honest_pretrained_cfg(config.get("pretrained_cfg", {}), license=license)
         config["pretrained_cfg"]["num_classes"] = model.num_classes
         config["pretrained_cfg"]["label_names"] = list(label_names)
+        if tta is not None:
+            config["derm_accel"] = {**config.get("derm_accel", {}), "tta": tta}
         cfg_path.write_text(json.dumps(config, indent=2) + "\n")
         for name, content in (extra_files or {}).items():
             mode = "wb" if isinstance(content, bytes) else "w"
@@ -341,6 +345,16 @@ def check_model_folder(model_dir: str | os.PathLike) -> None:
         )
 
 
+def _config_of(name: str) -> dict[str, Any]:
+    """config.json of a resolved ``local-dir:`` or ``hf-hub:`` model (the Hub copy is already cached)."""
+    if name.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+
+        repo_id, _, revision = name.removeprefix("hf-hub:").partition("@")
+        return json.loads(Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision or None)).read_text())
+    return read_config(name.removeprefix("local-dir:"))
+
+
 def load_model(source: str, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[str]]:
     """Load a trained classifier and its label names from a folder or the Hub, in eval mode.
 
@@ -368,6 +382,7 @@ def load_model(source: str, *, device: str | torch.device = "cpu") -> tuple[torc
             f"NaN. Use a model whose training did not diverge."
         )
     model.load_state_dict(state, strict=True)
+    model.default_tta = declared_tta(_config_of(name))  # the TTA its config.json declares (derm_accel.tta)
     label_names = list(getattr(model, "pretrained_cfg", {}).get("label_names") or [])
     if not label_names:
         label_names = [str(i) for i in range(model.num_classes)]

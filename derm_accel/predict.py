@@ -45,6 +45,7 @@ def predict(
     guard: bool = True,
     backend: str = "torch",
     progress: bool = False,
+    tta: str | None = None,
 ) -> list[dict[str, Any]]:
     """Classify image files and folders (searched recursively); one result dict per image, in input order.
 
@@ -53,7 +54,8 @@ def predict(
     ``backend="onnxruntime"`` it is a folder written by ``derm-accel export --format onnx`` (CPU, no domain
     guard). Each result is ``{"path", "label", "probability", "top_k":
     [{"label", "probability"}, ...]}``, or ``{"path", "error"}`` for a file that is missing or not a readable
-    image. ``progress`` shows a progress bar over the images (on stderr).
+    image. ``progress`` shows a progress bar over the images (on stderr). ``tta``: "flip", "none", or None for
+    the test-time augmentation the model's config declares (:mod:`derm_accel.tta`).
     """
 
     if top_k < 1:
@@ -63,7 +65,7 @@ def predict(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = "cpu" if backend == "onnxruntime" else device or default_device()
-    prepared = prepared_model(model, device, backend=backend, guard=guard)
+    prepared = prepared_model(model, device, backend=backend, guard=guard, tta=tta)
     transform, min_size = prepared.transform, prepared.min_size
     k = min(top_k, len(prepared.labels))
 
@@ -106,11 +108,15 @@ class PreparedModel(NamedTuple):
     transform: Any  # timm's eval transform: PIL image -> normalised tensor
     min_size: int  # draft-decode size that still covers the resize before the centre crop
     guard: Any = None  # DomainGuard, or None when the model folder has none
+    tta: str | None = None  # test-time augmentation every answer uses (derm_accel.tta), None: single view
 
 
-def prepared_model(model: Any, device: str, *, backend: str = "torch", guard: bool = True) -> PreparedModel:
-    """The model, its label names, eval transform, draft-decode size and domain guard (None if it has none,
-    or with ``guard=False``, which does not read the guard at all).
+def prepared_model(
+    model: Any, device: str, *, backend: str = "torch", guard: bool = True, tta: str | None = None
+) -> PreparedModel:
+    """The model, its label names, eval transform, draft-decode size, domain guard (None if it has none,
+    or with ``guard=False``, which does not read the guard at all) and test-time augmentation (``tta``: "flip",
+    "none", or None for the one the model's config declares).
 
     Decoding at the smallest JPEG DCT scale that still covers the resize before the centre crop keeps every
     entry point's pixels identical to each other.
@@ -127,7 +133,9 @@ def prepared_model(model: Any, device: str, *, backend: str = "torch", guard: bo
         net, labels, guard = cached_model(model, device, guard=guard)
     cfg = data_config(net)
     min_size = decode_size(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct"))
-    return PreparedModel(net, labels, eval_transform(cfg), min_size, guard)
+    from derm_accel.tta import resolve
+
+    return PreparedModel(net, labels, eval_transform(cfg), min_size, guard, resolve(tta, net))
 
 
 def classify_batch(
@@ -143,6 +151,7 @@ def classify_batch(
 
     from derm_accel.guard.features import forward_with_features
     from derm_accel.guard.model import verdict
+    from derm_accel.tta import average_views, flip_views
 
     use_guard = guard and prepared.guard is not None
     batch = torch.stack(list(tensors)).to(device).contiguous(memory_format=torch.channels_last)
@@ -153,6 +162,8 @@ def classify_batch(
             scores = prepared.guard.score(features).float().cpu().tolist()
         else:
             logits, scores = prepared.net(batch), [None] * len(batch)
+        if prepared.tta == "flip":  # the guard judges the original view; the answer averages all three
+            logits = average_views([logits, *(prepared.net(v) for v in flip_views(batch))])
     ranked = rank_logits(logits, prepared.labels, top_k=top_k)
     results = []
     for top, score in zip(ranked, scores, strict=True):

@@ -59,9 +59,13 @@ def write_soup(member_dirs: list[Path], out: str | os.PathLike) -> Path:
     net.load_state_dict(soup_state(member_dirs), strict=True)
     info = {"method": "uniform weight average", "members": [str(d) for d in member_dirs]}
     extra = {name: (member_dirs[0] / name).read_text() for name in COPIED_FILES if (member_dirs[0] / name).is_file()}
-    license = read_license(member_dirs[0])
     return export_model(
-        net, out, labels, extra_files={**extra, SOUP_INFO: json.dumps(info, indent=2) + "\n"}, license=license
+        net,
+        out,
+        labels,
+        extra_files={**extra, SOUP_INFO: json.dumps(info, indent=2) + "\n"},
+        license=read_license(member_dirs[0]),
+        tta=getattr(net, "default_tta", None),
     )
 
 

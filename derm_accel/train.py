@@ -709,6 +709,7 @@ def export_best(run: Run, state: TrainState, val_metrics: ValMetrics) -> None:
         run.run_dir / BEST_DIR,
         run.label_names,
         license=run.recipe.license or run.dataset_license,
+        tta=run.recipe.model.tta,
         extra_files={
             RECIPE: published_recipe(run.recipe),
             VAL_METRICS: json.dumps(val_metrics, indent=2) + "\n",

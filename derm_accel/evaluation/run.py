@@ -41,6 +41,7 @@ from ..errors import InputError
 from ..fileio import atomic_write_json
 from ..models import data_config
 from ..paths import shareable_path
+from ..tta import resolve as resolve_tta
 from . import plots
 from .calibration import fit_temperature, negative_log_likelihood, tta_probabilities
 from .inference import predict_logits
@@ -203,7 +204,8 @@ def evaluate_model(
     Several models (a list, or an ensemble folder such as a ``train --folds`` run) are evaluated as one
     ensemble averaging their probabilities; metrics.json and the report also score each member alone.
 
-    ``tta="flip"`` averages the softmax over the original and flipped images; ``calibrate`` fits a
+    ``tta="flip"`` averages the softmax over the original and flipped images (None: the TTA the model's
+    config declares, ``"none"``: single view); ``calibrate`` fits a
     temperature on the validation split. Both are reported before and after in metrics.json and report.md;
     predictions.csv holds the final probabilities. ``label_map`` (YAML/JSON, dataset class -> model class)
     scores an external dataset with other class names; images of classes the model does not know are reported
@@ -217,10 +219,11 @@ def evaluate_model(
     use_cpu_ranks_without_gpu()
     accelerator = Accelerator()
     sources = expand_sources(model)
-    model = sources[0] if len(sources) == 1 else f"ensemble of {len(sources)}: " + ", ".join(sources)
+    model = sources[0] if len(sources) == 1 else f"ensemble of {len(sources)}: " + ", ".join(map(shareable_path, sources))
     report_dir = Path(out_dir) if out_dir is not None else default_out_dir(sources[0], split)
     net, model_labels = load_models(sources)
     members = net.member_names if isinstance(net, Ensemble) else None
+    tta = resolve_tta(tta, net)  # None: the model's own (config.json derm_accel.tta); "none": single view
     dataset, raw_split = load_split(data, split)
     data_labels = list(raw_split.features[LABEL_COLUMN].names)
     mapping = resolve_label_map(load_label_map(label_map), data_labels, model_labels) if label_map else None
@@ -410,7 +413,7 @@ def ensemble_block(sources: list[str], member_rows: list[dict[str, Any]] | None)
     """metrics.json's ``ensemble``: how members are combined, and each member's own scores on the split."""
     return {
         "combine": "mean of the members' probabilities",
-        "members": member_rows or [{"model": s} for s in sources],
+        "members": member_rows or [{"model": shareable_path(s)} for s in sources],
         "guard": "the first member's domain guard",
     }
 
