@@ -219,7 +219,8 @@ def evaluate_model(
     use_cpu_ranks_without_gpu()
     accelerator = Accelerator()
     sources = expand_sources(model)
-    model = sources[0] if len(sources) == 1 else f"ensemble of {len(sources)}: " + ", ".join(map(shareable_path, sources))
+    names = ", ".join(map(shareable_path, sources))
+    model = sources[0] if len(sources) == 1 else f"ensemble of {len(sources)}: {names}"
     report_dir = Path(out_dir) if out_dir is not None else default_out_dir(sources[0], split)
     net, model_labels = load_models(sources)
     members = net.member_names if isinstance(net, Ensemble) else None
