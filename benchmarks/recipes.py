@@ -49,6 +49,9 @@ CANDIDATES: dict[str, list[str]] = {
     "res_288": ["data.image_size=288"],
     "batch_16": ["data.batch_size=16"],
     "layer_decay_0.8_lr_3e-3": ["optim.layer_decay=0.8", "optim.lr=3e-3"],
+    "trivialaugment": ["data.augment.auto_augment=trivialaugment"],
+    "mixup_0.2": ["data.augment.mixup=0.2"],
+    "mixup_cutmix": ["data.augment.mixup=0.8", "data.augment.cutmix=1.0"],
 }
 
 

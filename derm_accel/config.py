@@ -310,6 +310,21 @@ def validate(recipe: Recipe) -> None:
         )
     need(a.rotation >= 0, f"data.augment.rotation is in degrees and must be >= 0, got {a.rotation}")
     need(a.color_jitter >= 0, f"data.augment.color_jitter must be >= 0, got {a.color_jitter}")
+    need(
+        a.auto_augment in (None, "trivialaugment", "randaugment"),
+        f"data.augment.auto_augment must be null, trivialaugment or randaugment; got {a.auto_augment!r}",
+    )
+    need(a.mixup >= 0 and a.cutmix >= 0, f"data.augment.mixup/cutmix are Beta alphas >= 0, got {a.mixup}/{a.cutmix}")
+    if a.mixup or a.cutmix:
+        need(
+            d.batch_size % 2 == 0,
+            f"data.augment.mixup/cutmix pair the images of a batch: data.batch_size must be even, got {d.batch_size}",
+        )
+        need(
+            d.balance != "weighted_loss",
+            "data.augment.mixup/cutmix train on mixed soft labels, which a class-weighted loss cannot weigh; use "
+            "data.balance=sampler or none",
+        )
     need(o.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}; got '{o.name}'")
     need(o.schedule in SCHEDULES, f"optim.schedule must be one of {', '.join(SCHEDULES)}; got '{o.schedule}'")
     need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")

@@ -203,6 +203,7 @@ class Run:
     val_dl: Any
     normalize: BatchNormalize  # uint8 batches to the model's input, on the device
     loss_fn: torch.nn.Module
+    mixup: Any | None  # timm Mixup when data.augment.mixup/cutmix (its loss: SoftTargetCrossEntropy)
     ema: Any | None  # timm ModelEmaV3 when optim.ema
     label_names: list[str]
     data_cfg: dict[str, Any]
@@ -309,6 +310,7 @@ def setup(recipe: Recipe, resume: str | None = None) -> Run:
         val_dl=val_dl,
         normalize=BatchNormalize(data_cfg),
         loss_fn=build_loss(recipe, train_split, len(label_names), accelerator.device),
+        mixup=build_mixup(recipe, len(label_names)),
         ema=build_ema(accelerator, model, o),
         label_names=label_names,
         data_cfg=data_cfg,
@@ -437,6 +439,17 @@ def build_loss(recipe: Recipe, train_split: Any, num_classes: int, device: torch
     if recipe.data.balance == "weighted_loss":
         weight = loaders.class_weights(loaders.split_labels(train_split), num_classes).to(device)
     return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.optim.label_smoothing)
+
+
+def build_mixup(recipe: Recipe, num_classes: int) -> Any | None:
+    """timm's Mixup/CutMix for ``data.augment.mixup``/``cutmix`` (label smoothing folded into its soft targets)."""
+    a = recipe.data.augment
+    if not (a.mixup or a.cutmix):
+        return None
+    from timm.data import Mixup
+
+    smoothing = recipe.optim.label_smoothing
+    return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=smoothing, num_classes=num_classes)
 
 
 def build_ema(accelerator: Accelerator, model: torch.nn.Module, o: OptimConfig) -> Any | None:
@@ -602,7 +615,13 @@ def train_step(run: Run, state: TrainState, batch: dict[str, torch.Tensor], epoc
     if run.recipe.train.channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     with acc.accumulate(run.model):
-        loss = run.loss_fn(run.model(inputs), labels)
+        if run.mixup is not None:
+            from timm.loss import SoftTargetCrossEntropy
+
+            inputs, targets = run.mixup(inputs, labels)
+            loss = SoftTargetCrossEntropy()(run.model(inputs), targets)
+        else:
+            loss = run.loss_fn(run.model(inputs), labels)
         _check_finite(run, state, loss, epoch)
         acc.backward(loss)
         if acc.sync_gradients and o.grad_clip:
@@ -629,7 +648,7 @@ def _check_finite(run: Run, state: TrainState, loss: torch.Tensor, epoch: int) -
 
 
 def _log_step(run: Run, state: TrainState, epoch: int, train_loss: float, progress: tqdm) -> None:
-    lr = run.scheduler.get_last_lr()[0]
+    lr = max(run.scheduler.get_last_lr())
     run.accelerator.log({"train/loss": train_loss, "train/lr": lr, "epoch": epoch + 1}, step=state.global_step)
     progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
 
@@ -677,7 +696,7 @@ def end_epoch(run: Run, state: TrainState, epoch: int, stats: EpochStats) -> str
     record = {
         "epoch": epoch + 1,
         "train/loss_epoch": stats.loss,
-        "train/lr": run.scheduler.get_last_lr()[0],
+        "train/lr": max(run.scheduler.get_last_lr()),
         "train/images_per_s": stats.images_per_s,
         **{f"val/{k}": v for k, v in metrics.items()},
     }

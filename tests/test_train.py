@@ -242,3 +242,44 @@ def test_resume_with_another_batch_layout_is_refused(data: Path, tmp_path: Path)
     changed = tiny_recipe(data, run, train={"epochs": 1}, data={"batch_size": 3})
     with pytest.raises(RecipeError, match=r"same number of processes, data\.batch_size"):
         train(changed, resume="latest")
+
+
+def test_stronger_recipes_train_layer_decay_mixup_cutmix_and_trivialaugment(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from timm.data import Mixup
+
+    from derm_accel.config import OptimConfig
+
+    # Layer-wise decay: the head keeps the base rate, the stem gets decay**depth of it, the schedule scales all.
+    model = timm.create_model("test_efficientnet", num_classes=3)
+    optimizer = train_module.build_optimizer(model, OptimConfig(lr=1e-3, layer_decay=0.5))
+    rates = sorted({round(g["lr"], 12) for g in optimizer.param_groups})
+    assert rates[-1] == pytest.approx(1e-3) and rates[0] < 1e-3 / 8 and "lr_scale" not in optimizer.param_groups[0]
+
+    mixed = []
+    real_step = train_module.train_step
+
+    def spy(run, state, batch, epoch):
+        mixed.append(isinstance(run.mixup, Mixup))
+        return real_step(run, state, batch, epoch)
+
+    monkeypatch.setattr(train_module, "train_step", spy)
+    augment = {"scale": [0.5, 1.0], "auto_augment": "trivialaugment", "mixup": 0.2, "cutmix": 1.0}
+    recipe = tiny_recipe(
+        data,
+        tmp_path / "run",
+        data={"augment": augment},
+        optim={"layer_decay": 0.8},
+        train={"epochs": 1, "max_steps_per_epoch": 2},
+    )
+    run = Path(train(recipe))
+    assert mixed == [True, True]
+    assert (run / "best" / "model.safetensors").is_file()
+    steps = [r for r in read_metrics(run / "logs") if "train/loss" in r]
+    assert len(steps) == 2 and all(torch.isfinite(torch.tensor([r["train/loss"] for r in steps])))
+    assert steps[0]["train/lr"] > 0.5 * 3e-3 * 0.5  # the head's (largest) rate is logged, not the stem's
+    with pytest.raises(RecipeError, match="batch_size must be even"):
+        train(recipe, overrides=["data.batch_size=7"])
+    with pytest.raises(RecipeError, match="auto_augment"):
+        train(recipe, overrides=["data.augment.auto_augment=autoaugment"])

@@ -37,7 +37,16 @@ class AugmentConfig:
     vflip: float = 0.5
     rotation: float = 0.0  # degrees, uniform in [-rotation, rotation]
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; hue gets a quarter of it
+    # torchvision's automatic augmentation on the uint8 crop: trivialaugment (TrivialAugmentWide) or
+    # randaugment (RandAugment, 2 ops at magnitude 9); null for none.
+    auto_augment: str | None = None
+    # Batch mixing with timm's Mixup (alpha of the Beta draw; 0 disables): mixup blends two images and their
+    # labels, cutmix pastes a patch of one into another; with both, each batch gets one of them at random.
+    mixup: float = 0.0
+    cutmix: float = 0.0
 
+
+AUTO_AUGMENT = {"trivialaugment": v2.TrivialAugmentWide, "randaugment": v2.RandAugment}
 
 _INTERPOLATION = {
     "bilinear": v2.InterpolationMode.BILINEAR,
@@ -106,6 +115,8 @@ def train_transform(
     if aug.color_jitter > 0:
         c = aug.color_jitter
         steps.append(v2.ColorJitter(brightness=c, contrast=c, saturation=c, hue=min(0.5, c / 4)))
+    if aug.auto_augment:
+        steps.append(AUTO_AUGMENT[aug.auto_augment](interpolation=v2.InterpolationMode.BILINEAR))
     if normalize:
         steps += [
             v2.ToDtype(torch.float32, scale=True),
