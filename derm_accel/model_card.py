@@ -20,6 +20,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from derm_accel.artifacts import CONVERSION_REPORT, METRIC_NAMES, METRICS, RECIPE, TRAINING_INFO, fmt, number
 from derm_accel.errors import InputError
 from derm_accel.evaluation.subgroups import model_card_section as subgroup_card_section
+from derm_accel.tta import declared_tta
 
 CARD_TAGS = ["dermatology", "medical", "timm", "image-classification", "derm-accel"]
 
@@ -426,9 +427,17 @@ _LIMITATIONS = """## Limitations and bias
 - Artefacts (rulers, ink marks, hair, vignetting) can be shortcuts the model relies on."""
 
 
-def _section_how_to_use(repo_id: str, labels: list[str]) -> str:
-    return f"""## How to use
+_TTA_NOTE = """
+This model answers with **flip test-time augmentation** (`config.json`: `derm_accel.tta: flip`): derm-accel's
+predict, evaluate, serve and demo average the softmax over the image and its horizontal and vertical flips (`--tta
+none` for the single view). The timm snippet below is the single view; to match derm-accel, average
+`model(x).softmax(-1)`, `model(x.flip(-1)).softmax(-1)` and `model(x.flip(-2)).softmax(-1)`.
+"""
 
+
+def _section_how_to_use(repo_id: str, labels: list[str], tta: str | None = None) -> str:
+    return f"""## How to use
+{_TTA_NOTE if tta == "flip" else ""}
 With timm alone:
 
 ```python
@@ -544,7 +553,7 @@ def build_model_card(
         *filter(None, [subgroup_card_section(metrics, report_files)]),
         _section_out_of_domain(config, metrics, report_files),
         _LIMITATIONS,
-        _section_how_to_use(repo_id, labels),
+        _section_how_to_use(repo_id, labels, declared_tta(config)),
         _section_citation(repo_id, config["architecture"]),
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")

@@ -9,9 +9,10 @@ Plain timm loading sees only the weights, i.e. the single view.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch only where tensors are touched: the model card reads declared_tta without it
+    import torch
 
 CONFIG_KEY = "derm_accel"
 METHODS = ("flip",)

@@ -79,3 +79,11 @@ def test_evaluate_reports_the_tta_it_used(folders: tuple[Path, Path], tmp_path: 
     assert asked["accuracy"] == pytest.approx(default["accuracy"]) and asked["macro_f1"] == pytest.approx(
         default["macro_f1"]
     )
+
+
+def test_model_card_says_when_the_model_answers_with_flip_tta(folders: tuple[Path, Path]) -> None:
+    from derm_accel.model_card import build_model_card
+
+    plain, flip = folders
+    assert "flip test-time augmentation" in str(build_model_card(flip, "derm-lab/flip"))
+    assert "test-time augmentation" not in str(build_model_card(plain, "derm-lab/plain")).split("## How to use")[1]
