@@ -43,6 +43,8 @@ def flip_views(x: torch.Tensor) -> list[torch.Tensor]:
 
 def average_views(view_logits: list[torch.Tensor]) -> torch.Tensor:
     """log of the mean softmax over views, so softmax of the result is the averaged probability."""
+    import torch
+
     from derm_accel.ensemble import combine
 
     return combine(torch.stack(view_logits, dim=1))
