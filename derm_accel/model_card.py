@@ -494,6 +494,22 @@ def _section_citation(repo_id: str, arch: str) -> str:
 Please also cite the dataset the model was trained on."""
 
 
+def hub_license(license_id: str) -> tuple[str, str | None]:
+    """A Hub license id, or ``("other", slug)`` for a license the Hub does not list."""
+    if license_id in HUB_LICENSES:
+        return license_id, None
+    return "other", re.sub(r"[^a-z0-9.-]+", "-", license_id).strip("-") or "unknown"
+
+
+def read_report(report_dir: str | Path | None) -> tuple[dict[str, Any], set[str]]:
+    """An evaluation report's metrics.json and the names of its files (empty without a report)."""
+    if report_dir is None:
+        return {}, set()
+    report_dir = Path(report_dir)
+    files = {p.name for p in report_dir.iterdir() if p.is_file()} if report_dir.is_dir() else set()
+    return read_optional_json(report_dir / METRICS), files
+
+
 def build_model_card(
     model_dir: str | Path,
     repo_id: str,
@@ -511,17 +527,8 @@ def build_model_card(
     recipe = read_optional_yaml(model_dir / RECIPE)
     info = read_optional_json(model_dir / TRAINING_INFO)
     license_id = resolve_license(license, recipe, info).lower()
-    license_name = None
-    if license_id not in HUB_LICENSES:
-        license_name = re.sub(r"[^a-z0-9.-]+", "-", license_id).strip("-") or "unknown"
-        license_id = "other"
-
-    metrics: dict[str, Any] = {}
-    report_files: set[str] = set()
-    if report_dir is not None:
-        report_dir = Path(report_dir)
-        metrics = read_optional_json(report_dir / METRICS)
-        report_files = {p.name for p in report_dir.iterdir() if p.is_file()} if report_dir.is_dir() else set()
+    license_id, license_name = hub_license(license_id)
+    metrics, report_files = read_report(report_dir)
 
     dataset = _dataset_info(recipe, info)
     hub_dataset = _hub_dataset_id(dataset)
@@ -751,17 +758,8 @@ def build_ensemble_card(
         configs.append(config)
         named.append((name, path, read_optional_yaml(path / RECIPE), read_optional_json(path / TRAINING_INFO)))
     license_id = _ensemble_license(license, named).lower()
-    license_name = None
-    if license_id not in HUB_LICENSES:
-        license_name = re.sub(r"[^a-z0-9.-]+", "-", license_id).strip("-") or "unknown"
-        license_id = "other"
-
-    metrics: dict[str, Any] = {}
-    report_files: set[str] = set()
-    if report_dir is not None:
-        report_dir = Path(report_dir)
-        metrics = read_optional_json(report_dir / METRICS)
-        report_files = {p.name for p in report_dir.iterdir() if p.is_file()} if report_dir.is_dir() else set()
+    license_id, license_name = hub_license(license_id)
+    metrics, report_files = read_report(report_dir)
     names = [n for n, *_ in named]
     rows = _ensemble_rows(metrics, names, report_dir)
 

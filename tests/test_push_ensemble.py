@@ -145,7 +145,7 @@ def test_other_member_folders_are_renamed_member_k(run: Path, tmp_path: Path) ->
     text = (staged / "README.md").read_text()
     assert '"local-dir:" + path + "/member_1"' in text and "No evaluation report was published" in text
     net, labels = load_models(str(staged))  # the staged repo loads as the ensemble it describes
-    assert labels == LABELS and net.member_names == [str(staged / "member_1"), str(staged / "member_2")]
+    assert labels == LABELS and net.member_names == ["staged/member_1", "staged/member_2"]  # shareable names
 
 
 def test_a_report_evaluate_wrote_for_the_folder_goes_into_the_card(run: Path, tmp_path: Path) -> None:
