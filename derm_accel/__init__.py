@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 from derm_accel.predict import predict
 
 if TYPE_CHECKING:
+    from derm_accel.ensemble import load_models
     from derm_accel.models import load_model
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "load_model", "predict"]
+__all__ = ["__version__", "load_model", "load_models", "predict"]
 
 
 def __getattr__(name: str) -> Any:
@@ -24,4 +25,8 @@ def __getattr__(name: str) -> Any:
         from derm_accel.models import load_model
 
         return load_model
+    if name == "load_models":  # one model, several (an ensemble), or an ensemble folder / repo
+        from derm_accel.ensemble import load_models
+
+        return load_models
     raise AttributeError(f"module 'derm_accel' has no attribute {name!r}")

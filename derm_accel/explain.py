@@ -92,7 +92,12 @@ def explain(
     from tqdm.auto import tqdm
 
     device = device or default_device()
-    net, labels, transform, min_size, _ = prepared_model(model, device, guard=False)
+    prepared = prepared_model(model, device, guard=False)
+    net, labels, transform, min_size = prepared.net, prepared.labels, prepared.transform, prepared.min_size
+    if hasattr(net, "member_logits"):
+        raise InputError(
+            f"{model} is an ensemble; Grad-CAM explains one network. Pass one member, e.g. RUN/fold_1/best."
+        )
     if target is not None and target not in labels:
         raise ValueError(f"--target {target!r} is not one of the model's classes: {labels}")
     cfg = data_config(net)

@@ -109,3 +109,11 @@ def _probabilities(path: Path) -> np.ndarray:
     with path.open() as f:
         rows = list(csv.DictReader(f))
     return np.array([[float(r[label]) for label in LABELS] for r in rows])
+
+
+def test_explain_refuses_an_ensemble_and_names_a_member(members: list[Path], images: Path) -> None:
+    from derm_accel.errors import InputError
+    from derm_accel.explain import explain
+
+    with pytest.raises(InputError, match="fold_1/best"):
+        explain(sorted(images.rglob("*.jpg"))[:1], model=[str(m) for m in members], out_dir=images / "cam")
