@@ -41,7 +41,7 @@ def _quiet() -> Iterator[None]:
 
 
 def pooled_rows(data: str | Path, holdout: str | None = None) -> Any:
-    """Every row of every split of a converted dataset (but ``holdout``), as one ``Dataset`` sorted by
+    """Every row of every split of a converted dataset (but ``holdout``, if given), as one ``Dataset`` sorted by
     ``source_path``.
 
     Sorting makes the fold assignment independent of how convert split the rows, so two conversions of the
@@ -156,6 +156,19 @@ def write_fold(rows: Any, fold_of: np.ndarray, groups: np.ndarray, fold: int, ou
     return out
 
 
+def without_holdout(rows: Any, groups: np.ndarray, data: str | Path, holdout: str) -> tuple[Any, np.ndarray, int]:
+    """The rows outside the ``holdout`` split, less those that share a duplicate or patient group with a held-out
+    row (else a copy of a held-out image, or the same patient, would train the models judged on it)."""
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(data))
+    if holdout not in dataset:
+        raise InputError(f"{data} has no '{holdout}' split to hold out (it has {sorted(dataset)}); fix --holdout.")
+    held = np.isin(np.asarray(rows["source_path"], dtype=object), np.asarray(dataset[holdout]["source_path"]))
+    keep = ~held & ~np.isin(groups, np.unique(groups[held]))
+    return rows.select(np.flatnonzero(keep).tolist()), groups[keep], int((~held & ~keep).sum())
+
+
 def make_fold_datasets(
     data: str | Path,
     out_dir: str | Path,
@@ -172,15 +185,19 @@ def make_fold_datasets(
     may have trained on images that the new folds hold out. ``holdout`` names a split kept out of every fold.
     """
     out_dir = Path(out_dir)
-    rows = pooled_rows(data, holdout)
+    rows = pooled_rows(data, None)  # the holdout too: duplicate and patient groups are found across all splits
     groups = duplicate_groups(rows, near_threshold(data), group_column)
+    near_holdout = 0
+    if holdout:
+        rows, groups, near_holdout = without_holdout(rows, groups, data, holdout)
     fold_of = assign_folds(np.asarray(rows["label"]), groups, folds, seed)
     assignment = {
         "data": str(Path(data).resolve()),
         "folds": folds,
         "seed": seed,
         "group_column": group_column,
-        **({"holdout": holdout} if holdout else {}),  # absent when unset: earlier manifests stay valid
+        # absent when unset: earlier manifests stay valid
+        **({"holdout": holdout, "dropped_as_copies_of_holdout": near_holdout} if holdout else {}),
         "source_paths": list(rows["source_path"]),
         "fold": fold_of.tolist(),
         "group": groups.tolist(),

@@ -14,6 +14,7 @@ member's guard.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from derm_accel.fileio import atomic_write_json
 ENSEMBLE_FILE = "ensemble.json"
 FORMAT = 1
 COMBINE = "mean_probability"
+_HUB_NAMES: dict[str, str] = {}  # local snapshot folder of a Hub ensemble member -> "ORG/NAME/fold_k"
 PREPROCESSING_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
 
 
@@ -47,7 +49,8 @@ class Ensemble(torch.nn.Module):
         self.num_classes = len(label_names)
         self.pretrained_cfg = {**members[0].pretrained_cfg, "label_names": list(label_names)}
         self.default_cfg = self.pretrained_cfg
-        self.default_tta = getattr(members[0], "default_tta", None)  # derm_accel.tta: the first member's
+        declared = {getattr(m, "default_tta", None) for m in members}  # derm_accel.tta: only if all agree
+        self.default_tta = declared.pop() if len(declared) == 1 else None
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[batch, members, classes]`` raw logits of every member."""
@@ -124,10 +127,12 @@ def ensemble_members(source: str) -> list[str] | None:
     repo = source.removeprefix("hf-hub:")
     if repo.count("/") != 1:
         return None
-    return _hub_members(repo)
+    members = _hub_members(repo)  # probed once per process and repo, like the model cache in predict
+    return None if members is None else list(members)
 
 
-def _hub_members(repo: str) -> list[str] | None:
+@functools.lru_cache(maxsize=32)
+def _hub_members(repo: str) -> tuple[str, ...] | None:
     """Download an ensemble repo's members (safetensors and JSON only); None when the repo has no ensemble.json."""
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
@@ -138,13 +143,16 @@ def _hub_members(repo: str) -> list[str] | None:
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None  # a single model (or, offline, one whose ensemble.json was never downloaded)
     except HfHubHTTPError as exc:
-        if getattr(exc.response, "status_code", None) == 404:
-            return None  # not found at all: loading the model itself then says why, naming the repo
+        if getattr(exc.response, "status_code", None) in (401, 403, 404):
+            return None  # missing or not ours to read: loading the model itself then says why, naming the repo
         raise
     root = snapshot_download(
         repo_id, revision=revision or None, allow_patterns=[ENSEMBLE_FILE, "*/*.json", "*/*.safetensors"]
     )
-    return [str(p) for p in read_ensemble(root)]
+    members = tuple(str(p) for p in read_ensemble(root))
+    for path in members:  # reports name a Hub member by its repo, never by the local cache's snapshot hash
+        _HUB_NAMES[path] = f"{repo}/{Path(path).relative_to(Path(root).resolve()).as_posix()}"
+    return members
 
 
 def expand_sources(sources: str | list[str]) -> list[str]:
@@ -164,6 +172,29 @@ def load_models(sources: str | list[str], *, device: str | torch.device = "cpu")
     if len(expanded) == 1:
         return load_model(expanded[0], device=device)
     return load_ensemble(expanded, device=device)
+
+
+def check_not_trained_on(source: Any, data: str | os.PathLike, split: str) -> None:
+    """Refuse to score a ``train --folds`` ensemble on a split of the dataset its folds were cut from: every
+    image there (but a ``--holdout`` split) was in the training data of all but one member."""
+    from derm_accel.kfold import FOLD_DATA
+
+    if not isinstance(source, (str, os.PathLike)):
+        return
+    folder = Path(os.fspath(source).removeprefix("local-dir:"))
+    manifest = folder / FOLD_DATA / "folds.json"
+    if not (folder / ENSEMBLE_FILE).is_file() or not manifest.is_file():
+        return
+    folds = json.loads(manifest.read_text())
+    if not folds.get("data") or Path(folds["data"]).resolve() != Path(data).resolve() or folds.get("holdout") == split:
+        return
+    holdout = folds.get("holdout")
+    raise EnsembleError(
+        f"{folder} is the ensemble of {folds['folds']} fold models cut from {data}: its '{split}' split was in "
+        f"their training data, so its scores would be optimistic. "
+        + (f"Evaluate --split {holdout} (held out of every fold), " if holdout else "")
+        + f"evaluate on another dataset, or read each image's out-of-fold score in {folder / 'oof_predictions.csv'}."
+    )
 
 
 def load_ensemble(sources: list[str], *, device: str | torch.device = "cpu") -> tuple[Ensemble, list[str]]:
@@ -189,36 +220,48 @@ def load_ensemble(sources: list[str], *, device: str | torch.device = "cpu") -> 
                     f"member the same tensor, so its members must share input size, crop and normalisation."
                 )
         members.append(net)
-    ensemble = Ensemble(members, [_display(s) for s in sources], labels or [])
+    ensemble = Ensemble(members, [display_name(s) for s in sources], labels or [])
     return ensemble.to(device).eval(), list(labels or [])
 
 
-def _display(source: str) -> str:
+def display_name(source: str) -> str:
     """A member's name in reports and cards: never the user's absolute directory layout."""
     from derm_accel.paths import shareable_path
 
     local = source.removeprefix("local-dir:")
+    if local in _HUB_NAMES:
+        return _HUB_NAMES[local]
     return shareable_path(local) if Path(local).exists() else source
 
 
 def member_metrics(member_logits: torch.Tensor, labels: Any, names: list[str]) -> list[dict[str, Any]]:
-    """Accuracy, balanced accuracy and macro-F1 of each member from ``[N, views, members, classes]`` logits."""
-    from derm_accel.cv import classification_metrics
+    """Accuracy, balanced accuracy and macro-F1 of each member from ``[N, views, members, classes]`` logits,
+    averaged as the evaluation report averages them (macro-F1 over the classes present in the split)."""
+    import numpy as np
+    from sklearn.metrics import balanced_accuracy_score, f1_score
 
-    rows = []
-    k = member_logits.shape[-1]
+    labels = np.asarray(labels)
+    rows, present = [], np.unique(labels)
     for i, name in enumerate(names):
-        probs = member_logits[:, :, i].float().softmax(-1).mean(1)
-        rows.append({"model": name, **classification_metrics(labels, probs.argmax(-1).numpy(), k)})
+        predicted = member_logits[:, :, i].float().softmax(-1).mean(1).argmax(-1).numpy()
+        f1 = f1_score(labels, predicted, labels=present, average="macro", zero_division=0)
+        rows.append(
+            {
+                "model": name,
+                "accuracy": float((predicted == labels).mean()),
+                "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+                "macro_f1": float(f1),
+            }
+        )
     return rows
 
 
 def describe(source: str | list[str]) -> dict[str, Any] | None:
     """``{"members": [...]}`` for an ensemble source or list, else None (for reports and cards)."""
     if isinstance(source, (list, tuple)):
-        return {"combine": COMBINE, "members": [_display(s) for s in source]} if len(source) > 1 else None
+        return {"combine": COMBINE, "members": [display_name(s) for s in source]} if len(source) > 1 else None
     members = ensemble_members(source)
-    return None if members is None else {"combine": COMBINE, "members": [_display(s) for s in members]}
+    return None if members is None else {"combine": COMBINE, "members": [display_name(s) for s in members]}
 
 
 class MemberLogits(torch.nn.Module):

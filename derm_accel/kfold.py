@@ -162,11 +162,12 @@ def train_folds(
             )
         state.wait_for_everyone()
         scored = [_fold(recipe, data_root, run_dir, k, tta, state.is_main_process) for k in range(1, folds + 1)]
+        main = state.is_main_process
+        report = write_cv_outputs(run_dir, scored, recipe, folds=folds, seed=seed, tta=tta) if main else {}
+        if holdout:  # scored on every process (inference shards the rows); written by the main one
+            report["holdout"] = holdout_comparison(run_dir, recipe, folds, holdout, tta, state)
         if state.is_main_process:
-            report = write_cv_outputs(run_dir, scored, recipe, folds=folds, seed=seed, tta=tta)
-            if holdout:
-                report["holdout"] = holdout_comparison(run_dir, recipe, folds, holdout, tta)
-                write_report(run_dir, report)
+            write_report(run_dir, report)
             write_ensemble(
                 run_dir, [f"fold_{k}/best" for k in range(1, folds + 1)], note=f"the {folds} fold models of {run_dir}"
             )
@@ -174,7 +175,9 @@ def train_folds(
     return run_dir
 
 
-def holdout_comparison(run_dir: Path, recipe: Recipe, folds: int, holdout: str, tta: str | None) -> dict[str, Any]:
+def holdout_comparison(
+    run_dir: Path, recipe: Recipe, folds: int, holdout: str, tta: str | None, state: Any
+) -> dict[str, Any]:
     """Fold models, their ensemble and their soup on the held-out split; RUN/soup kept only if it does not lose."""
     import shutil
 
@@ -182,10 +185,15 @@ def holdout_comparison(run_dir: Path, recipe: Recipe, folds: int, holdout: str, 
 
     members = [run_dir / f"fold_{k}" / "best" for k in range(1, folds + 1)]
     soup_dir, candidate = run_dir / SOUP_DIR, run_dir / f".{SOUP_DIR}-candidate"
-    shutil.rmtree(candidate, ignore_errors=True)
-    write_soup(members, candidate)
+    if state.is_main_process:
+        shutil.rmtree(candidate, ignore_errors=True)
+        write_soup(members, candidate)
+    state.wait_for_everyone()
     result = compare_on_split(members, candidate, recipe.data.path, holdout, tta=tta)
+    state.wait_for_everyone()  # every process has read the candidate before it is moved or removed
     result["members"] = [{**m, "model": f"fold_{k}"} for k, m in enumerate(result["members"], start=1)]
+    if not state.is_main_process:
+        return result
     shutil.rmtree(soup_dir, ignore_errors=True)
     if result["offered"]:
         if recipe.guard.enabled:  # the guard of the soup's own features, fitted as train fits one
@@ -318,10 +326,11 @@ def write_cv_outputs(
     )
     report = cv_report(scored, folds=folds, seed=seed, tta=tta)
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-    write_report(run_dir, report)
     return report
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> None:
-    (run_dir / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
-    (run_dir / REPORT_MD).write_text(render_markdown(report))
+    from derm_accel.fileio import atomic_write_json, atomic_write_text
+
+    atomic_write_json(run_dir / REPORT_JSON, report)
+    atomic_write_text(run_dir / REPORT_MD, render_markdown(report))

@@ -345,14 +345,14 @@ def check_model_folder(model_dir: str | os.PathLike) -> None:
         )
 
 
-def _config_of(name: str) -> dict[str, Any]:
-    """config.json of a resolved ``local-dir:`` or ``hf-hub:`` model (the Hub copy is already cached)."""
-    if name.startswith("hf-hub:"):
-        from huggingface_hub import hf_hub_download
+def _config_beside(weights: Path, name: str) -> dict[str, Any]:
+    """The config.json next to the weights (the Hub snapshot holds both; timm fetched it to build the model)."""
+    if (weights.parent / CONFIG_NAME).is_file():
+        return read_config(weights.parent)
+    from huggingface_hub import hf_hub_download
 
-        repo_id, _, revision = name.removeprefix("hf-hub:").partition("@")
-        return json.loads(Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision or None)).read_text())
-    return read_config(name.removeprefix("local-dir:"))
+    repo_id, _, revision = name.removeprefix("hf-hub:").partition("@")
+    return json.loads(Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision or None)).read_text())
 
 
 def load_model(source: str, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[str]]:
@@ -382,7 +382,7 @@ def load_model(source: str, *, device: str | torch.device = "cpu") -> tuple[torc
             f"NaN. Use a model whose training did not diverge."
         )
     model.load_state_dict(state, strict=True)
-    model.default_tta = declared_tta(_config_of(name))  # the TTA its config.json declares (derm_accel.tta)
+    model.default_tta = declared_tta(_config_beside(weights, name))  # its config.json's derm_accel.tta
     label_names = list(getattr(model, "pretrained_cfg", {}).get("label_names") or [])
     if not label_names:
         label_names = [str(i) for i in range(model.num_classes)]

@@ -101,6 +101,9 @@ def export_onnx(
             "output": {"name": OUTPUT_NAME, "shape": ["batch", len(labels)], "note": "softmax gives probabilities"},
             "architecture": net.pretrained_cfg.get("architecture"),
             "label_names": labels,
+            # derm_accel.tta: the test-time augmentation the model answers with (the graph is one view; the
+            # onnxruntime backend of predict averages the flipped views around it)
+            "tta": getattr(net, "default_tta", None),
             "preprocessing": {k: cfg[k] for k in PREPROCESSING_KEYS if k in cfg},
             "preprocessing_note": "timm's eval transform: resize the shorter side to input_size / crop_pct, centre "
             "crop to input_size, scale to [0, 1], subtract mean, divide by std "
@@ -144,6 +147,7 @@ class OnnxClassifier:
         self.pretrained_cfg = dict(self.meta["preprocessing"], num_classes=len(self.labels), label_names=self.labels)
         self.default_cfg = self.pretrained_cfg
         self.num_classes = len(self.labels)
+        self.default_tta = self.meta.get("tta")
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(batch.detach().float().cpu().numpy())

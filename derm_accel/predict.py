@@ -127,6 +127,8 @@ def prepared_model(
     if backend == "onnxruntime":
         from derm_accel.onnx_export import OnnxClassifier
 
+        if isinstance(model, (list, tuple)):
+            raise InputError("--backend onnxruntime runs one exported model; pass one --model (or use torch).")
         net = OnnxClassifier(os.fspath(model))
         labels, guard = net.labels, None
     else:

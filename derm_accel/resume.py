@@ -35,6 +35,8 @@ RESUMABLE_KEYS = frozenset(
 RESUMABLE_PREFIXES = ("guard.",)  # used only after training ends
 # The position inside an epoch is counted in per-process batches: these can never change on resume.
 LAYOUT_KEYS = frozenset({"data.batch_size", "optim.grad_accum"})
+# They decide the optimizer's parameter groups, whose saved state a resume restores group by group.
+GROUP_KEYS = frozenset({"optim.layer_decay", "optim.name"})
 OPTIMIZER_HYPERPARAMETERS = ("lr", "initial_lr", "weight_decay", "betas", "eps", "momentum")
 
 
@@ -73,6 +75,13 @@ def check_changes(
             f"{checkpoint} was written with {_describe({k: forced[k] for k in layout})}. Resume with the same "
             f"number of processes, data.batch_size and optim.grad_accum (they fix the position inside an epoch), "
             f"or start a new output_dir."
+        )
+    groups = sorted(k for k in forced if k in GROUP_KEYS)
+    if groups:
+        raise RecipeError(
+            f"{checkpoint} was written with {_describe({k: forced[k] for k in groups})}: these shape the "
+            f"optimizer's parameter groups and state, which a resume restores as saved. Keep them, or start a new "
+            f"output_dir."
         )
     if forced and not allow:
         raise RecipeError(

@@ -13,6 +13,7 @@ of processes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -474,6 +475,8 @@ def resume_checks(
     saved = read_recipe(checkpoint)
     if saved is None:
         return checkpoint, {}
+    with contextlib.suppress(RecipeError):  # keys an earlier version lacked take their defaults, as they did then
+        saved = load_recipe(saved).to_dict()
     resumable, forced = check_changes(recipe_changes(saved, recipe.to_dict()), checkpoint, allow=allow_changes)
     return checkpoint, {"resumable": resumable, "forced": forced}
 

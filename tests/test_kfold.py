@@ -192,3 +192,26 @@ def test_train_folds_with_a_holdout_compares_members_ensemble_and_soup(tmp_path:
     assert torch.allclose(soup[key], (a[key] + b[key]) / 2)
     net, _ = load_models(str(run))
     assert isinstance(net, Ensemble) and len(net.members) == 2
+    from derm_accel.ensemble import EnsembleError, check_not_trained_on
+
+    check_not_trained_on(str(run), data, "test")  # the held-out split: allowed
+    with pytest.raises(EnsembleError, match="'validation' split was in their training data"):
+        check_not_trained_on(str(run), data, "validation")
+
+
+def test_rows_grouped_with_a_held_out_row_leave_the_folds(tmp_path: Path) -> None:
+    from derm_accel.cv import pooled_rows, without_holdout
+
+    data = make_dataset(tmp_path / "data", size=32)
+    rows = pooled_rows(data)
+    paths = list(rows["source_path"])
+    from datasets import load_from_disk
+
+    held = set(load_from_disk(str(data))["test"]["source_path"])
+    groups = np.arange(len(paths))
+    first_held = next(i for i, p in enumerate(paths) if p in held)
+    twin = next(i for i, p in enumerate(paths) if p not in held)
+    groups[twin] = groups[first_held]  # a copy of a held-out image (or the same patient) in another split
+    kept, kept_groups, dropped = without_holdout(rows, groups, data, "test")
+    assert dropped == 1 and len(kept) == len(paths) - len(held) - 1 and len(kept_groups) == len(kept)
+    assert paths[twin] not in set(kept["source_path"]) and not held & set(kept["source_path"])

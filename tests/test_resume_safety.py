@@ -178,3 +178,11 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path:
     assert list_checkpoints(tmp_path) == [root / checkpoint_name(4)]  # the next --resume latest and pruning
     assert all((p / STATE_NAME).exists() for p in moved)  # kept, not deleted
     assert set_aside_later_checkpoints(tmp_path, tmp_path / "elsewhere" / checkpoint_name(2)) == []
+
+
+def test_resume_refuses_a_change_of_optimizer_groups_even_with_changes_allowed(tmp_path: Path) -> None:
+    from derm_accel.config import RecipeError
+    from derm_accel.resume import check_changes
+
+    with pytest.raises(RecipeError, match="parameter groups"):
+        check_changes({"optim.layer_decay": (None, 0.8)}, tmp_path / "step_4", allow=True)

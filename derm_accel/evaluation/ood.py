@@ -69,7 +69,7 @@ def score_folder(
     if not tensors:
         raise FileNotFoundError(f"--ood {folder}: no readable images ({len(skipped)} skipped)")
     batches = ((torch.stack(tensors[i : i + batch_size]), None) for i in range(0, len(tensors), batch_size))
-    return score_batches(prepared.net, batches, device, _width(prepared)), skipped
+    return score_batches(prepared.net, batches, device, _width(prepared), prepared.tta), skipped
 
 
 def score_ood_source(
@@ -87,7 +87,7 @@ def score_ood_source(
         pooled = concatenate_datasets([dataset[s] for s in sorted(dataset)])
         cfg = data_config(prepared.net)
         batches = split_batches(pooled, cfg, batch_size=batch_size)
-        return score_batches(prepared.net, batches, device, _width(prepared)), []
+        return score_batches(prepared.net, batches, device, _width(prepared), prepared.tta), []
     if not source.is_dir():
         raise FileNotFoundError(f"--ood {source} is neither a folder of images nor a converted dataset")
     return score_folder(prepared, source, batch_size=batch_size, device=device)
@@ -101,8 +101,10 @@ def evaluate_ood(
     batch_size: int = 32,
     label_target: list[int] | None = None,
     device: str = "cpu",
+    tta: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The report block for out-of-domain sets, and the in-domain confidence/correctness for the plot.
+    """The report block for out-of-domain sets, and the in-domain confidence/correctness for the plot
+    (confidences with ``tta``: "flip", "none", or None for the model's own, as predict answers).
 
     ``label_target[i]`` is the model's class index of the split's class ``i`` (external validation with a
     label map); by default the split's classes are the model's.
@@ -111,11 +113,11 @@ def evaluate_ood(
     from derm_accel.models import data_config
     from derm_accel.predict import prepared_model
 
-    prepared = prepared_model(model, device)
+    prepared = prepared_model(model, device, tta=tta)
     guard = prepared.guard
     cfg = data_config(prepared.net)
     batches = split_batches(raw_split, cfg, batch_size=batch_size)
-    in_dom = score_batches(prepared.net, batches, device, _width(prepared))
+    in_dom = score_batches(prepared.net, batches, device, _width(prepared), prepared.tta)
     if label_target is not None:
         in_dom.labels = torch.tensor(label_target, dtype=torch.long)[in_dom.labels]
     in_scores = _oriented(in_dom, guard)

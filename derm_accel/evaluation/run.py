@@ -31,7 +31,9 @@ from ..distributed import use_cpu_ranks_without_gpu
 from ..ensemble import (
     Ensemble,
     MemberLogits,
+    check_not_trained_on,
     combine_members,
+    display_name,
     expand_sources,
     load_models,
     member_metrics,
@@ -137,6 +139,12 @@ def check_label_names(
         )
 
 
+def _report_name(model: str | list[str], split: str) -> tuple[str, str]:
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model), split
+    return os.fspath(model[0]), f"{split}-ensemble{len(model)}" if len(model) > 1 else split
+
+
 def default_out_dir(model: str, split: str) -> Path:
     """reports/<model folder>-<split>; RUN/best becomes RUN-best so that runs do not overwrite each other."""
     source = model.split(":", 1)[1] if model.startswith(("hf-hub:", "local-dir:")) else model
@@ -219,9 +227,12 @@ def evaluate_model(
     use_cpu_ranks_without_gpu()
     accelerator = Accelerator()
     sources = expand_sources(model)
-    names = ", ".join(map(shareable_path, sources))
+    names = ", ".join(map(display_name, sources))
+    if out_dir is None:  # named after the argument: an ensemble folder's report never lands on a member's
+        out_dir = default_out_dir(*_report_name(model, split))
+    check_not_trained_on(model, data, split)
     model = sources[0] if len(sources) == 1 else f"ensemble of {len(sources)}: {names}"
-    report_dir = Path(out_dir) if out_dir is not None else default_out_dir(sources[0], split)
+    report_dir = Path(out_dir)
     net, model_labels = load_models(sources)
     members = net.member_names if isinstance(net, Ensemble) else None
     tta = resolve_tta(tta, net)  # None: the model's own (config.json derm_accel.tta); "none": single view
@@ -271,6 +282,7 @@ def evaluate_model(
         ood_block = out_of_domain_block(
             sources[0], scored_split, ood or [], report_dir / FILES["risk_coverage"],
             label_target=None if mapping is None else list(mapping.target), device=str(accelerator.device),
+            tta=tta,
         )
         metrics = _write_outputs(
             ood_block=ood_block,
@@ -414,7 +426,7 @@ def ensemble_block(sources: list[str], member_rows: list[dict[str, Any]] | None)
     """metrics.json's ``ensemble``: how members are combined, and each member's own scores on the split."""
     return {
         "combine": "mean of the members' probabilities",
-        "members": member_rows or [{"model": shareable_path(s)} for s in sources],
+        "members": member_rows or [{"model": display_name(s)} for s in sources],
         "guard": "the first member's domain guard",
     }
 
@@ -427,6 +439,7 @@ def out_of_domain_block(
     *,
     label_target: list[int] | None = None,
     device: str = "cpu",
+    tta: str | None = None,
 ) -> dict[str, Any] | None:
     """The guard's figures on the evaluated split and on each ``--ood`` set, with the risk-coverage plot.
 
@@ -439,7 +452,7 @@ def out_of_domain_block(
 
     if not ood and load_guard(resolve_model_source(model)) is None:
         return None
-    block, curve = evaluate_ood(model, raw_split, ood, label_target=label_target, device=device)
+    block, curve = evaluate_ood(model, raw_split, ood, label_target=label_target, device=device, tta=tta or "none")
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     plots.plot_risk_coverage(curve["confidence"], curve["correct"], plot_path, block)
     return block

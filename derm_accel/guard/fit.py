@@ -51,15 +51,27 @@ class Scored:
 
 
 def score_batches(
-    net: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], device: str, max_dim: int = MAX_DIM
+    net: Any,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+    device: str,
+    max_dim: int = MAX_DIM,
+    tta: str | None = None,
 ) -> Scored:
-    """Run the model over (inputs, labels) batches; inputs already normalised float tensors."""
+    """Run the model over (inputs, labels) batches; inputs already normalised float tensors.
+
+    Features come from the original view; with ``tta="flip"`` the logits average the flipped views as the
+    model's answers do (derm_accel.tta), so confidences and abstention thresholds match what predict answers.
+    """
+    from derm_accel.tta import average_views, flip_views
+
     net = net.to(device).eval()
     logits, feats, labels = [], [], []
     with torch.inference_mode():
         for x, y in batches:
             x = x.to(device).contiguous(memory_format=torch.channels_last)
             out, summaries = forward_with_features(net, x, max_dim)
+            if tta == "flip":
+                out = average_views([out, *(net(v) for v in flip_views(x))])
             logits.append(out.float().cpu())
             feats.append([f.cpu() for f in summaries])
             if y is not None:
@@ -221,7 +233,7 @@ def fit_model_guard(
     train = score_batches(net, split_batches(dataset[train_split], cfg, batch_size=batch_size,
                                              num_workers=num_workers), device)
     val = score_batches(net, split_batches(dataset[val_split], cfg, batch_size=batch_size,
-                                           num_workers=num_workers), device)
+                                           num_workers=num_workers), device, tta=getattr(net, "default_tta", None))
     guard, _ = fit_guard(train, val, in_domain_share=in_domain_share, target_error=target_error)
     guard.settings["domain_guard"]["fit_split"] = train_split
     guard.settings["selective_prediction"]["fit_split"] = val_split
