@@ -146,9 +146,10 @@ def recipe_fold(name: str, fold_dir: Path, run_dir: Path, args: argparse.Namespa
 
 
 # ------------------------------------------------------------------------------------------------ runner
-def _without_nulls(value: Any) -> Any:
+def _without_unset(value: Any) -> Any:
+    """The recipe without keys that are null, 0 or false (off): an option added later keeps the cache valid."""
     if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+        return {k: _without_unset(v) for k, v in value.items() if v is not None and v is not False and v != 0}
     return value
 
 
@@ -156,8 +157,7 @@ def cache_key(name: str, args: argparse.Namespace) -> str:
     if name == BASELINE:
         spec: Any = [args.model, args.epochs, args.batch_size, args.plain_lr, args.seed, "plain-v1"]
     else:
-        # Unset (null) keys are left out, so a recipe option added later, off by default, keeps the cache valid.
-        spec = _without_nulls(recipe_dict(name, Path("DATA"), Path("RUN"), args))
+        spec = _without_unset(recipe_dict(name, Path("DATA"), Path("RUN"), args))
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
