@@ -135,7 +135,7 @@ def test_train_folds_under_accelerate_launch_two_ranks(tmp_path: Path) -> None:
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     launch += [str(repo / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29523"]
     result = subprocess.run(
-        [*launch, "-m", "derm_accel", "train", "--recipe", str(recipe_file), "--folds", "2"],
+        [*launch, "-m", "derm_accel", "train", "--recipe", str(recipe_file), "--folds", "2", "--holdout", "test"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -149,9 +149,12 @@ def test_train_folds_under_accelerate_launch_two_ranks(tmp_path: Path) -> None:
         assert info["accelerate"]["num_processes"] == 2
     with open(run / "oof_predictions.csv") as f:
         sources = [r["source_path"] for r in csv.DictReader(f)]
-    assert len(sources) == len(set(sources)) == 72  # gathered once each, padding dropped
+    assert len(sources) == len(set(sources)) == 63  # gathered once each, padding dropped; the 9 held out apart
     report = json.loads((run / "cv_report.json").read_text())
-    assert [f["num_test"] for f in report["per_fold"]] == [36, 36]
+    assert sorted(f["num_test"] for f in report["per_fold"]) == [31, 32]
+    # The held-out split is scored by both ranks together (each member, the ensemble and the soup), once.
+    assert report["holdout"]["num_samples"] == 9 and len(report["holdout"]["members"]) == 2
+    assert (run / "ensemble.json").is_file()
 
 
 def test_train_folds_with_a_holdout_compares_members_ensemble_and_soup(tmp_path: Path) -> None:
