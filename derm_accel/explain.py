@@ -33,6 +33,8 @@ def grad_cam(
     model: torch.nn.Module, pixel_values: torch.Tensor, target: int | None = None
 ) -> tuple[np.ndarray, int, float]:
     """Heatmap in [0, 1] at input resolution for one image (1, C, H, W); returns (cam, class index, probability)."""
+    if not hasattr(model, "forward_features"):  # an ensemble: the demo then shows no heatmap
+        raise NotConvolutionalError(f"Grad-CAM explains one timm network, not a {type(model).__name__}.")
     with torch.no_grad():
         features = model.forward_features(pixel_values)
     if features.ndim != 4:
