@@ -33,7 +33,8 @@ def test_original_study_recipe_has_no_extras() -> None:
     assert (r.data.batch_size, r.data.image_size, r.train.epochs) == (64, 224, 5)
     assert r.optim.label_smoothing == 0 and not r.optim.ema and r.data.balance == "none"
     plus = load_recipe(RECIPES / "effnet_b3_plus.yaml")
-    assert plus.optim.ema and plus.data.balance == "sampler" and plus.train.mixed_precision == "bf16"
+    assert plus.optim.ema and plus.model.tta == "flip" and plus.train.mixed_precision == "bf16"
+    assert r.model.tta is None  # the original study's recipe answers from the single view
 
 
 def test_overrides_are_coerced_to_the_field_types() -> None:
