@@ -510,6 +510,31 @@ def read_report(report_dir: str | Path | None) -> tuple[dict[str, Any], set[str]
     return read_optional_json(report_dir / METRICS), files
 
 
+def _card_data(
+    repo_id: str,
+    metrics: Mapping[str, Any],
+    info: Mapping[str, Any],
+    license_pair: tuple[str, str | None],
+    data: tuple[str | None, str],
+    tags: list[str],
+    library: str | None = None,
+) -> ModelCardData:
+    """The card's YAML metadata: license, base model, tags, dataset, metric names and the model-index."""
+    hub_dataset, dataset_name = data
+    return ModelCardData(
+        library_name=library,
+        pipeline_tag="image-classification",
+        license=license_pair[0],
+        license_name=license_pair[1],
+        base_model=_base_hub_id(info.get("base_model")),
+        tags=tags,
+        datasets=[hub_dataset] if hub_dataset else None,
+        metrics=sorted({m for k, (m, _) in _HUB_METRICS.items() if number(metrics.get(k)) is not None}) or None,
+        model_name=repo_id.split("/")[-1],
+        eval_results=eval_results(metrics, *_evaluated_on(metrics, hub_dataset, dataset_name)) or None,
+    )
+
+
 def build_model_card(
     model_dir: str | Path,
     repo_id: str,
@@ -534,17 +559,8 @@ def build_model_card(
     hub_dataset = _hub_dataset_id(dataset)
     dataset_name = str(dataset.get("name") or hub_dataset or "skin lesion images")
     labels = list(config["label_names"])
-    card_data = ModelCardData(
-        library_name="timm",
-        pipeline_tag="image-classification",
-        license=license_id,
-        license_name=license_name,
-        base_model=_base_hub_id(info.get("base_model")),
-        tags=CARD_TAGS,
-        datasets=[hub_dataset] if hub_dataset else None,
-        metrics=sorted({m for k, (m, _) in _HUB_METRICS.items() if number(metrics.get(k)) is not None}) or None,
-        model_name=repo_id.split("/")[-1],
-        eval_results=eval_results(metrics, *_evaluated_on(metrics, hub_dataset, dataset_name)) or None,
+    card_data = _card_data(
+        repo_id, metrics, info, (license_id, license_name), (hub_dataset, dataset_name), CARD_TAGS, library="timm"
     )
     title = (
         f"# {repo_id.split('/')[-1]}\n\nA `{config['architecture']}` classifier of {len(labels)} "
@@ -768,16 +784,9 @@ def build_ensemble_card(
     hub_dataset = _hub_dataset_id(dataset)
     dataset_name = str(dataset.get("name") or hub_dataset or "skin lesion images")
     labels = list(configs[0]["label_names"])
-    card_data = ModelCardData(
-        pipeline_tag="image-classification",
-        license=license_id,
-        license_name=license_name,
-        base_model=_base_hub_id(info.get("base_model")),
-        tags=ENSEMBLE_TAGS,
-        datasets=[hub_dataset] if hub_dataset else None,
-        metrics=sorted({m for k, (m, _) in _HUB_METRICS.items() if number(metrics.get(k)) is not None}) or None,
-        model_name=repo_id.split("/")[-1],
-        eval_results=eval_results(metrics, *_evaluated_on(metrics, hub_dataset, dataset_name)) or None,
+    # No library: the Hub would offer a timm snippet that cannot load an ensemble repo.
+    card_data = _card_data(
+        repo_id, metrics, info, (license_id, license_name), (hub_dataset, dataset_name), ENSEMBLE_TAGS
     )
     archs = list(dict.fromkeys(c["architecture"] for c in configs))
     kind = f"`{archs[0]}` classifiers" if len(archs) == 1 else f"classifiers ({', '.join(f'`{a}`' for a in archs)})"
