@@ -174,6 +174,19 @@ def eval_results(metrics: Mapping[str, Any], dataset_type: str, dataset_name: st
     return results
 
 
+def _provenance_lines(license_id: str, info: Mapping[str, Any], repo_id: str) -> list[str]:
+    """License, pretrained weights, derm-accel version and repository lines of a card's model details."""
+    lines = [
+        f"- **License:** `{license_id}`",
+        f"- **Pretrained weights:** {_base_weights_text(info)}",
+        f"- **Trained with:** derm-accel {info.get('derm_accel_version', '')}".rstrip(),
+        f"- **Repository:** `{repo_id}`",
+    ]
+    if license_id == "other":
+        lines.append("- The license of the training images was not stated; check it before any use beyond research.")
+    return lines
+
+
 def _section_model_details(repo_id: str, config: Mapping[str, Any], license_id: str, info: Mapping[str, Any]) -> str:
     pcfg = config["pretrained_cfg"]
     size = pcfg["input_size"]
@@ -185,13 +198,8 @@ def _section_model_details(repo_id: str, config: Mapping[str, Any], license_id: 
         f"- **Input:** RGB, {size[-1]}x{size[-2]} px, resize to {fmt(pcfg['crop_pct'], 3)} crop, "
         f"`{pcfg['interpolation']}` interpolation, mean {list(pcfg['mean'])}, std {list(pcfg['std'])}",
         "- **Weights:** `model.safetensors`; config in timm's format (`config.json`)",
-        f"- **License:** `{license_id}`",
-        f"- **Pretrained weights:** {_base_weights_text(info)}",
-        f"- **Trained with:** derm-accel {info.get('derm_accel_version', '')}".rstrip(),
-        f"- **Repository:** `{repo_id}`",
+        *_provenance_lines(license_id, info, repo_id),
     ]
-    if license_id == "other":
-        lines.append("- The license of the training images was not stated; check it before any use beyond research.")
     return "\n".join(lines)
 
 
@@ -639,13 +647,8 @@ def _section_ensemble_details(
         f"{fmt(pcfg['crop_pct'], 3)} crop, `{pcfg['interpolation']}` interpolation, mean {list(pcfg['mean'])}, "
         f"std {list(pcfg['std'])}",
         "- **Weights:** each member's `model.safetensors` with its config in timm's format (`config.json`)",
-        f"- **License:** `{license_id}`",
-        f"- **Pretrained weights:** {_base_weights_text(info)}",
-        f"- **Trained with:** derm-accel {info.get('derm_accel_version', '')}".rstrip(),
-        f"- **Repository:** `{repo_id}`",
+        *_provenance_lines(license_id, info, repo_id),
     ]
-    if license_id == "other":
-        lines.append("- The license of the training images was not stated; check it before any use beyond research.")
     return "\n".join(lines)
 
 

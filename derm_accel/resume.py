@@ -69,20 +69,21 @@ def check_changes(
 
     resumable = {k: v for k, v in changes.items() if is_resumable(k)}
     forced = {k: v for k, v in changes.items() if not is_resumable(k)}
-    layout = sorted(k for k in forced if k in LAYOUT_KEYS)
-    if layout:
-        raise RecipeError(
-            f"{checkpoint} was written with {_describe({k: forced[k] for k in layout})}. Resume with the same "
-            f"number of processes, data.batch_size and optim.grad_accum (they fix the position inside an epoch), "
-            f"or start a new output_dir."
-        )
-    groups = sorted(k for k in forced if k in GROUP_KEYS)
-    if groups:
-        raise RecipeError(
-            f"{checkpoint} was written with {_describe({k: forced[k] for k in groups})}: these shape the "
-            f"optimizer's parameter groups and state, which a resume restores as saved. Keep them, or start a new "
-            f"output_dir."
-        )
+    for keys, why in (
+        (
+            LAYOUT_KEYS,
+            ". Resume with the same number of processes, data.batch_size and optim.grad_accum (they fix the "
+            "position inside an epoch), or start a new output_dir.",
+        ),
+        (
+            GROUP_KEYS,
+            ": these shape the optimizer's parameter groups and state, which a resume restores as saved. Keep "
+            "them, or start a new output_dir.",
+        ),
+    ):
+        fixed = sorted(k for k in forced if k in keys)
+        if fixed:
+            raise RecipeError(f"{checkpoint} was written with {_describe({k: forced[k] for k in fixed})}{why}")
     if forced and not allow:
         raise RecipeError(
             f"The recipe differs from the one {checkpoint} was trained with in {len(forced)} settings that a "
