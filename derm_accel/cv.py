@@ -40,9 +40,8 @@ def _quiet() -> Iterator[None]:
             ds_logging.enable_progress_bar()
 
 
-def pooled_rows(data: str | Path, holdout: str | None = None) -> Any:
-    """Every row of every split of a converted dataset (but ``holdout``, if given), as one ``Dataset`` sorted by
-    ``source_path``.
+def pooled_rows(data: str | Path) -> Any:
+    """Every row of every split of a converted dataset, as one ``Dataset`` sorted by ``source_path``.
 
     Sorting makes the fold assignment independent of how convert split the rows, so two conversions of the
     same folders (e.g. at two image sizes) get the same folds.
@@ -52,9 +51,7 @@ def pooled_rows(data: str | Path, holdout: str | None = None) -> Any:
     if not (Path(data) / "dataset_dict.json").exists():
         raise FileNotFoundError(f"{data} is not a dataset written by `derm-accel convert` (no dataset_dict.json)")
     dataset = load_from_disk(str(data))
-    if holdout is not None and holdout not in dataset:
-        raise InputError(f"{data} has no '{holdout}' split to hold out (it has {sorted(dataset)}); fix --holdout.")
-    pooled = concatenate_datasets([dataset[s] for s in dataset if s != holdout])
+    pooled = concatenate_datasets([dataset[s] for s in dataset])
     order = np.argsort(np.asarray(pooled["source_path"], dtype=object), kind="stable")
     return pooled.select(order.tolist())
 
@@ -185,7 +182,7 @@ def make_fold_datasets(
     may have trained on images that the new folds hold out. ``holdout`` names a split kept out of every fold.
     """
     out_dir = Path(out_dir)
-    rows = pooled_rows(data, None)  # the holdout too: duplicate and patient groups are found across all splits
+    rows = pooled_rows(data)  # the holdout too: duplicate and patient groups are found across all splits
     groups = duplicate_groups(rows, near_threshold(data), group_column)
     near_holdout = 0
     if holdout:

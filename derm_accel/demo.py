@@ -93,8 +93,10 @@ def _model_json(model: str, name: str) -> dict[str, Any]:
         else:
             from huggingface_hub import hf_hub_download
 
-            repo_id, _, revision = model.removeprefix("hf-hub:").partition("@")
-            path = Path(hf_hub_download(repo_id, name, revision=revision or None))
+            from derm_accel.models import split_hub_id
+
+            repo_id, revision = split_hub_id(model)
+            path = Path(hf_hub_download(repo_id, name, revision=revision))
         return json.loads(path.read_text()) if path.is_file() else {}
     except Exception:  # a summary is best effort; the model itself loaded, or build_demo would have failed
         return {}

@@ -137,9 +137,11 @@ def _hub_members(repo: str) -> tuple[str, ...] | None:
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
-    repo_id, _, revision = repo.partition("@")
+    from derm_accel.models import split_hub_id
+
+    repo_id, revision = split_hub_id(repo)
     try:
-        hf_hub_download(repo_id, ENSEMBLE_FILE, revision=revision or None)
+        hf_hub_download(repo_id, ENSEMBLE_FILE, revision=revision)
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None  # a single model (or, offline, one whose ensemble.json was never downloaded)
     except HfHubHTTPError as exc:
@@ -147,7 +149,7 @@ def _hub_members(repo: str) -> tuple[str, ...] | None:
             return None  # missing or not ours to read: loading the model itself then says why, naming the repo
         raise
     root = snapshot_download(
-        repo_id, revision=revision or None, allow_patterns=[ENSEMBLE_FILE, "*/*.json", "*/*.safetensors"]
+        repo_id, revision=revision, allow_patterns=[ENSEMBLE_FILE, "*/*.json", "*/*.safetensors"]
     )
     members = tuple(str(p) for p in read_ensemble(root))
     for path in members:  # reports name a Hub member by its repo, never by the local cache's snapshot hash
@@ -201,27 +203,33 @@ def load_ensemble(sources: list[str], *, device: str | torch.device = "cpu") -> 
     """Load every member and check that they can be averaged: same classes, same preprocessing."""
     from derm_accel.models import data_config, load_model
 
-    members, labels = [], None
-    for source in sources:
-        net, names = load_model(source, device=device)
-        if labels is None:
-            labels, first, first_cfg = names, source, data_config(net)
-        elif names != labels:
+    loaded = [load_model(source, device=device) for source in sources]
+    check_members([(s, names, data_config(net)) for s, (net, names) in zip(sources, loaded, strict=True)])
+    labels = loaded[0][1]
+    ensemble = Ensemble([net for net, _ in loaded], [display_name(s) for s in sources], labels)
+    return ensemble.to(device).eval(), list(labels)
+
+
+def check_members(members: list[tuple[str, Any, dict[str, Any]]]) -> None:
+    """``(name, label names, preprocessing config)`` per member: an ensemble feeds every member the same tensor
+    and averages class by class, so all must share classes (in order), input size, crop and normalisation."""
+    first, labels, cfg = members[0]
+    for name, names, other in members[1:]:
+        if names != labels:
             raise EnsembleError(
-                f"{source} predicts {names}, but {first} predicts {labels}: members of an ensemble must have the "
+                f"{name} predicts {names}, but {first} predicts {labels}: members of an ensemble must have the "
                 f"same classes in the same order."
             )
-        else:
-            cfg = data_config(net)
-            diff = {k: (first_cfg.get(k), cfg.get(k)) for k in PREPROCESSING_KEYS if first_cfg.get(k) != cfg.get(k)}
-            if diff:
-                raise EnsembleError(
-                    f"{source} preprocesses images differently from {first} ({diff}); an ensemble feeds every "
-                    f"member the same tensor, so its members must share input size, crop and normalisation."
-                )
-        members.append(net)
-    ensemble = Ensemble(members, [display_name(s) for s in sources], labels or [])
-    return ensemble.to(device).eval(), list(labels or [])
+        diff = {k: (cfg.get(k), other.get(k)) for k in PREPROCESSING_KEYS if _plain(cfg.get(k)) != _plain(other.get(k))}
+        if diff:
+            raise EnsembleError(
+                f"{name} preprocesses images differently from {first} ({diff}); an ensemble feeds every member the "
+                f"same tensor, so its members must share input size, crop and normalisation."
+            )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def display_name(source: str) -> str:
@@ -254,14 +262,6 @@ def member_metrics(member_logits: torch.Tensor, labels: Any, names: list[str]) -
             }
         )
     return rows
-
-
-def describe(source: str | list[str]) -> dict[str, Any] | None:
-    """``{"members": [...]}`` for an ensemble source or list, else None (for reports and cards)."""
-    if isinstance(source, (list, tuple)):
-        return {"combine": COMBINE, "members": [display_name(s) for s in source]} if len(source) > 1 else None
-    members = ensemble_members(source)
-    return None if members is None else {"combine": COMBINE, "members": [display_name(s) for s in members]}
 
 
 class MemberLogits(torch.nn.Module):

@@ -13,7 +13,6 @@ import json
 import re
 from pathlib import Path
 
-from derm_accel.errors import InputError
 from derm_accel.fileio import staged_dir
 
 FOLD = re.compile(r"fold_\d+")
@@ -40,29 +39,12 @@ def is_member_staging(entry: Path) -> bool:
 
 
 def check_compatible(members: list[Path]) -> None:
-    """Members must predict the same classes in the same order and preprocess images the same way (an
-    ensemble feeds each the same tensor); checked on ``config.json`` before anything is uploaded."""
-    from derm_accel.ensemble import PREPROCESSING_KEYS
+    """Members must predict the same classes in the same order and preprocess images the same way; checked on
+    ``config.json`` before anything is uploaded (:func:`derm_accel.ensemble.check_members`)."""
+    from derm_accel.ensemble import check_members
 
-    configs = [json.loads((m / "config.json").read_text()) for m in members]
-    first = configs[0]
-    for member, config in zip(members[1:], configs[1:], strict=True):
-        if config.get("label_names") != first.get("label_names"):
-            raise InputError(
-                f"{member / 'config.json'} predicts {config.get('label_names')}, but {members[0]} predicts "
-                f"{first.get('label_names')}: members of an ensemble must have the same classes in the same order."
-            )
-        a, b = first.get("pretrained_cfg") or {}, config.get("pretrained_cfg") or {}
-        diff = {k: (a.get(k), b.get(k)) for k in PREPROCESSING_KEYS if _plain(a.get(k)) != _plain(b.get(k))}
-        if diff:
-            raise InputError(
-                f"{member / 'config.json'} preprocesses images differently from {members[0]} ({diff}); members "
-                "of an ensemble must share input size, crop and normalisation."
-            )
-
-
-def _plain(value: object) -> object:
-    return list(value) if isinstance(value, (list, tuple)) else value
+    configs = [(m / "config.json", json.loads((m / "config.json").read_text())) for m in members]
+    check_members([(str(path), c.get("label_names"), c.get("pretrained_cfg") or {}) for path, c in configs])
 
 
 def _note(folder: Path, members: list[Path]) -> str:

@@ -43,11 +43,6 @@ def fold_overrides(fold_data: Path, fold_run: Path) -> list[str]:
     ]
 
 
-def score_fold(model_dir: Path, fold_data: Path, *, tta: str | None = None, batch_size: int = 64) -> dict[str, Any]:
-    """Probabilities of ``model_dir`` on the fold's held-out images (every process gets all rows)."""
-    return score_split(model_dir, fold_data, "test", tta=tta, batch_size=batch_size)
-
-
 def score_split(
     model_dir: Path, data: str | Path, split: str, *, tta: str | None = None, batch_size: int = 64
 ) -> dict[str, Any]:
@@ -117,7 +112,7 @@ def _fold(recipe: Recipe, data_root: Path, run_dir: Path, k: int, tta: str | Non
     done = fold_run / FOLD_SCORES
     if not done.is_file():
         _train_fold(recipe, fold_data, fold_run)
-    scores = score_fold(fold_run / "best", fold_data, tta=tta)
+    scores = score_split(fold_run / "best", fold_data, "test", tta=tta)  # the held-out fold
     scores["fold"] = k
     if main and not done.is_file():
         metrics = classification_metrics(

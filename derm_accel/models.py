@@ -263,6 +263,12 @@ def _nearest_existing(path: Path) -> str:
     return str(parent)
 
 
+def split_hub_id(source: str) -> tuple[str, str | None]:
+    """``hf-hub:ORG/NAME@REV`` or ``ORG/NAME`` -> ``("ORG/NAME", "REV")``, the revision None when not given."""
+    repo_id, _, revision = source.removeprefix("hf-hub:").partition("@")
+    return repo_id, revision or None
+
+
 def ensure_hub_safetensors(hub_id: str) -> Path:
     """The local path of the repo's ``model.safetensors`` (downloaded, or from the cache); a clear error if absent.
 
@@ -276,9 +282,9 @@ def ensure_hub_safetensors(hub_id: str) -> Path:
         RevisionNotFoundError,
     )
 
-    repo_id, _, revision = hub_id.partition("@")
+    repo_id, revision = split_hub_id(hub_id)
     try:
-        return Path(hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision or None))
+        return Path(hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision))
     except LocalEntryNotFoundError as e:  # checked first: it is also an EntryNotFoundError
         raise FileNotFoundError(
             f"{repo_id} is not in the local Hub cache and the Hub cannot be reached (HF_HUB_OFFLINE is set "
@@ -351,8 +357,8 @@ def _config_beside(weights: Path, name: str) -> dict[str, Any]:
         return read_config(weights.parent)
     from huggingface_hub import hf_hub_download
 
-    repo_id, _, revision = name.removeprefix("hf-hub:").partition("@")
-    return json.loads(Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision or None)).read_text())
+    repo_id, revision = split_hub_id(name)
+    return json.loads(Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision)).read_text())
 
 
 def load_model(source: str, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[str]]:

@@ -153,7 +153,7 @@ def classify_batch(
 
     from derm_accel.guard.features import forward_with_features
     from derm_accel.guard.model import verdict
-    from derm_accel.tta import average_views, flip_views
+    from derm_accel.tta import answer_logits
 
     use_guard = guard and prepared.guard is not None
     batch = torch.stack(list(tensors)).to(device).contiguous(memory_format=torch.channels_last)
@@ -164,8 +164,8 @@ def classify_batch(
             scores = prepared.guard.score(features).float().cpu().tolist()
         else:
             logits, scores = prepared.net(batch), [None] * len(batch)
-        if prepared.tta == "flip":  # the guard judges the original view; the answer averages all three
-            logits = average_views([logits, *(prepared.net(v) for v in flip_views(batch))])
+        # The guard judges the original view; the answer averages the views of the model's TTA.
+        logits = answer_logits(prepared.net, batch, logits, prepared.tta)
     ranked = rank_logits(logits, prepared.labels, top_k=top_k)
     results = []
     for top, score in zip(ranked, scores, strict=True):

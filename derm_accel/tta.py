@@ -41,10 +41,13 @@ def flip_views(x: torch.Tensor) -> list[torch.Tensor]:
     return [x.flip(-1), x.flip(-2)]
 
 
-def average_views(view_logits: list[torch.Tensor]) -> torch.Tensor:
-    """log of the mean softmax over views, so softmax of the result is the averaged probability."""
+def answer_logits(net: Any, x: torch.Tensor, logits: torch.Tensor, tta: str | None) -> torch.Tensor:
+    """The logits a model answers with for batch ``x`` whose original view gave ``logits``: with ``tta="flip"``,
+    the log of the softmax averaged over the original and both flips (its softmax is that average)."""
+    if tta != "flip":
+        return logits
     import torch
 
     from derm_accel.ensemble import combine
 
-    return combine(torch.stack(view_logits, dim=1))
+    return combine(torch.stack([logits, *(net(v) for v in flip_views(x))], dim=1))

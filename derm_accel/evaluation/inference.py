@@ -16,6 +16,8 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from derm_accel.tta import flip_views
+
 TTA_VIEWS: dict[str | None, tuple[str, ...]] = {
     None: ("original",),
     "flip": ("original", "hflip", "vflip"),
@@ -75,7 +77,7 @@ def resolve_mixed_precision(mixed_precision: str | None, device: torch.device) -
 def _views(pixel_values: torch.Tensor, tta: str | None) -> torch.Tensor:
     if tta is None:
         return pixel_values
-    return torch.cat([pixel_values, pixel_values.flip(-1), pixel_values.flip(-2)])
+    return torch.cat([pixel_values, *flip_views(pixel_values)])
 
 
 def predict_logits(

@@ -62,7 +62,7 @@ def score_batches(
     Features come from the original view; with ``tta="flip"`` the logits average the flipped views as the
     model's answers do (derm_accel.tta), so confidences and abstention thresholds match what predict answers.
     """
-    from derm_accel.tta import average_views, flip_views
+    from derm_accel.tta import answer_logits
 
     net = net.to(device).eval()
     logits, feats, labels = [], [], []
@@ -70,8 +70,7 @@ def score_batches(
         for x, y in batches:
             x = x.to(device).contiguous(memory_format=torch.channels_last)
             out, summaries = forward_with_features(net, x, max_dim)
-            if tta == "flip":
-                out = average_views([out, *(net(v) for v in flip_views(x))])
+            out = answer_logits(net, x, out, tta)
             logits.append(out.float().cpu())
             feats.append([f.cpu() for f in summaries])
             if y is not None:

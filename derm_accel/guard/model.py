@@ -168,13 +168,15 @@ def load_guard(source: str) -> DomainGuard | None:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    repo_id, _, revision = source.removeprefix("hf-hub:").partition("@")
-    config_path = hf_hub_download(repo_id, "config.json", revision=revision or None)  # cached with the model
+    from derm_accel.models import split_hub_id
+
+    repo_id, revision = split_hub_id(source)
+    config_path = hf_hub_download(repo_id, "config.json", revision=revision)  # cached with the model
     config = json.loads(Path(config_path).read_text())
     if not (config.get(CONFIG_KEY) or {}).get("domain_guard"):
         return None  # published without a guard: predictions say so
     try:
-        weights = hf_hub_download(repo_id, GUARD_FILE, revision=revision or None)
+        weights = hf_hub_download(repo_id, GUARD_FILE, revision=revision)
     except LocalEntryNotFoundError as exc:  # checked first: it is also an EntryNotFoundError
         raise GuardError(
             f"{repo_id}'s config.json declares a domain guard but {GUARD_FILE} is not in the local Hub cache and "
