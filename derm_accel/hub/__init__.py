@@ -1,0 +1,2 @@
+"""Publishing: staging and uploading model repos, model cards and Hub Spaces.
+"""

@@ -1,0 +1,2 @@
+"""Inference: predict and explain on image files.
+"""
