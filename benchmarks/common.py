@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from derm_accel.fileio import atomic_write_text
+from derm_accel.core.fileio import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -201,7 +201,7 @@ def bench_comm(
     """
     rows = []
     for name in as_list(models):
-        from derm_accel.models import create_model
+        from derm_accel.models.build import create_model
 
         model = create_model(name, num_classes)
         indices = ddp_bucket_indices(model, bucket_cap_mb)

@@ -26,7 +26,7 @@ if not __package__:  # run as `python benchmarks/gpu_check.py`: import benchmark
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_info, now_iso, synchronize
-from derm_accel.fileio import atomic_write_json
+from derm_accel.core.fileio import atomic_write_json
 
 # What the issue asks for, per GPU; the original study ran on an A100.
 REFERENCE = {
@@ -189,7 +189,7 @@ def section_train(s: dict[str, Any]) -> list[dict[str, Any]]:
 
 def section_infer(s: dict[str, Any], deadline: float) -> list[dict[str, Any]]:
     from benchmarks.infer import infer_pass
-    from derm_accel.models import create_model
+    from derm_accel.models.build import create_model
 
     rows = []
     for size in s["sizes"]:
@@ -234,7 +234,7 @@ def section_loader(s: dict[str, Any]) -> tuple[dict[str, Any], torch.nn.Module, 
     """Train from decoded JPEGs through the DataLoader and from one fixed tensor; the ratio says who waits."""
     from benchmarks.data import model_data_config
     from derm_accel.data.transforms import BatchNormalize, train_transform
-    from derm_accel.models import create_model
+    from derm_accel.models.build import create_model
 
     size = s["sizes"][0]
     device = s["device"]

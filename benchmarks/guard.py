@@ -43,10 +43,10 @@ def bench_guard(
     from datasets import load_from_disk
 
     from derm_accel.evaluation.ood import evaluate_ood
-    from derm_accel.guard.features import forward_with_features
     from derm_accel.guard.fit import split_batches
-    from derm_accel.models import data_config
-    from derm_accel.predict import prepared_model
+    from derm_accel.inference.predict import prepared_model
+    from derm_accel.models.build import data_config
+    from derm_accel.models.features import forward_with_features
 
     if not model or not data:
         raise ValueError("--model RUN/best and --data DATA (a converted dataset) are required")

@@ -25,7 +25,7 @@ from benchmarks.common import (
     parse_bool,
     update_docs_section,
 )
-from derm_accel.fileio import atomic_write_json
+from derm_accel.core.fileio import atomic_write_json
 
 # kind -> the script in benchmarks/ that holds bench_KIND and KIND_markdown
 SCRIPTS = {

@@ -134,7 +134,7 @@ def bench_infer(
     repeats: int = 1,
 ) -> dict[str, Any]:
     """Sweep channels_last x dtype x compile over the sources; Arrow and folder sets hold the same images."""
-    from derm_accel.models import create_model
+    from derm_accel.models.build import create_model
 
     device = resolve_device(device)
     on_gpu = device.startswith("cuda")

@@ -57,8 +57,9 @@ def bench_onnx(
     """ONNX Runtime against PyTorch on the CPU: forward-pass images/s at each batch size (median of ``repeats``
     alternating runs) and the largest probability difference on real images."""
     from derm_accel.data.transforms import eval_transform
-    from derm_accel.models import create_model, data_config, export_model, load_model
-    from derm_accel.onnx_export import OnnxClassifier, export_onnx
+    from derm_accel.models.build import create_model, data_config, export_model
+    from derm_accel.models.load import load_model
+    from derm_accel.models.onnx import OnnxClassifier, export_onnx
 
     threads = threads or min(4, os.cpu_count() or 1)
     torch.set_num_threads(threads)

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from derm_accel.cv import classification_metrics, make_fold_datasets, mean_sd_ci, paired_difference
+from derm_accel.data.folds import make_fold_datasets
+from derm_accel.evaluation.cv_stats import classification_metrics, mean_sd_ci, paired_difference
 
 BASELINE = "plain"
 METRICS = ("macro_f1", "balanced_accuracy", "accuracy")
@@ -104,8 +105,8 @@ def plain_fold(fold_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ derm-accel recipes
 def recipe_dict(name: str, fold_dir: Path, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from derm_accel.config import load_recipe
     from derm_accel.quickstart import _recipe
+    from derm_accel.training.config import load_recipe
 
     base = _recipe(fold_dir, run_dir, args.model, Path(args.pretrained_file), args.epochs, "other")
     base["data"]["batch_size"] = args.batch_size
@@ -121,8 +122,9 @@ def recipe_fold(name: str, fold_dir: Path, run_dir: Path, args: argparse.Namespa
     from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, with_transform
     from derm_accel.evaluation.calibration import tta_probabilities
     from derm_accel.evaluation.inference import predict_logits
-    from derm_accel.models import data_config, load_model
-    from derm_accel.train import train
+    from derm_accel.models.build import data_config
+    from derm_accel.models.load import load_model
+    from derm_accel.training.train import train
 
     shutil.rmtree(run_dir, ignore_errors=True)
     run = Path(train(recipe_dict(name, fold_dir, run_dir, args)))

@@ -60,7 +60,7 @@ def train_step_bench(
     """Time ``steps`` optimizer steps after ``warmup`` steps of one model on a fixed random batch."""
     import torch
 
-    from derm_accel.models import create_model
+    from derm_accel.models.build import create_model
 
     if amp not in AMP_DTYPES:
         raise ValueError(f"amp={amp!r}; choose one of {AMP_DTYPES}")

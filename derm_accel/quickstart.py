@@ -13,8 +13,13 @@ from typing import Any
 
 import yaml
 
+from derm_accel.core.fileio import atomic_write_json
+from derm_accel.data.convert import convert_folders
 from derm_accel.data.synthetic import write_sample
-from derm_accel.fileio import atomic_write_json
+from derm_accel.evaluation.run import evaluate_model
+from derm_accel.hub.push import push_model
+from derm_accel.inference.predict import predict
+from derm_accel.training.train import train
 
 # A small timm model that learns the generated sample from scratch in about a minute on two CPU cores.
 DEFAULT_MODEL = "resnet10t"
@@ -88,12 +93,6 @@ def run_quickstart(
     epochs: int | None = None,
 ) -> dict[str, Any]:
     """Convert, train, evaluate, push (dry run) and predict; every output lands under ``workdir``."""
-    from derm_accel.data.convert import convert_folders
-    from derm_accel.evaluation.run import evaluate_model
-    from derm_accel.hub import push_model
-    from derm_accel.predict import predict
-    from derm_accel.train import train
-
     workdir = Path(workdir).resolve()
     marker = workdir / ".derm-accel-quickstart"
     if workdir.is_dir() and any(workdir.iterdir()) and not marker.exists():

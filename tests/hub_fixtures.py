@@ -23,7 +23,7 @@ def write_model_dir(
     with ``guard``, also a domain guard fitted on generated lesions (as train fits one on its training split)."""
     import torch
 
-    from derm_accel.models import create_model, export_model
+    from derm_accel.models.build import create_model, export_model
 
     torch.manual_seed(seed)
     model = create_model(ARCH, len(LABELS))

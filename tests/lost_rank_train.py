@@ -1,4 +1,4 @@
-"""Runs ``derm_accel.train.train`` like tests/ddp_train.py (``RESUME``: its --resume), and the rank named by
+"""Runs ``derm_accel.training.train.train`` like tests/ddp_train.py (``RESUME``: its --resume), and the rank named by
 ``LOSE_RANK`` kills itself (SIGKILL, as ``kill -9`` or a machine going down would) after ``LOSE_AFTER_STEPS``
 optimizer steps (``LOSE_SIGNAL=SIGSTOP``: it hangs instead)."""
 
@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-import derm_accel.train as train_module
+import derm_accel.training.train as train_module
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -213,7 +213,7 @@ def test_simulate_step_exposes_only_what_backward_cannot_hide():
 
 def test_gradients_of_late_layers_are_ready_first():
     from benchmarks.ddp_comm import grad_ready_fractions
-    from derm_accel.models import create_model
+    from derm_accel.models.build import create_model
 
     model = create_model("test_efficientnet", 5)
     fractions = grad_ready_fractions(model, img_size=32)
@@ -236,7 +236,7 @@ def test_gradients_of_late_layers_are_ready_first():
 def test_comm_bench_counts_parameters(tmp_path):
     res = run_bench("comm", out=tmp_path / "c.json", docs=tmp_path / "b.md", models="test_efficientnet", num_classes=35)
     (row,) = res["results"]
-    from derm_accel.models import create_model
+    from derm_accel.models.build import create_model
 
     n = sum(p.numel() for p in create_model("test_efficientnet", 35).parameters())
     assert row["grad_mb_fp32"] == round(n * 4 / MIB, 1) and row["buckets"] >= 1

@@ -64,7 +64,7 @@ def test_progress_bars_show_on_a_terminal_only_and_not_when_quiet(
     model_dir: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from derm_accel import predict
-    from derm_accel.explain import explain
+    from derm_accel.inference.explain import explain
 
     for progress in (True, False):
         terminal = _Terminal()
@@ -85,7 +85,7 @@ def test_evaluate_shows_inference_progress(tmp_path: Path, monkeypatch: pytest.M
     from datasets import Dataset
 
     from derm_accel.evaluation.inference import predict_logits
-    from derm_accel.models import create_model
+    from derm_accel.models.build import create_model
 
     rows = Dataset.from_dict({"pixel_values": torch.zeros(6, 3, 32, 32).numpy(), "labels": [0, 1] * 3})
     rows = rows.with_format("torch")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from derm_accel.config import Recipe, RecipeError, load_recipe, parse_override
+from derm_accel.training.config import Recipe, RecipeError, load_recipe, parse_override
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

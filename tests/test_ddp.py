@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from derm_accel.checkpoints import list_checkpoints
+from derm_accel.training.checkpoints import list_checkpoints
 from tests.train_utils import make_dataset, reset_accelerate, tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_two_cpu_processes_match_one(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", size=32)
     # One process, global batch 8.
     torch.set_num_threads(2)
-    from derm_accel.train import train
+    from derm_accel.training.train import train
 
     reset_accelerate()
     single = train(_recipe(data, tmp_path / "single", batch_size=8))

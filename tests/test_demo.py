@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from derm_accel.demo import OUT_OF_DOMAIN, DemoModel, card_summary, describe, example_images
-from derm_accel.models import create_model, export_model
-from derm_accel.predict import predict
+from derm_accel.inference.predict import predict
+from derm_accel.models.build import create_model, export_model
+from derm_accel.serving.demo import OUT_OF_DOMAIN, DemoModel, card_summary, describe, example_images
 from tests.conftest import DERM_SAMPLE, REPO
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -30,7 +30,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_combine_is_the_log_of_the_mean_probability() -> None:
-    from derm_accel.ensemble import combine
+    from derm_accel.models.tta import combine
 
     logits = torch.randn(5, 3, 7) * 4
     expected = logits.softmax(-1).mean(1)
@@ -54,7 +54,8 @@ def test_predict_averages_member_probabilities(members: list[Path], images: Path
 
 
 def test_ensemble_folder_loads_and_is_checked(members: list[Path], tmp_path: Path) -> None:
-    from derm_accel.ensemble import ENSEMBLE_FILE, Ensemble, EnsembleError, load_models, write_ensemble
+    from derm_accel.core.artifacts import ENSEMBLE_FILE
+    from derm_accel.models.ensemble import Ensemble, EnsembleError, load_models, write_ensemble
 
     root = tmp_path / "ens"
     for i, m in enumerate(members):
@@ -72,7 +73,7 @@ def test_ensemble_folder_loads_and_is_checked(members: list[Path], tmp_path: Pat
 
 
 def test_members_with_other_classes_are_refused(members: list[Path], tmp_path: Path) -> None:
-    from derm_accel.ensemble import EnsembleError, load_models
+    from derm_accel.models.ensemble import EnsembleError, load_models
 
     other = tmp_path / "other"
     shutil.copytree(members[1], other)
@@ -112,8 +113,36 @@ def _probabilities(path: Path) -> np.ndarray:
 
 
 def test_explain_refuses_an_ensemble_and_names_a_member(members: list[Path], images: Path) -> None:
-    from derm_accel.errors import InputError
-    from derm_accel.explain import explain
+    from derm_accel.core.errors import InputError
+    from derm_accel.inference.explain import explain
 
     with pytest.raises(InputError, match="fold_1/best"):
         explain(sorted(images.rglob("*.jpg"))[:1], model=[str(m) for m in members], out_dir=images / "cam")
+
+
+def test_evaluate_scores_the_split_once_and_the_ensembles_baselines_are_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One pass over the split gives the logits and the guard's features; the out-of-domain section's in-domain
+    figures (AURC, guard flags) come from the ensemble's answers, not from its first member's."""
+    import derm_accel.evaluation.ood as ood_module
+    from derm_accel.data.synthetic import write_dataset
+    from derm_accel.evaluation.run import evaluate_model
+    from derm_accel.guard.scoring import risk_coverage
+
+    guarded = [write_model_dir(tmp_path / f"g{i}", seed=i, guard=True) for i in range(2)]
+    data = write_dataset(tmp_path / "data", {"test": [6, 6, 6]}, size=72, names=LABELS)
+    passes = []
+    real = ood_module.score_batches
+    monkeypatch.setattr(ood_module, "score_batches", lambda *a, **k: passes.append(1) or real(*a, **k))
+    both = evaluate_model([str(m) for m in guarded], data, split="test", out_dir=tmp_path / "ens", num_workers=0)
+    assert passes == []  # the split's guard scores came from evaluate's own pass
+    probs = _probabilities(tmp_path / "ens" / "predictions.csv")
+    with (tmp_path / "ens" / "predictions.csv").open() as f:
+        truth = np.array([LABELS.index(r["true_label"]) for r in csv.DictReader(f)])
+    expected = risk_coverage(probs.max(1), probs.argmax(1) == truth)["aurc"]
+    assert both["out_of_domain"]["aurc"] == pytest.approx(expected, abs=1e-6)
+    first = evaluate_model(str(guarded[0]), data, split="test", out_dir=tmp_path / "first", num_workers=0)
+    assert first["out_of_domain"]["aurc"] != pytest.approx(expected, abs=1e-6)  # the member alone differs
+    # the first member's guard, fed the same features either way, flags the same images
+    assert both["out_of_domain"]["guard"]["in_domain_flagged"] == first["out_of_domain"]["guard"]["in_domain_flagged"]

@@ -27,8 +27,9 @@ from sklearn.metrics import (
 
 from derm_accel.data.synthetic import class_names, render, write_dataset
 from derm_accel.evaluation import LabelMismatchError, evaluate_model, load_metric
-from derm_accel.evaluation.run import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, default_out_dir
-from derm_accel.models import create_model, export_model
+from derm_accel.evaluation.outputs import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+from derm_accel.evaluation.run import default_out_dir
+from derm_accel.models.build import create_model, export_model
 
 NAMES = sorted(class_names(4))
 # Test split: 13 samples (uneven on two ranks), and the last class has none.
@@ -326,7 +327,7 @@ def test_evaluate_scores_like_predict_on_the_same_images(model_dir, data_dir, tm
     from datasets import Image as ImageFeature
     from datasets import load_from_disk
 
-    from derm_accel.predict import predict
+    from derm_accel.inference.predict import predict
 
     out = tmp_path / "report"
     evaluate_model(str(model_dir), data_dir, out_dir=out, batch_size=4, num_workers=0)

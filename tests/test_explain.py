@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from derm_accel.cli import app
 from derm_accel.data.synthetic import render
-from derm_accel.explain import grad_cam
-from derm_accel.models import create_model, export_model
+from derm_accel.inference.explain import grad_cam
+from derm_accel.models.build import create_model, export_model
 
 LABELS = ["melanoma", "nevus", "psoriasis"]
 

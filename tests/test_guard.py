@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from derm_accel.guard.features import forward_with_features, summarize
 from derm_accel.guard.fit import Scored, fit_guard, selective_threshold
 from derm_accel.guard.model import GUARD_FILE, DomainGuard, read_guard, save_guard, verdict
+from derm_accel.models.features import forward_with_features, summarize
 
 
 def natural_photos() -> list[Path]:
@@ -114,7 +114,7 @@ def test_guard_files_round_trip_and_plain_timm_still_loads(guarded_model: Path) 
 
 def test_guard_flags_natural_photos_and_never_changes_the_label(guarded_model: Path, tmp_path: Path) -> None:
     from derm_accel.data.synthetic import render
-    from derm_accel.predict import predict
+    from derm_accel.inference.predict import predict
 
     lesions = []
     for i in range(12):  # new renders of the classes the guard was fitted on

@@ -49,7 +49,7 @@ def _poison(model_dir: Path) -> None:
 
 
 def test_push_refuses_a_config_that_names_another_architecture(model_dir: Path, tmp_path: Path) -> None:
-    from derm_accel.hub import push_model
+    from derm_accel.hub.push import push_model
 
     bad = _copy_model(model_dir, tmp_path / "best")
     config = json.loads((bad / "config.json").read_text())
@@ -72,7 +72,7 @@ def test_push_refuses_non_finite_weights(model_dir: Path, tmp_path: Path) -> Non
 
 
 def test_push_still_stages_a_sound_model(model_dir: Path, tmp_path: Path) -> None:
-    from derm_accel.hub import push_model
+    from derm_accel.hub.push import push_model
 
     staged = Path(push_model(model_dir, "lab/x", dry_run=True, out=tmp_path / "staged"))
     assert (staged / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
@@ -82,8 +82,8 @@ def test_push_still_stages_a_sound_model(model_dir: Path, tmp_path: Path) -> Non
 
 
 def test_predict_refuses_nan_weights_and_never_prints_nan(model_dir: Path, tmp_path: Path) -> None:
-    from derm_accel.models import load_model
-    from derm_accel.predict import NonFiniteOutputError, predict
+    from derm_accel.inference.predict import NonFiniteOutputError, predict
+    from derm_accel.models.load import load_model
 
     bad = _copy_model(model_dir, tmp_path / "best")
     _poison(bad)
@@ -104,7 +104,7 @@ def test_predict_refuses_nan_weights_and_never_prints_nan(model_dir: Path, tmp_p
 
 
 def test_explain_shortens_long_names_uniquely_and_one_failure_does_not_stop_the_rest(tmp_path: Path) -> None:
-    from derm_accel.models import create_model, export_model
+    from derm_accel.models.build import create_model, export_model
 
     torch.manual_seed(0)
     model = export_model(create_model("test_resnet", 2), tmp_path / "best", ["a", "b"])
@@ -126,7 +126,7 @@ def test_explain_shortens_long_names_uniquely_and_one_failure_does_not_stop_the_
 
 
 def test_fit_name_keeps_short_names_and_cuts_multibyte_names_on_a_character() -> None:
-    from derm_accel.paths import fit_name
+    from derm_accel.core.paths import fit_name
 
     assert fit_name("lesion", ".png") == "lesion.png"
     name = fit_name("é" * 200, "_gradcam.png")
@@ -161,7 +161,7 @@ def huge_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_huge_png_is_refused_before_decoding_in_predict(model_dir: Path, huge_png: Path) -> None:
-    from derm_accel.predict import predict
+    from derm_accel.inference.predict import predict
 
     assert huge_png.stat().st_size < 200_000
     (result,) = predict(str(huge_png), str(model_dir), device="cpu")
@@ -173,7 +173,7 @@ def test_huge_png_is_refused_before_decoding_in_predict(model_dir: Path, huge_pn
 def test_huge_png_is_refused_by_serve_with_a_4xx(model_dir: Path, huge_png: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from derm_accel.serve import create_app
+    from derm_accel.serving.serve import create_app
 
     client = TestClient(create_app(str(model_dir), device="cpu"))
     answer = client.post("/predict", content=huge_png.read_bytes())

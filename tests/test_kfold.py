@@ -12,7 +12,8 @@ import torch
 from scipy import stats
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from derm_accel.cv import assign_folds, mean_sd_ci, paired_difference
+from derm_accel.data.folds import assign_folds
+from derm_accel.evaluation.cv_stats import mean_sd_ci, paired_difference
 from tests.train_utils import make_dataset, reset_accelerate, tiny_recipe
 
 
@@ -52,7 +53,7 @@ def test_train_folds_writes_fold_runs_out_of_fold_predictions_and_report(tmp_pat
     from typer.testing import CliRunner
 
     from derm_accel.cli import app
-    from derm_accel.kfold import FOLD_SCORES, train_folds
+    from derm_accel.training.kfold import FOLD_SCORES, train_folds
 
     torch.set_num_threads(2)
     data = make_dataset(tmp_path / "data", size=32)  # 3 classes x 24 images over train/validation/test
@@ -105,7 +106,7 @@ def test_train_folds_writes_fold_runs_out_of_fold_predictions_and_report(tmp_pat
     assert (run / "fold_2" / "best" / "model.safetensors").stat().st_mtime_ns == weights
 
     # A rerun that would mix these fold models with other folds or another recipe is refused, naming why.
-    from derm_accel.errors import InputError
+    from derm_accel.core.errors import InputError
 
     with pytest.raises(InputError, match="another fold assignment"):
         train_folds(recipe, 2)
@@ -161,9 +162,10 @@ def test_train_folds_with_a_holdout_compares_members_ensemble_and_soup(tmp_path:
     from datasets import load_from_disk
     from safetensors.torch import load_file
 
-    from derm_accel.ensemble import Ensemble, load_models
-    from derm_accel.kfold import score_split, train_folds
-    from derm_accel.soup import soup_state
+    from derm_accel.evaluation.inference import score_split
+    from derm_accel.models.ensemble import Ensemble, load_models
+    from derm_accel.training.kfold import train_folds
+    from derm_accel.training.soup import soup_state
 
     torch.set_num_threads(2)
     data = make_dataset(tmp_path / "data", size=32)
@@ -195,7 +197,7 @@ def test_train_folds_with_a_holdout_compares_members_ensemble_and_soup(tmp_path:
     assert torch.allclose(soup[key], (a[key] + b[key]) / 2)
     net, _ = load_models(str(run))
     assert isinstance(net, Ensemble) and len(net.members) == 2
-    from derm_accel.ensemble import EnsembleError, check_not_trained_on
+    from derm_accel.models.ensemble import EnsembleError, check_not_trained_on
 
     check_not_trained_on(str(run), data, "test")  # the held-out split: allowed
     with pytest.raises(EnsembleError, match="'validation' split was in their training data"):
@@ -203,7 +205,7 @@ def test_train_folds_with_a_holdout_compares_members_ensemble_and_soup(tmp_path:
 
 
 def test_rows_grouped_with_a_held_out_row_leave_the_folds(tmp_path: Path) -> None:
-    from derm_accel.cv import pooled_rows, without_holdout
+    from derm_accel.data.folds import pooled_rows, without_holdout
 
     data = make_dataset(tmp_path / "data", size=32)
     rows = pooled_rows(data)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from derm_accel.model_card import MissingLicenseError, build_model_card, resolve_license
+from derm_accel.hub.card import MissingLicenseError, build_model_card, resolve_license
 from tests.hub_fixtures import ARCH, LABELS, write_model_dir, write_report_dir
 
 REPO_ID = "derm-lab/tiny-derm"

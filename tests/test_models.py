@@ -10,13 +10,8 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from derm_accel.models import (
-    PretrainedWeightsError,
-    create_model,
-    export_model,
-    load_model,
-    resolve_model_source,
-)
+from derm_accel.models.build import PretrainedWeightsError, create_model, export_model
+from derm_accel.models.load import load_model, resolve_model_source
 from tests.conftest import LITE0_WEIGHTS, needs_lite0
 
 LABELS = ["melanoma", "nevus", "psoriasis"]

@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from derm_accel.checkpoints import list_checkpoints
+from derm_accel.training.checkpoints import list_checkpoints
 from tests.train_utils import make_dataset, reset_accelerate, tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def _two_machines(recipe: Path, port: int, cwd: Path, **env_extra: str) -> list[
 def test_two_machines_match_one_process_and_a_lost_rank_is_named(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", size=32)
     torch.set_num_threads(2)
-    from derm_accel.train import train
+    from derm_accel.training.train import train
 
     reset_accelerate()
     single = train(_recipe(data, tmp_path / "single", batch_size=8), ["train.stop_after_steps=2"])

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("onnxruntime", reason="ONNX export needs the onnx extra: pip install 'derm-accel[onnx]'")
 
-from derm_accel.onnx_export import ONNX_NAME, SIDECAR_NAME, export_onnx
+from derm_accel.models.onnx import ONNX_NAME, SIDECAR_NAME, export_onnx
 from tests.conftest import DERM_SAMPLE, needs_derm_sample
 from tests.hub_fixtures import LABELS, write_model_dir
 

@@ -115,19 +115,19 @@ def test_folders_are_searched_recursively_for_images(model_dir: Path, images: Pa
 def test_loaded_models_are_cached_per_source(model_dir: Path, images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    import derm_accel.models
+    import derm_accel.models.ensemble
     from derm_accel import predict
-    from derm_accel.predict import clear_model_cache
+    from derm_accel.inference.predict import clear_model_cache
 
     clear_model_cache()
     calls = []
-    real = derm_accel.models.load_model
+    real = derm_accel.models.ensemble.load_model
 
     def counting(source, **kwargs):
         calls.append(source)
         return real(source, **kwargs)
 
-    monkeypatch.setattr(derm_accel.models, "load_model", counting)
+    monkeypatch.setattr(derm_accel.models.ensemble, "load_model", counting)
     first = predict(images / "a.jpg", model=str(model_dir), device="cpu")
     second = predict(images / "a.jpg", model=str(model_dir), device="cpu")
     assert first == second and len(calls) == 1
@@ -227,7 +227,7 @@ def _publish(hub: LocalHubServer, model_dir: Path, monkeypatch: pytest.MonkeyPat
 
     import huggingface_hub.constants as hf_constants
 
-    from derm_accel.hub import push_model
+    from derm_accel.hub.push import push_model
     from tests.hub_server import RepoFileEntry, git_blob_sha1, lfs_pointer
 
     with monkeypatch.context() as m:

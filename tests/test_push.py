@@ -60,7 +60,7 @@ def clean_push(artifacts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFa
     code = f"""
 import logging, json
 logging.basicConfig(level=logging.DEBUG)
-import derm_accel.hub as hub
+import derm_accel.hub.push as hub
 urls = [hub.push_model({str(model_dir)!r}, {REPO_ID!r}, report_dir={str(report_dir)!r}) for _ in range(2)]
 print("URLS=" + json.dumps(urls))
 """
@@ -75,7 +75,7 @@ def test_dry_run_stages_exactly_the_upload_without_network(
 ) -> None:
     from huggingface_hub import ModelCard
 
-    from derm_accel.hub import push_model
+    from derm_accel.hub.push import push_model
 
     def no_network(*args, **kwargs):
         raise AssertionError("dry run opened a network connection")
@@ -114,7 +114,7 @@ def test_dry_run_stages_exactly_the_upload_without_network(
 
 
 def test_dry_run_out_folder_rules(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
-    from derm_accel.hub import push_model
+    from derm_accel.hub.push import push_model
 
     model_dir, _ = artifacts
     with pytest.raises(ValueError, match="--out"):
@@ -136,7 +136,7 @@ def test_dry_run_out_folder_rules(artifacts: tuple[Path, Path], tmp_path: Path) 
 
 
 def test_push_rejects_bad_inputs_before_any_upload(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
-    from derm_accel.hub import push_model
+    from derm_accel.hub.push import push_model
 
     model_dir, _ = artifacts
     with pytest.raises(ValueError, match=r"ORG/NAME|valid Hub repo id"):
@@ -158,7 +158,7 @@ def test_push_rejects_bad_inputs_before_any_upload(artifacts: tuple[Path, Path],
 def test_push_uploads_everything_and_repush_makes_no_commit(
     clean_push, artifacts: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from derm_accel.hub import push_model
+    from derm_accel.hub.push import push_model
 
     hub, proc, _ = clean_push
     model_dir, report_dir = artifacts
@@ -220,13 +220,13 @@ print("OUT=" + json.dumps({{"logits": logits.tolist(), "labels": model.pretraine
 def test_a_hub_download_keeps_the_domain_guard(
     clean_push, artifacts: tuple[Path, Path], eval_images: list[Path]
 ) -> None:
-    from derm_accel.predict import predict
+    from derm_accel.inference.predict import predict
 
     hub, _, root = clean_push
     model_dir, _ = artifacts
     code = f"""
 import json
-from derm_accel.predict import predict
+from derm_accel import predict
 print("OUT=" + json.dumps(predict({[str(p) for p in eval_images]!r}, model={REPO_ID!r}, device="cpu")))
 """
     proc = run_python(code, hub_env(hub.url, root / "hf_home_guard", HF_TOKEN=TOKEN))
@@ -271,14 +271,15 @@ def test_interrupted_push_then_retry_ends_like_a_clean_push(
     """The commit fails once (500), then is applied but its answer is lost; an LFS upload drops once too."""
     import huggingface_hub.constants as hf_constants
 
-    import derm_accel.hub as hub_module
+    import derm_accel.hub.push as hub_module
+    import derm_accel.hub.upload as upload_module
 
     clean_hub, _, _ = clean_push
     model_dir, report_dir = artifacts
     with LocalHubServer(token=TOKEN) as faulty:
         monkeypatch.setattr(hf_constants, "ENDPOINT", faulty.url)
         monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setattr(hub_module, "RETRY_BASE_DELAY_S", 0.01)
+        monkeypatch.setattr(upload_module, "RETRY_BASE_DELAY_S", 0.01)
         faulty.fail_next("lfs-upload", mode="drop")
         faulty.fail_next("commit", mode="error", status=500)
         faulty.fail_next("commit", mode="drop_after")
@@ -297,7 +298,8 @@ def test_auth_failure_is_clear_and_keeps_local_files(
 ) -> None:
     import huggingface_hub.constants as hf_constants
 
-    from derm_accel.hub import PushError, push_model
+    from derm_accel.hub.push import push_model
+    from derm_accel.hub.upload import PushError
 
     model_dir, report_dir = artifacts
     before = _tree_hashes(model_dir)
@@ -318,16 +320,17 @@ def test_network_failure_is_retried_then_reported(
 ) -> None:
     import huggingface_hub.constants as hf_constants
 
-    import derm_accel.hub as hub_module
+    import derm_accel.hub.push as hub_module
+    import derm_accel.hub.upload as upload_module
 
     model_dir, _ = artifacts
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     monkeypatch.setattr(hf_constants, "ENDPOINT", dead)
-    monkeypatch.setattr(hub_module, "RETRY_BASE_DELAY_S", 0.01)
+    monkeypatch.setattr(upload_module, "RETRY_BASE_DELAY_S", 0.01)
     before = _tree_hashes(model_dir)
-    with pytest.raises(hub_module.PushError, match=r"after 4 attempts \(ConnectError") as info:
+    with pytest.raises(upload_module.PushError, match=r"after 4 attempts \(ConnectError") as info:
         hub_module.push_model(model_dir, REPO_ID, token=TOKEN)
     assert "run the same push again" in str(info.value) and TOKEN not in str(info.value)
     assert _tree_hashes(model_dir) == before
@@ -336,7 +339,7 @@ def test_network_failure_is_retried_then_reported(
 def test_push_to_a_branch_leaves_main_alone(artifacts: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants as hf_constants
 
-    from derm_accel.hub import push_model
+    from derm_accel.hub.push import push_model
 
     model_dir, _ = artifacts
     with LocalHubServer(token=TOKEN) as hub:

@@ -30,7 +30,7 @@ def _tree_hashes(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """RUN/ as `train --folds 2` leaves it: fold_k/best plus checkpoints, fold data and logs, and ensemble.json."""
-    from derm_accel.ensemble import write_ensemble
+    from derm_accel.models.ensemble import write_ensemble
 
     run = tmp_path_factory.mktemp("cv2")
     write_model_dir(run / "fold_1", seed=1, guard=True)
@@ -70,9 +70,9 @@ def _code_blocks(text: str, language: str) -> list[str]:
 def test_dry_run_stages_the_ensemble_as_one_repo(run: Path, report: Path, tmp_path: Path) -> None:
     from huggingface_hub import ModelCard
 
-    from derm_accel.ensemble import ENSEMBLE_FILE
-    from derm_accel.hub import ENSEMBLE_FILE as HUB_ENSEMBLE_FILE
-    from derm_accel.hub import push_model
+    from derm_accel.core.artifacts import ENSEMBLE_FILE
+    from derm_accel.hub.push import ENSEMBLE_FILE as HUB_ENSEMBLE_FILE
+    from derm_accel.hub.push import push_model
 
     assert HUB_ENSEMBLE_FILE == ENSEMBLE_FILE
     before = _tree_hashes(run)
@@ -130,8 +130,8 @@ def test_dry_run_stages_the_ensemble_as_one_repo(run: Path, report: Path, tmp_pa
 
 
 def test_other_member_folders_are_renamed_member_k(run: Path, tmp_path: Path) -> None:
-    from derm_accel.ensemble import load_models, write_ensemble
-    from derm_accel.hub import push_model
+    from derm_accel.hub.push import push_model
+    from derm_accel.models.ensemble import load_models, write_ensemble
 
     other = tmp_path / "picked"
     shutil.copytree(run / "fold_2" / "best", other / "b3")
@@ -151,7 +151,7 @@ def test_other_member_folders_are_renamed_member_k(run: Path, tmp_path: Path) ->
 def test_a_report_evaluate_wrote_for_the_folder_goes_into_the_card(run: Path, tmp_path: Path) -> None:
     from derm_accel.data.synthetic import write_dataset
     from derm_accel.evaluation.run import evaluate_model
-    from derm_accel.hub import push_model
+    from derm_accel.hub.push import push_model
 
     data = write_dataset(tmp_path / "data", {"test": [4, 4, 4]}, size=72, names=LABELS)
     metrics = evaluate_model(str(run), data, split="test", out_dir=tmp_path / "report", num_workers=0)
@@ -166,7 +166,7 @@ def test_a_report_evaluate_wrote_for_the_folder_goes_into_the_card(run: Path, tm
 def test_damaged_or_mismatched_members_and_wrong_reports_are_refused(
     run: Path, report: Path, tmp_path: Path
 ) -> None:
-    from derm_accel.hub import push_model
+    from derm_accel.hub.push import push_model
 
     broken = tmp_path / "broken"
     shutil.copytree(run, broken)
@@ -197,7 +197,7 @@ def test_pushed_ensemble_predicts_like_the_local_folder(
 
     from derm_accel import predict
     from derm_accel.data.synthetic import render
-    from derm_accel.hub import push_model
+    from derm_accel.hub.push import push_model
 
     images = tmp_path / "photos"
     images.mkdir()

@@ -33,7 +33,7 @@ def test_summary_pairs_folds_against_plain() -> None:
 def test_candidates_are_valid_recipes(tmp_path) -> None:
     import argparse
 
-    from derm_accel.config import parse_override
+    from derm_accel.training.config import parse_override
 
     args = argparse.Namespace(
         model="tf_efficientnet_lite0", pretrained_file=str(tmp_path), epochs=4, batch_size=32, set=None

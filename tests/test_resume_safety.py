@@ -14,12 +14,12 @@ import pytest
 import torch
 import yaml
 
-import derm_accel.train as train_module
-from derm_accel.checkpoint_files import CheckpointError, load_tensors_file, verify_checkpoint, write_manifest
-from derm_accel.checkpoints import list_checkpoints, verified_checkpoint
-from derm_accel.config import RecipeError
-from derm_accel.tracking import read_metrics
-from derm_accel.train import NonFiniteLossError, train
+import derm_accel.training.setup as setup_module
+from derm_accel.core.tracking import read_metrics
+from derm_accel.training.checkpoint_files import CheckpointError, load_tensors_file, verify_checkpoint, write_manifest
+from derm_accel.training.checkpoints import list_checkpoints, verified_checkpoint
+from derm_accel.training.config import RecipeError
+from derm_accel.training.train import NonFiniteLossError, train
 from tests.train_utils import make_dataset, reset_accelerate, tiny_recipe
 
 STOPPED = {"epochs": 1, "checkpoint_every_steps": 1, "keep_checkpoints": 2, "stop_after_steps": 2}
@@ -136,7 +136,7 @@ def test_a_crafted_state_file_with_a_matching_manifest_is_refused_without_runnin
 def test_weights_gone_non_finite_are_never_checkpointed(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = train_module.build_optimizer
+    real = setup_module.build_optimizer
 
     def exploding(model, cfg):  # the 2nd optimizer step leaves an inf in the weights, as lr=1e6 would
         optimizer, calls = real(model, cfg), []
@@ -150,7 +150,7 @@ def test_weights_gone_non_finite_are_never_checkpointed(
         optimizer.register_step_post_hook(explode)
         return optimizer
 
-    monkeypatch.setattr(train_module, "build_optimizer", exploding)
+    monkeypatch.setattr(setup_module, "build_optimizer", exploding)
     reset_accelerate()
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="after optimizer step 2") as err:
@@ -161,7 +161,7 @@ def test_weights_gone_non_finite_are_never_checkpointed(
 
 
 def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path: Path) -> None:
-    from derm_accel.checkpoints import (
+    from derm_accel.training.checkpoints import (
         CHECKPOINT_DIR,
         STATE_NAME,
         checkpoint_name,
@@ -181,8 +181,8 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path:
 
 
 def test_resume_refuses_a_change_of_optimizer_groups_even_with_changes_allowed(tmp_path: Path) -> None:
-    from derm_accel.config import RecipeError
-    from derm_accel.resume import check_changes
+    from derm_accel.training.config import RecipeError
+    from derm_accel.training.resume import check_changes
 
     with pytest.raises(RecipeError, match="parameter groups"):
         check_changes({"optim.layer_decay": (None, 0.8)}, tmp_path / "step_4", allow=True)

@@ -19,9 +19,9 @@ import torch
 from fastapi.testclient import TestClient
 
 from derm_accel.data.synthetic import render
-from derm_accel.models import create_model, export_model
-from derm_accel.predict import predict
-from derm_accel.serve import BackgroundServer, create_app
+from derm_accel.inference.predict import predict
+from derm_accel.models.build import create_model, export_model
+from derm_accel.serving.serve import BackgroundServer, create_app
 from tests.conftest import DERM_SAMPLE
 
 LABELS = ["melanoma", "nevus", "psoriasis"]
@@ -184,7 +184,7 @@ def test_oversized_bodies_get_413_declared_or_streamed(url: str) -> None:
 def test_a_failing_forward_pass_answers_500_and_the_server_keeps_serving(
     model_dir: Path, lesion: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    predict_module = importlib.import_module("derm_accel.predict")  # the package exports a function of that name
+    predict_module = importlib.import_module("derm_accel.inference.predict")
     real, calls = predict_module.classify_batch, []
 
     def out_of_memory_once(*args, **kwargs):
@@ -230,7 +230,7 @@ def test_top_k_must_be_positive(model_dir: Path) -> None:
 def test_decoded_pixels_of_concurrent_uploads_stay_within_the_budget(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import derm_accel.serve as serve_module
+    import derm_accel.serving.serve as serve_module
     from derm_accel.data.decode import PixelBudget
 
     holds: list[tuple[int, int]] = []  # (bytes asked for, bytes held by all decodes while this one runs)

@@ -96,7 +96,7 @@ print("RAW=" + json.dumps(raw))
         assert files >= {"README.md", "app.py", "requirements.txt", "examples/lesion.jpg"}
         assert "model.safetensors" in hub.state.files(REPO_ID)
     raw = json.loads(ran.stdout.split("RAW=")[1])
-    from derm_accel.predict import predict
+    from derm_accel.inference.predict import predict
 
     expected = predict(str(image), model=str(model_dir))[0]
     expected.pop("path")
@@ -106,7 +106,7 @@ print("RAW=" + json.dumps(raw))
 
 
 def test_a_folder_with_other_files_is_not_replaced(model_dir: Path, tmp_path: Path) -> None:
-    from derm_accel.space import stage_space
+    from derm_accel.hub.space import stage_space
 
     taken = tmp_path / "taken"
     taken.mkdir()

@@ -28,8 +28,8 @@ from derm_accel.evaluation.subgroups import (
     parse_subgroups,
     worst_group_gaps,
 )
-from derm_accel.model_card import build_model_card
-from derm_accel.models import create_model, export_model
+from derm_accel.hub.card import build_model_card
+from derm_accel.models.build import create_model, export_model
 
 MODEL_LABELS = ["melanoma", "nevus"]
 DATA_CLASSES = {"MEL": 0, "NEV": 1, "BOD": 2}  # BOD (Bowen's disease) is unknown to the model

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from derm_accel.data.synthetic import class_names, render, write_dataset
-from derm_accel.models import INHERITED_CFG_KEYS, base_weights, create_model, export_model
+from derm_accel.models.build import INHERITED_CFG_KEYS, base_weights, create_model, export_model
 from tests.conftest import LITE0_WEIGHTS, needs_lite0
 
 NAMES = sorted(class_names(3))
@@ -112,7 +112,7 @@ def test_base_weights_of_a_local_folder_record_its_origin() -> None:
 def _card_meta(model_dir: Path, info_update: dict) -> tuple[dict, str]:
     import yaml
 
-    from derm_accel.model_card import build_model_card
+    from derm_accel.hub.card import build_model_card
 
     path = model_dir / "training_info.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **info_update}))
@@ -149,7 +149,7 @@ def test_model_card_names_base_model_and_dataset(tmp_path: Path) -> None:
 
 
 def test_a_missing_local_path_is_no_hub_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from derm_accel.models import resolve_model_source
+    from derm_accel.models.load import resolve_model_source
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()

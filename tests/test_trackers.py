@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from derm_accel.config import RecipeError, load_recipe
-from derm_accel.tracking import read_metrics
-from derm_accel.train import train
+from derm_accel.core.tracking import read_metrics
+from derm_accel.training.config import RecipeError, load_recipe
+from derm_accel.training.train import train
 from tests.train_utils import make_dataset, reset_accelerate, tiny_recipe
 
 

@@ -33,7 +33,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 def test_export_records_tta_and_load_reads_it(tmp_path: Path) -> None:
-    from derm_accel.models import create_model, export_model, load_model
+    from derm_accel.models.build import create_model, export_model
+    from derm_accel.models.load import load_model
 
     folder = export_model(create_model("test_efficientnet", 3), tmp_path / "m", LABELS, tta="flip")
     assert json.loads((folder / "config.json").read_text())["derm_accel"]["tta"] == "flip"
@@ -45,7 +46,7 @@ def test_predict_uses_the_declared_flip_tta_unless_turned_off(folders: tuple[Pat
     from PIL import Image
 
     from derm_accel import predict
-    from derm_accel.predict import prepared_model
+    from derm_accel.inference.predict import prepared_model
 
     plain, flip = folders
     by_default = predict(images, model=str(flip), device="cpu", guard=False, top_k=3)
@@ -82,7 +83,7 @@ def test_evaluate_reports_the_tta_it_used(folders: tuple[Path, Path], tmp_path: 
 
 
 def test_model_card_says_when_the_model_answers_with_flip_tta(folders: tuple[Path, Path]) -> None:
-    from derm_accel.model_card import build_model_card
+    from derm_accel.hub.card import build_model_card
 
     plain, flip = folders
     assert "flip test-time augmentation" in str(build_model_card(flip, "derm-lab/flip"))

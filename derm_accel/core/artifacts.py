@@ -156,3 +156,15 @@ def pct(value: Any, digits: int = 1) -> str:
     """A share in [0, 1] as a percentage; undefined values as ``n/a``."""
     real = number(value)
     return "n/a" if real is None else f"{100 * real:.{digits}f}%"
+
+
+CONFIG_NAME = "config.json"
+
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+FOLD_DATA = "fold_data"

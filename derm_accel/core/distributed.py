@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from derm_accel.errors import RunError
+from derm_accel.core.errors import RunError
 
 
 def has_accelerator_device() -> bool:

@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from derm_accel.paths import fit_name, temp_prefix
+import yaml
+
+from derm_accel.core.paths import fit_name, temp_prefix
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -78,3 +80,22 @@ def staged_dir(dest: str | os.PathLike, marker: str = ".") -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _read_optional(path: Path, parse: Callable[[str], Any], errors: type[Exception] | tuple, kind: str) -> dict:
+    """A mapping from ``path``, or ``{}`` if the file is absent (every side file of a run is optional)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = parse(path.read_text())
+    except errors as e:
+        raise ValueError(f"{path} is not valid {kind} ({e}); fix or remove it.") from e
+    return data if isinstance(data, dict) else {}
+
+
+def read_optional_json(path: Path) -> dict[str, Any]:
+    return _read_optional(path, json.loads, json.JSONDecodeError, "JSON")
+
+
+def read_optional_yaml(path: Path) -> dict[str, Any]:
+    return _read_optional(path, yaml.safe_load, yaml.YAMLError, "YAML")

@@ -30,6 +30,9 @@ from datasets.arrow_writer import ArrowWriter
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm.auto import tqdm
 
+from derm_accel.core.errors import InputError
+from derm_accel.core.fileio import atomic_write_json, replace_dir
+from derm_accel.core.paths import shareable_path
 from derm_accel.data.card import build_card
 from derm_accel.data.decode import (
     MAX_DECODE_PIXELS,
@@ -49,6 +52,7 @@ from derm_accel.data.metadata import (
     unit_label,
     with_metadata_features,
 )
+from derm_accel.data.publish import push_dataset
 from derm_accel.data.report import (
     REPORT_NAME,
     check_accounting,
@@ -61,9 +65,6 @@ from derm_accel.data.scan import ScanError, ScanResult, Skip, SourceFile, load_c
 from derm_accel.data.schema import dataset_features
 from derm_accel.data.split import SPLITS, stratified_group_split
 from derm_accel.data.tempdirs import make_temp_dir, remove_stale_temp_dirs
-from derm_accel.errors import InputError
-from derm_accel.fileio import atomic_write_json, replace_dir
-from derm_accel.paths import shareable_path
 
 CARD_TITLE = "Skin disease images"
 
@@ -509,7 +510,5 @@ def convert_folders(
         shutil.rmtree(tmp, ignore_errors=True)
 
     if push_to_hub:
-        from derm_accel.data.publish import push_dataset
-
         report["hub_url"] = push_dataset(out, push_to_hub, report, title=CARD_TITLE)
     return report

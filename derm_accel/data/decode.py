@@ -19,7 +19,7 @@ import numpy as np
 import scipy.fftpack
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from derm_accel.errors import InputError
+from derm_accel.core.errors import InputError
 
 # Pillow's own default; a header claiming more pixels is refused before any pixel is decoded.
 MAX_PIXELS = 89_478_485

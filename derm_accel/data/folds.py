@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,7 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from derm_accel.errors import InputError
+from derm_accel.core.errors import InputError
+from derm_accel.data.decode import phash_variants
+from derm_accel.data.dedupe import UnionFind, group_images
+from derm_accel.data.split import stratified_group_split
+from derm_accel.data.transforms import decode_image
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_NEAR_THRESHOLD = 4  # convert's default
@@ -72,10 +75,6 @@ def duplicate_groups(rows: Any, threshold: int = DEFAULT_NEAR_THRESHOLD, group_c
     """
     from datasets import Image as ImageFeature
 
-    from derm_accel.data.decode import phash_variants
-    from derm_accel.data.dedupe import UnionFind, group_images
-    from derm_accel.data.transforms import decode_image
-
     images = rows.cast_column("image", ImageFeature(decode=False))["image"]
     variants = np.array([phash_variants(decode_image(cell)) for cell in images], dtype=np.uint64)
     phashes = [f"{int(v):016x}" for v in variants[:, 0]]
@@ -117,8 +116,6 @@ def assign_folds(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int =
 
 def inner_validation(labels: np.ndarray, groups: np.ndarray, rows: np.ndarray, seed: int) -> np.ndarray:
     """A grouped, stratified ``INNER_VAL_FRAC`` of ``rows`` (the training folds) for picking the best epoch."""
-    from derm_accel.data.split import stratified_group_split
-
     member_groups: dict[int, list[int]] = {}
     for r in rows.tolist():
         member_groups.setdefault(int(groups[r]), []).append(r)
@@ -218,35 +215,3 @@ def make_fold_datasets(
     return paths
 
 
-def t_quantile(df: int, level: float = 0.95) -> float:
-    from scipy.stats import t
-
-    return float(t.ppf(0.5 + level / 2, df))
-
-
-def mean_sd_ci(values: list[float] | np.ndarray, level: float = 0.95) -> dict[str, Any]:
-    """Mean, sample sd and the t-interval of the mean over folds."""
-    x = np.asarray(values, dtype=np.float64)
-    n = len(x)
-    mean = float(x.mean()) if n else math.nan
-    sd = float(x.std(ddof=1)) if n > 1 else math.nan
-    half = t_quantile(n - 1, level) * sd / math.sqrt(n) if n > 1 else math.nan
-    return {"n": n, "mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half, "values": x.tolist()}
-
-
-def paired_difference(values: list[float], baseline: list[float], level: float = 0.95) -> dict[str, Any]:
-    """``values - baseline`` fold by fold: mean, sd and t-interval of the paired differences."""
-    if len(values) != len(baseline):
-        raise ValueError(f"paired difference needs the same folds: {len(values)} vs {len(baseline)} values")
-    return mean_sd_ci(np.asarray(values) - np.asarray(baseline), level)
-
-
-def classification_metrics(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Macro-F1 (over all classes), balanced accuracy and accuracy."""
-    from sklearn.metrics import balanced_accuracy_score, f1_score
-
-    return {
-        "macro_f1": float(f1_score(labels, predicted, average="macro", labels=np.arange(num_classes), zero_division=0)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
-        "accuracy": float((np.asarray(labels) == np.asarray(predicted)).mean()),
-    }

@@ -21,7 +21,7 @@ from datasets import Features
 
 from derm_accel.data.dedupe import UnionFind
 from derm_accel.data.presets import Preset, get_preset, guess_preset
-from derm_accel.data.scan import ScanError, ScanResult, Skip, SourceFile, _is_hidden, _leaves_tree, _walk_files
+from derm_accel.data.scan import ScanError, ScanResult, Skip, SourceFile, is_hidden, leaves_tree, walk_files
 from derm_accel.data.schema import dataset_features
 from derm_accel.data.tables import Table, infer_feature, load_tables
 
@@ -143,13 +143,13 @@ def index_files(
     rels, paths, skipped = [], [], []
     by_name: dict[str, list[int]] = {}
     by_stem: dict[str, list[int]] = {}
-    for path in _walk_files(src):
+    for path in walk_files(src):
         rel_path = path.relative_to(src)
         rel = rel_path.as_posix()
-        if _is_hidden(rel_path.parts):
+        if is_hidden(rel_path.parts):
             skipped.append(Skip(rel, "hidden", "file or folder name starts with '.'"))
             continue
-        if not follow_external_links and _leaves_tree(path, root_real):
+        if not follow_external_links and leaves_tree(path, root_real):
             skipped.append(
                 Skip(rel, "external_link", "a link leads outside SRC; pass --follow-external-links to include it")
             )

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from derm_accel.artifacts import CONVERSION_REPORT
+from derm_accel.core.artifacts import CONVERSION_REPORT
+from derm_accel.core.errors import RunError
+from derm_accel.core.fileio import atomic_write_json, read_optional_json
+from derm_accel.core.paths import fit_name
+from derm_accel.core.version import __version__
 from derm_accel.data.scan import Skip
 from derm_accel.data.split import SPLITS
-from derm_accel.errors import RunError
-from derm_accel.fileio import atomic_write_json
-from derm_accel.paths import fit_name
 
 REPORT_NAME = CONVERSION_REPORT
 
@@ -31,10 +33,9 @@ def versions() -> dict[str, str]:
     import pyarrow
     import scipy
 
-    import derm_accel
 
     return {
-        "derm_accel": derm_accel.__version__,
+        "derm_accel": __version__,
         "datasets": datasets.__version__,
         "pyarrow": pyarrow.__version__,
         "pillow": PIL.__version__,
@@ -92,3 +93,15 @@ def write_failure_report(out: Path, report: dict[str, Any]) -> Path:
     path = out.with_name(fit_name(out.name, ".failed-report.json")) if holds_dataset else out / REPORT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_json(path, {"status": "failed", **report})
+
+
+def dataset_provenance(data_path: str | os.PathLike) -> dict[str, Any]:
+    """What training records about its converted dataset for the card: the source folder's name (not the local
+    ``data/`` path), and the Hub dataset id and license when ``convert`` recorded them."""
+    report = read_optional_json(Path(data_path) / CONVERSION_REPORT)
+    info = {
+        "name": Path(str(report.get("src") or data_path)).name,
+        "hub_id": report.get("push_to_hub"),
+        "license": report.get("license"),
+    }
+    return {k: v for k, v in info.items() if v} if report else {}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from derm_accel.errors import InputError
+from derm_accel.core.errors import InputError
 
 SPLIT_FOLDERS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
 SPLIT_ORDER = ("train", "validation", "test")
@@ -93,11 +93,11 @@ def load_class_map(class_map: str | os.PathLike | Mapping | None) -> dict[str, s
     return out
 
 
-def _is_hidden(rel_parts: tuple[str, ...]) -> bool:
+def is_hidden(rel_parts: tuple[str, ...]) -> bool:
     return any(part.startswith(".") for part in rel_parts)
 
 
-def _walk_files(root: Path) -> list[Path]:
+def walk_files(root: Path) -> list[Path]:
     """All files under ``root`` (following folder links once; cycles are cut), sorted for determinism."""
     found: list[Path] = []
     seen: set[str] = set()
@@ -112,7 +112,7 @@ def _walk_files(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _leaves_tree(path: Path, root_real: str) -> bool:
+def leaves_tree(path: Path, root_real: str) -> bool:
     """Whether ``path`` (through file or folder links) resolves to a place outside ``root_real``."""
     real = os.path.realpath(path)
     return os.path.commonpath([real, root_real]) != root_real
@@ -156,14 +156,14 @@ def scan_source(
     files: list[SourceFile] = []
     skipped: list[Skip] = []
     folders_with_files: set[str] = set()
-    for path in _walk_files(src):
+    for path in walk_files(src):
         rel_path = path.relative_to(src)
         rel = rel_path.as_posix()
         parts = rel_path.parts
-        if _is_hidden(parts):
+        if is_hidden(parts):
             skipped.append(Skip(rel, "hidden", "file or folder name starts with '.'"))
             continue
-        if not follow_external_links and _leaves_tree(path, root_real):
+        if not follow_external_links and leaves_tree(path, root_real):
             skipped.append(
                 Skip(rel, "external_link", "a link leads outside SRC; pass --follow-external-links to include it")
             )

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from derm_accel.data.schema import dataset_features
+
 # (name, lesion RGB, shape, texture)
 _CLASSES: list[tuple[str, tuple[int, int, int], str, str]] = [
     ("melanoma", (60, 35, 30), "irregular", "speckled"),
@@ -123,8 +125,6 @@ def write_dataset(
     benchmarks of the later stages use it to start from a known, tiny dataset.
     """
     from datasets import Dataset, DatasetDict
-
-    from derm_accel.data.schema import dataset_features
 
     num_classes = len(next(iter(split_counts.values())))
     names = names or sorted(class_names(num_classes))

@@ -17,7 +17,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from derm_accel.paths import temp_prefix
+from derm_accel.core.paths import temp_prefix
 
 logger = logging.getLogger(__name__)
 

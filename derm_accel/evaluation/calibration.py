@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .derm_metrics.derm_metrics import expected_calibration_error
+from derm_accel.evaluation.derm_metrics.derm_metrics import expected_calibration_error
 
 
 def tta_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +17,12 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from derm_accel.tta import flip_views
+from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, with_transform
+from derm_accel.evaluation.calibration import tta_probabilities
+from derm_accel.models.build import data_config
+from derm_accel.models.features import forward_with_features
+from derm_accel.models.load import load_model
+from derm_accel.models.tta import flip_views
 
 TTA_VIEWS: dict[str | None, tuple[str, ...]] = {
     None: ("original",),
@@ -27,11 +33,18 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 
 @dataclass
 class InferenceResult:
-    """Logits of every view, in dataset order: ``logits`` is (N, V, C) float32, ``labels`` (N,) int64."""
+    """Logits of every view, in dataset order: ``logits`` is (N, V, C) float32, ``labels`` (N,) int64;
+    ``features``: the domain guard's per-depth summaries [(N, D_i)] of the original view, when asked for."""
 
     logits: torch.Tensor
     labels: torch.Tensor
     views: tuple[str, ...]
+    features: list[torch.Tensor] | None = None
+
+    def rows(self, index: torch.Tensor) -> InferenceResult:
+        """The same result for the rows ``index`` (features included)."""
+        features = None if self.features is None else [f[index] for f in self.features]
+        return InferenceResult(self.logits[index], self.labels[index], self.views, features)
 
 
 class _Indexed(Dataset):
@@ -92,12 +105,15 @@ def predict_logits(
     mixed_precision: str | None = None,
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = False,
+    guard_dim: int | None = None,
 ) -> InferenceResult:
     """Score ``dataset`` (items with ``pixel_values`` and ``labels``) on all ranks; every rank gets all rows.
 
     ``tta="flip"`` scores the original, horizontally and vertically flipped image in one forward pass.
     ``normalize`` turns uint8 batches into the model's input on the device (:class:`BatchNormalize`).
     ``progress`` shows a progress bar over batches on the main process (on stderr, and only on a terminal).
+    ``guard_dim``: also return the domain guard's features of the original view (:mod:`derm_accel.models.features`,
+    summaries of at most that width) from the same forward pass, so the guard needs no second pass over the split.
     """
     if tta not in TTA_VIEWS:
         raise ValueError(
@@ -120,7 +136,7 @@ def predict_logits(
     )
     loader = accelerator.prepare_data_loader(loader)
 
-    logits_parts, label_parts, index_parts = [], [], []
+    logits_parts, label_parts, index_parts, feature_parts = [], [], [], []
     show = progress and accelerator.is_main_process
     with torch.inference_mode():
         for batch in tqdm(loader, desc="inference", unit="batch", disable=not show or None):
@@ -129,14 +145,18 @@ def predict_logits(
                 x = normalize(x)
             x = x.contiguous(memory_format=memory_format)
             x = _views(x, tta)
-            autocast = (
+            autocast = (  # the guard's features in float32, as it was fitted
                 torch.autocast(device.type, dtype=autocast_dtype)
-                if autocast_dtype is not None
+                if autocast_dtype is not None and guard_dim is None
                 else nullcontext()
             )
-            with autocast:
-                out = model(x)
             n = batch["labels"].shape[0]
+            with autocast:
+                if guard_dim is None:
+                    out = model(x)
+                else:  # the original view is the first n rows of x (_views)
+                    out, features = forward_with_features(model, x, guard_dim)
+                    feature_parts.append(accelerator.gather_for_metrics([f[:n].float() for f in features]))
             # (V*B, C) -> (B, V, C); softmax later in float32.
             out = out.float().reshape(len(views), n, -1).transpose(0, 1).contiguous()
             gathered = accelerator.gather_for_metrics(
@@ -155,6 +175,33 @@ def predict_logits(
             f"distributed inference returned {len(index)} rows ({index.unique().numel()} distinct) "
             f"for {len(dataset)} samples"
         )
+    features = None
+    if feature_parts:
+        features = [torch.cat([part[i].cpu() for part in feature_parts])[order] for i in range(len(feature_parts[0]))]
     return InferenceResult(
-        logits=torch.cat(logits_parts)[order], labels=torch.cat(label_parts)[order], views=views
+        logits=torch.cat(logits_parts)[order], labels=torch.cat(label_parts)[order], views=views, features=features
     )
+
+
+def score_split(
+    model_dir: Path, data: str | Path, split: str, *, tta: str | None = None, batch_size: int = 64
+) -> dict[str, Any]:
+    """Probabilities of ``model_dir`` on ``data[split]`` (every process gets all rows)."""
+    from accelerate import Accelerator
+    from datasets import load_from_disk
+
+    net, labels = load_model(str(model_dir))
+    cfg = data_config(net)
+    transform, decode = eval_input(cfg)
+    test = load_from_disk(str(data))[split]
+    min_size = decode_size(cfg["input_size"][-1], cfg.get("crop_pct"))
+    split = with_transform(test, transform, min_size=min_size, decode=decode)
+    result = predict_logits(
+        net, split, Accelerator(), batch_size=batch_size, num_workers=0, tta=tta, normalize=BatchNormalize(cfg)
+    )
+    return {
+        "probabilities": tta_probabilities(result.logits).numpy(),
+        "labels": result.labels.numpy(),
+        "source_paths": list(test["source_path"]),
+        "label_names": labels,
+    }

@@ -9,6 +9,7 @@ classes.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -20,8 +21,8 @@ import numpy as np
 import torch
 import yaml
 
-from .calibration import tta_probabilities
-from .inference import InferenceResult
+from derm_accel.evaluation.calibration import tta_probabilities
+from derm_accel.evaluation.inference import InferenceResult
 
 UNSCORED_FILE = "predictions_unscored.csv"
 
@@ -139,7 +140,7 @@ def apply_label_map(
         data_labels=result.labels[unknown].numpy(),
         logits=result.logits[unknown],
     )
-    scored = InferenceResult(logits=result.logits[known], labels=mapped[known], views=result.views)
+    scored = dataclasses.replace(result.rows(known), labels=mapped[known])
     return scored, split.select(known.tolist()), external
 
 
@@ -147,7 +148,7 @@ def map_labels(result: InferenceResult, mapping: LabelMapping) -> InferenceResul
     """A validation result (for temperature fitting) restricted to known classes, in the model's indices."""
     mapped = torch.tensor(mapping.target, dtype=torch.long)[result.labels]
     keep = mapped >= 0
-    return InferenceResult(logits=result.logits[keep], labels=mapped[keep], views=result.views)
+    return dataclasses.replace(result.rows(keep), labels=mapped[keep])
 
 
 def report_lines(metrics: Mapping[str, Any]) -> list[str]:

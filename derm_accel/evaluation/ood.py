@@ -18,7 +18,12 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from derm_accel.guard.fit import risk_coverage
+from derm_accel.data.images import expand_inputs, read_image
+from derm_accel.guard.scoring import Scored, risk_coverage, score_batches, split_batches
+from derm_accel.inference.predict import prepared_model
+from derm_accel.models.build import data_config
+from derm_accel.models.features import MAX_DIM
+from derm_accel.models.tta import combine
 
 SCORES = ("ood_score", "softmax_confidence", "energy")
 
@@ -38,8 +43,6 @@ def separation(in_scores: np.ndarray, out_scores: np.ndarray) -> dict[str, float
 
 
 def _width(prepared: Any) -> int:
-    from derm_accel.guard.features import MAX_DIM
-
     return prepared.guard.max_dim if prepared.guard is not None else MAX_DIM
 
 
@@ -54,14 +57,11 @@ def score_folder(
     prepared: Any, folder: str | Path, *, batch_size: int = 32, device: str = "cpu"
 ) -> tuple[Any, list[dict[str, str]]]:
     """Score every image file under ``folder`` as predict would read it; unreadable files are listed, not lost."""
-    from derm_accel.guard.fit import score_batches
-    from derm_accel.predict import _read_image, expand_inputs
-
     tensors, skipped = [], []
     for path, error in expand_inputs(str(folder)):
         if error is None:
             try:
-                tensors.append(prepared.transform(_read_image(path, prepared.min_size)))
+                tensors.append(prepared.transform(read_image(path, prepared.min_size)))
                 continue
             except Exception as e:  # a broken file is reported, never the end of the evaluation
                 error = f"{type(e).__name__}: {e}"
@@ -76,9 +76,6 @@ def score_ood_source(
     prepared: Any, source: str | Path, *, batch_size: int = 32, device: str = "cpu"
 ) -> tuple[Any, list[dict]]:
     """A folder of images, or a converted dataset (all its splits), scored by the model."""
-    from derm_accel.guard.fit import score_batches, split_batches
-    from derm_accel.models import data_config
-
     source = Path(source)
     if (source / "dataset_dict.json").is_file():
         from datasets import concatenate_datasets, load_from_disk
@@ -93,33 +90,29 @@ def score_ood_source(
     return score_folder(prepared, source, batch_size=batch_size, device=device)
 
 
+def in_domain_scores(logits: torch.Tensor, labels: torch.Tensor, features: list[torch.Tensor] | None) -> Scored:
+    """The evaluated split as the out-of-domain section scores it, from evaluate's one pass: the answer logits
+    (softmax averaged over the TTA views of ``logits`` (N, V, C), as predict answers) and the guard's features."""
+    return Scored(combine(logits), features or [], labels)
+
+
 def evaluate_ood(
-    model: str,
-    raw_split: Any,
+    models: list[str],
+    in_dom: Scored,
     ood_sources: list[str],
     *,
     batch_size: int = 32,
-    label_target: list[int] | None = None,
     device: str = "cpu",
     tta: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The report block for out-of-domain sets, and the in-domain confidence/correctness for the plot
-    (confidences with ``tta``: "flip", "none", or None for the model's own, as predict answers).
+    """The report block for out-of-domain sets, and the in-domain confidence/correctness for the plot.
 
-    ``label_target[i]`` is the model's class index of the split's class ``i`` (external validation with a
-    label map); by default the split's classes are the model's.
+    ``in_dom`` is the evaluated split scored by the model (:func:`in_domain_scores`, labels in the model's
+    indices); each ``--ood`` set is scored by ``models`` (one model, or an ensemble's members: the ensemble's
+    answers, with its first member's guard) with ``tta`` ("flip" or "none"), as predict answers.
     """
-    from derm_accel.guard.fit import score_batches, split_batches
-    from derm_accel.models import data_config
-    from derm_accel.predict import prepared_model
-
-    prepared = prepared_model(model, device, tta=tta)
+    prepared = prepared_model(models, device, tta=tta)
     guard = prepared.guard
-    cfg = data_config(prepared.net)
-    batches = split_batches(raw_split, cfg, batch_size=batch_size)
-    in_dom = score_batches(prepared.net, batches, device, _width(prepared), prepared.tta)
-    if label_target is not None:
-        in_dom.labels = torch.tensor(label_target, dtype=torch.long)[in_dom.labels]
     in_scores = _oriented(in_dom, guard)
     correct = (in_dom.logits.argmax(-1) == in_dom.labels).numpy()
     curve = risk_coverage(in_dom.confidence, correct)

@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from .calibration import expected_calibration_error
+from derm_accel.evaluation.calibration import expected_calibration_error
+from derm_accel.guard.fit import risk_coverage
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
@@ -202,7 +203,7 @@ LEARNING_CURVE_PANELS = (
 
 def plot_learning_curves(records: Sequence[dict], path: str | os.PathLike) -> Path | None:
     """Loss, accuracy, macro-F1 and learning rate per epoch from a run's ``logs/metrics.jsonl`` records (as
-    :func:`derm_accel.tracking.read_metrics` returns them); None when no epoch was logged."""
+    :func:`derm_accel.core.tracking.read_metrics` returns them); None when no epoch was logged."""
     epochs = [r for r in records if "epoch" in r and "val/accuracy" in r]
     if not epochs:
         return None
@@ -251,8 +252,6 @@ def plot_risk_coverage(
     confidence: np.ndarray, correct: np.ndarray, path: str | os.PathLike, block: dict | None = None
 ) -> Path:
     """Error among answered images vs share answered (most confident first), with the model's operating point."""
-    from derm_accel.guard.fit import risk_coverage
-
     curve = risk_coverage(np.asarray(confidence), np.asarray(correct))
     fig = Figure(figsize=(5.5, 4))
     ax = fig.add_subplot()

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from derm_accel.artifacts import METRIC_NAMES, fmt, pct
-
-from .label_map import report_lines as external_report_lines
-from .subgroups import report_lines as subgroup_report_lines
+from derm_accel.core.artifacts import METRIC_NAMES, fmt, pct
+from derm_accel.evaluation.label_map import report_lines as external_report_lines
+from derm_accel.evaluation.ood import render_ood_section
+from derm_accel.evaluation.subgroups import report_lines as subgroup_report_lines
 
 PREDICTION_COLUMNS = ("index", "source_path", "true_label", "predicted_label")
 SUMMARY_KEYS = (
@@ -174,8 +174,6 @@ def render_report(metrics: dict[str, Any], files: dict[str, str]) -> str:
     ]
     lines += external_report_lines(metrics) + subgroup_report_lines(metrics) + ensemble_report_lines(metrics)
     if metrics.get("out_of_domain"):
-        from derm_accel.evaluation.ood import render_ood_section
-
         lines += render_ood_section(metrics["out_of_domain"], files.get("risk_coverage"))
     lines += _appendix_lines(metrics, files, options)
     return "\n".join(lines)

@@ -12,23 +12,28 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from ..artifacts import METRICS
-from ..data.transforms import (
+from derm_accel.core.distributed import use_cpu_ranks_without_gpu
+from derm_accel.core.errors import InputError
+from derm_accel.core.paths import fit_name
+from derm_accel.data.transforms import (
     IMAGE_COLUMN,
     LABEL_COLUMN,
     BatchNormalize,
-    decode_image,
     decode_size,
     eval_input,
     with_transform,
 )
-from ..distributed import use_cpu_ranks_without_gpu
-from ..ensemble import (
+from derm_accel.evaluation.inference import predict_logits
+from derm_accel.evaluation.label_map import apply_label_map, load_label_map, map_labels, resolve_label_map
+from derm_accel.evaluation.members import member_metrics
+from derm_accel.evaluation.outputs import FILES, ensemble_block, out_of_domain_block, write_outputs
+from derm_accel.evaluation.subgroups import check_columns, parse_subgroups
+from derm_accel.guard.model import load_guard
+from derm_accel.models.build import data_config
+from derm_accel.models.ensemble import (
     Ensemble,
     MemberLogits,
     check_not_trained_on,
@@ -36,66 +41,16 @@ from ..ensemble import (
     display_name,
     expand_sources,
     load_models,
-    member_metrics,
     split_members,
 )
-from ..errors import InputError
-from ..fileio import atomic_write_json
-from ..models import data_config
-from ..paths import shareable_path
-from ..tta import resolve as resolve_tta
-from . import plots
-from .calibration import fit_temperature, negative_log_likelihood, tta_probabilities
-from .inference import predict_logits
-from .label_map import UNSCORED_FILE, External, apply_label_map, load_label_map, map_labels, resolve_label_map
-from .report import (
-    render_report,
-    summary,
-    write_misclassifications_md,
-    write_per_class_csv,
-    write_predictions_csv,
-)
-from .subgroups import check_columns, evaluate_subgroups, parse_subgroups, write_subgroup_outputs
+from derm_accel.models.load import resolve_model_source
+from derm_accel.models.tta import resolve as resolve_tta
 
 logger = logging.getLogger(__name__)
-
-METRIC_MODULE_DIR = Path(__file__).resolve().parent / "derm_metrics"
-BOOTSTRAP_RESAMPLES = 1000
-BOOTSTRAP_SEED = 0
-ECE_BINS = 15
-
-FILES = {
-    "metrics": METRICS,
-    "per_class": "per_class.csv",
-    "predictions": "predictions.csv",
-    "confusion_matrix": "confusion_matrix.png",
-    "roc_curves": "roc_curves.png",
-    "reliability": "reliability.png",
-    "misclassifications": "misclassifications.md",
-    "examples": "misclassified_examples.png",
-    "report": "report.md",
-    "risk_coverage": "risk_coverage.png",
-    "precision_recall": "precision_recall.png",
-    "learning_curves": "learning_curves.png",
-}
-
-
-def run_logs(model: str) -> Path | None:
-    """``RUN/logs`` when ``model`` is a local ``RUN/best`` whose run logged ``metrics.jsonl`` beside it."""
-    path = Path(model.removeprefix("local-dir:"))
-    logs = path.parent / "logs"
-    return logs if path.is_dir() and (logs / "metrics.jsonl").is_file() else None
 
 
 class LabelMismatchError(InputError):
     """The model's label names differ from the dataset's: scoring would silently misalign classes."""
-
-
-def load_metric() -> Any:
-    """The shipped ``derm_metrics`` module through ``evaluate`` (offline: loaded from the package folder)."""
-    import evaluate
-
-    return evaluate.load(str(METRIC_MODULE_DIR), keep_in_memory=True)
 
 
 def load_split(data: str | os.PathLike, split: str) -> tuple[Any, Any]:
@@ -152,41 +107,8 @@ def default_out_dir(model: str, split: str) -> Path:
     name = path.name
     if name in {"best", "last", "final"} and path.parent.name:
         name = f"{path.parent.name}-{name}"
-    from derm_accel.paths import fit_name  # RUN-best of a 250-byte RUN name: still one valid folder name
 
     return Path("reports") / fit_name(name, f"-{split}")
-
-
-def _score(
-    metric: Any, labels: np.ndarray, probabilities: np.ndarray, label_names: list[str]
-) -> dict[str, Any]:
-    probabilities = probabilities.astype(np.float32)
-    return metric.compute(
-        predictions=probabilities.argmax(axis=1),
-        probabilities=probabilities,
-        references=labels,
-        label_names=label_names,
-        ece_bins=ECE_BINS,
-        bootstrap=BOOTSTRAP_RESAMPLES,
-        seed=BOOTSTRAP_SEED,
-    )
-
-
-def _examples(raw_split: Any, labels: np.ndarray, probabilities: np.ndarray, names: list[str], limit: int):
-    """The most confident mistakes, as (image, caption) pairs."""
-    from datasets import Image as ImageFeature
-
-    predicted = probabilities.argmax(axis=1)
-    wrong = np.flatnonzero(predicted != labels)
-    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][:limit]
-    raw = raw_split.cast_column(IMAGE_COLUMN, ImageFeature(decode=False))
-    images, titles = [], []
-    for i in wrong.tolist():
-        images.append(decode_image(raw[i][IMAGE_COLUMN]))
-        titles.append(
-            f"true: {names[labels[i]]}\npred: {names[predicted[i]]} ({probabilities[i, predicted[i]]:.0%})"
-        )
-    return images, titles
 
 
 def evaluate_model(
@@ -231,16 +153,17 @@ def evaluate_model(
     if out_dir is None:  # named after the argument: an ensemble folder's report never lands on a member's
         out_dir = default_out_dir(*_report_name(model, split))
     check_not_trained_on(model, data, split)
-    model = sources[0] if len(sources) == 1 else f"ensemble of {len(sources)}: {names}"
+    shown = sources[0] if len(sources) == 1 else f"ensemble of {len(sources)}: {names}"  # report.md's model
     report_dir = Path(out_dir)
     net, model_labels = load_models(sources)
+    guard = load_guard(resolve_model_source(sources[0]))  # an ensemble answers with its first member's guard
     members = net.member_names if isinstance(net, Ensemble) else None
     tta = resolve_tta(tta, net)  # None: the model's own (config.json derm_accel.tta); "none": single view
     dataset, raw_split = load_split(data, split)
     data_labels = list(raw_split.features[LABEL_COLUMN].names)
     mapping = resolve_label_map(load_label_map(label_map), data_labels, model_labels) if label_map else None
     if mapping is None:
-        check_label_names(model_labels, data_labels, model, data)
+        check_label_names(model_labels, data_labels, shown, data)
     subgroup_spec = parse_subgroups(subgroups)
     check_columns(raw_split, subgroup_spec)
     if calibrate and "validation" not in dataset:
@@ -259,8 +182,13 @@ def evaluate_model(
         progress=progress,
     )
     scored_net = MemberLogits(net) if members else net
+    # One pass over the split: logits of every view (and member) and, with a guard, its features.
     result = predict_logits(
-        scored_net, with_transform(raw_split, transform, min_size=min_size, decode=decode), accelerator, **infer
+        scored_net,
+        with_transform(raw_split, transform, min_size=min_size, decode=decode),
+        accelerator,
+        guard_dim=None if guard is None else guard.max_dim,
+        **infer,
     )
     member_rows = None
     if members:  # one pass gave every member's logits: score each, then average them into the ensemble
@@ -280,13 +208,11 @@ def evaluate_model(
     metrics: dict[str, Any] | None = None
     if accelerator.is_main_process:
         ood_block = out_of_domain_block(
-            sources[0], scored_split, ood or [], report_dir / FILES["risk_coverage"],
-            label_target=None if mapping is None else list(mapping.target), device=str(accelerator.device),
-            tta=tta,
+            sources, result, ood or [], report_dir / FILES["risk_coverage"], device=str(accelerator.device), tta=tta
         )
-        metrics = _write_outputs(
+        metrics = write_outputs(
             ood_block=ood_block,
-            model=model,
+            model=shown,
             data=data,
             split=split,
             raw_split=scored_split,
@@ -307,152 +233,3 @@ def evaluate_model(
     return {**metrics, "report_dir": str(report_dir)}
 
 
-def _write_outputs(
-    *,
-    model: str,
-    data: str | Path,
-    split: str,
-    raw_split: Any,
-    label_names: list[str],
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    views: tuple[str, ...],
-    tta: str | None,
-    val: Any,
-    out_dir: Path,
-    max_thumbnails: int,
-    external: External | None = None,
-    subgroups: list[tuple[str, str]] | None = None,
-    ood_block: dict[str, Any] | None = None,
-    ensemble: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metric = load_metric()
-    y = labels.numpy()
-
-    # The chain: original view -> (TTA) view average -> (calibration) tempered view average.
-    stages: dict[str, Any] = {}
-    uncalibrated = tta_probabilities(logits).numpy()
-    temperature = 1.0
-    if val is not None:
-        temperature = fit_temperature(val.logits, val.labels)
-    final = tta_probabilities(logits, temperature).numpy()
-    final_metrics = _score(metric, y, final, label_names)
-
-    if tta is not None:
-        single = _score(metric, y, tta_probabilities(logits[:, :1]).numpy(), label_names)
-        after = final_metrics if val is None else _score(metric, y, uncalibrated, label_names)
-        stages["tta"] = {
-            "method": tta,
-            "views": list(views),
-            "before": summary(single),
-            "after": summary(after),
-        }
-    if val is not None:
-        before = (
-            stages["tta"]["after"]
-            if "tta" in stages
-            else summary(_score(metric, y, uncalibrated, label_names))
-        )
-        stages["calibration"] = {
-            "method": "temperature_scaling",
-            "fitted_on": "validation",
-            "validation_samples": len(val.labels),
-            "temperature": temperature,
-            "validation_nll_before": negative_log_likelihood(val.logits, val.labels),
-            "validation_nll_after": negative_log_likelihood(val.logits, val.labels, temperature),
-            "before": before,
-            "after": summary(final_metrics),
-        }
-
-    metrics: dict[str, Any] = {
-        "model": model if not Path(model).exists() else shareable_path(model),  # a Hub id stays as is
-        "data": shareable_path(data),
-        "split": split,
-        "label_names": label_names,
-        **final_metrics,
-        "tta": stages.get("tta"),
-        "calibration": stages.get("calibration"),
-        "external_validation": external.summary(len(y), temperature) if external is not None else None,
-        "out_of_domain": ood_block,
-        "ensemble": ensemble,
-        "predictions_file": FILES["predictions"],
-        "predictions_note": "predictions.csv holds the final probabilities"
-        + (" (after the options above)" if stages else ""),
-    }
-
-    sources = (
-        raw_split["source_path"]
-        if "source_path" in raw_split.column_names
-        else [f"{split}[{i}]" for i in range(len(y))]
-    )
-    subgroup_columns = None
-    if subgroups:
-        metrics["subgroups"], subgroup_columns = evaluate_subgroups(
-            raw_split, subgroups, y, final, n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED
-        )
-        write_subgroup_outputs(metrics["subgroups"], out_dir)
-    if external is not None:
-        external.write(out_dir / UNSCORED_FILE, temperature)
-    write_predictions_csv(out_dir / FILES["predictions"], sources, y, final, label_names, extra=subgroup_columns)
-    logs = run_logs(model)
-    if logs is not None:
-        from ..tracking import read_metrics
-
-        drawn = plots.plot_learning_curves(read_metrics(logs), out_dir / FILES["learning_curves"])
-        metrics["learning_curves"] = FILES["learning_curves"] if drawn else None
-    atomic_write_json(out_dir / FILES["metrics"], metrics)
-    write_per_class_csv(metrics, out_dir / FILES["per_class"])
-    plots.plot_confusion_matrix(metrics["confusion_matrix"], label_names, out_dir / FILES["confusion_matrix"])
-    plots.plot_roc_curves(y, final, label_names, out_dir / FILES["roc_curves"])
-    plots.plot_precision_recall(y, final, label_names, out_dir / FILES["precision_recall"])
-    curves = (
-        {"uncalibrated": (y, uncalibrated), "calibrated": (y, final)}
-        if val is not None
-        else {"model": (y, final)}
-    )
-    plots.plot_reliability(curves, out_dir / FILES["reliability"], ECE_BINS)
-    images, titles = _examples(raw_split, y, final, label_names, max_thumbnails)
-    plots.plot_examples(images, titles, out_dir / FILES["examples"])
-    write_misclassifications_md(
-        metrics, out_dir / FILES["misclassifications"], examples_png=FILES["examples"]
-    )
-    (out_dir / FILES["report"]).write_text(render_report(metrics, FILES))
-    logger.info("wrote the evaluation report to %s", out_dir)
-    return metrics
-
-
-def ensemble_block(sources: list[str], member_rows: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """metrics.json's ``ensemble``: how members are combined, and each member's own scores on the split."""
-    return {
-        "combine": "mean of the members' probabilities",
-        "members": member_rows or [{"model": display_name(s)} for s in sources],
-        "guard": "the first member's domain guard",
-    }
-
-
-def out_of_domain_block(
-    model: str,
-    raw_split: Any,
-    ood: list[str],
-    plot_path: Path,
-    *,
-    label_target: list[int] | None = None,
-    device: str = "cpu",
-    tta: str | None = None,
-) -> dict[str, Any] | None:
-    """The guard's figures on the evaluated split and on each ``--ood`` set, with the risk-coverage plot.
-
-    Runs when ``--ood`` is given or the model carries a domain guard; None otherwise. ``label_target`` maps the
-    split's label indices to the model's (``--label-map``; the split holds only images of known classes).
-    """
-    from derm_accel.evaluation.ood import evaluate_ood
-    from derm_accel.guard.model import load_guard
-    from derm_accel.models import resolve_model_source
-
-    if not ood and load_guard(resolve_model_source(model)) is None:
-        return None
-    block, curve = evaluate_ood(model, raw_split, ood, label_target=label_target, device=device, tta=tta or "none")
-    plot_path.parent.mkdir(parents=True, exist_ok=True)
-    plots.plot_risk_coverage(curve["confidence"], curve["correct"], plot_path, block)
-    return block

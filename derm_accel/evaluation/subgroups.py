@@ -22,7 +22,7 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-from derm_accel.artifacts import fmt
+from derm_accel.core.artifacts import fmt
 
 SMALL_GROUP = 30
 MAX_GROUPS = 50

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,75 +23,15 @@ import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.model_selection import KFold
 
-from derm_accel.guard.features import MAX_DIM, forward_with_features
+from derm_accel.core.device import default_device
 from derm_accel.guard.model import DomainGuard, GuardError, save_guard
+from derm_accel.guard.scoring import Scored, risk_coverage, score_batches, split_batches
+from derm_accel.models.build import data_config
+from derm_accel.models.load import load_model
 
 CROSS_FIT_FOLDS = 5
 MIN_FIT_IMAGES = 20
 MIN_ANSWERED = 10  # when the target error is out of reach, the fallback threshold still answers this many
-
-
-@dataclass
-class Scored:
-    """Logits (N, C), per-depth feature summaries [(N, D_i)] and labels (N,) of one set of images."""
-
-    logits: torch.Tensor
-    features: list[torch.Tensor]
-    labels: torch.Tensor | None = None
-
-    @property
-    def confidence(self) -> np.ndarray:
-        return self.logits.float().softmax(-1).max(-1).values.numpy()
-
-    @property
-    def energy(self) -> np.ndarray:  # higher = less like the training data, like ood_score
-        return (-torch.logsumexp(self.logits.float(), dim=-1)).numpy()
-
-
-def score_batches(
-    net: Any,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
-    device: str,
-    max_dim: int = MAX_DIM,
-    tta: str | None = None,
-) -> Scored:
-    """Run the model over (inputs, labels) batches; inputs already normalised float tensors.
-
-    Features come from the original view; with ``tta="flip"`` the logits average the flipped views as the
-    model's answers do (derm_accel.tta), so confidences and abstention thresholds match what predict answers.
-    """
-    from derm_accel.tta import answer_logits
-
-    net = net.to(device).eval()
-    logits, feats, labels = [], [], []
-    with torch.inference_mode():
-        for x, y in batches:
-            x = x.to(device).contiguous(memory_format=torch.channels_last)
-            out, summaries = forward_with_features(net, x, max_dim)
-            out = answer_logits(net, x, out, tta)
-            logits.append(out.float().cpu())
-            feats.append([f.cpu() for f in summaries])
-            if y is not None:
-                labels.append(y.cpu())
-    if not logits:
-        raise GuardError("no images to score")
-    depths = [torch.cat([f[i] for f in feats]) for i in range(len(feats[0]))]
-    return Scored(torch.cat(logits), depths, torch.cat(labels) if labels else None)
-
-
-def split_batches(split: Any, data_cfg: dict[str, Any], *, batch_size: int, num_workers: int = 0) -> Iterator:
-    """(normalised inputs, labels) batches of a converted split, preprocessed exactly as evaluate does."""
-    from derm_accel.data import loaders
-    from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input
-
-    transform, decode = eval_input(data_cfg)
-    min_size = decode_size(tuple(data_cfg["input_size"][-2:]), data_cfg.get("crop_pct"))
-    loader = loaders.eval_loader(
-        split, transform, batch_size=batch_size, min_size=min_size, decode=decode, num_workers=num_workers
-    )
-    normalize = BatchNormalize(data_cfg)
-    for batch in loader:
-        yield normalize(batch["pixel_values"]), batch.get("labels")
 
 
 def fit_gaussian(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,16 +54,6 @@ def cross_fitted_distances(features: list[np.ndarray], folds: int = CROSS_FIT_FO
             mean, precision = fit_gaussian(x[fit_idx])
             out[held_idx, depth] = _sq_distances(x[held_idx], mean, precision)
     return out
-
-
-def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict[str, Any]:
-    """Coverage and risk when answering the most confident first; AURC is the mean risk over coverages."""
-    order = np.argsort(-confidence, kind="stable")
-    wrong = 1.0 - correct[order].astype(float)
-    n = len(wrong)
-    risk = np.cumsum(wrong) / np.arange(1, n + 1)
-    coverage = np.arange(1, n + 1) / n
-    return {"confidence": confidence[order], "coverage": coverage, "risk": risk, "aurc": float(risk.mean())}
 
 
 def selective_threshold(confidence: np.ndarray, correct: np.ndarray, target_error: float) -> dict[str, Any]:
@@ -211,9 +139,6 @@ def fit_model_guard(
     """Fit (or refit) the guard of a local model folder on a converted dataset; return its config section."""
     from datasets import load_from_disk
 
-    from derm_accel.models import data_config, load_model
-    from derm_accel.predict import clear_model_cache, default_device
-
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json); pass RUN/best")
@@ -237,5 +162,4 @@ def fit_model_guard(
     guard.settings["domain_guard"]["fit_split"] = train_split
     guard.settings["selective_prediction"]["fit_split"] = val_split
     save_guard(guard, model_dir)
-    clear_model_cache()
     return json.loads(json.dumps(guard.config()))

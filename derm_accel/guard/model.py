@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from derm_accel.errors import InputError
-from derm_accel.guard.features import MAX_DIM
+from derm_accel.core.errors import InputError
+from derm_accel.models.features import MAX_DIM
+from derm_accel.models.load import split_hub_id
 
 GUARD_FILE = "domain_guard.safetensors"
 CONFIG_KEY = "derm_accel"
@@ -167,8 +168,6 @@ def load_guard(source: str) -> DomainGuard | None:
         return read_guard(source.removeprefix("local-dir:"))
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    from derm_accel.models import split_hub_id
 
     repo_id, revision = split_hub_id(source)
     config_path = hf_hub_download(repo_id, "config.json", revision=revision)  # cached with the model

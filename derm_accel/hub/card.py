@@ -7,20 +7,19 @@ folder and the evaluation report: no timestamps, so pushing the same run twice u
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from derm_accel.artifacts import CONVERSION_REPORT, METRIC_NAMES, METRICS, RECIPE, TRAINING_INFO, fmt, number
-from derm_accel.errors import InputError
+from derm_accel.core.artifacts import METRIC_NAMES, METRICS, RECIPE, TRAINING_INFO, fmt, number
+from derm_accel.core.errors import InputError
+from derm_accel.core.fileio import read_optional_json, read_optional_yaml
+from derm_accel.evaluation.ood import render_ood_section
 from derm_accel.evaluation.subgroups import model_card_section as subgroup_card_section
-from derm_accel.tta import declared_tta
+from derm_accel.models.tta import declared_tta
 
 CARD_TAGS = ["dermatology", "medical", "timm", "image-classification", "derm-accel"]
 
@@ -55,25 +54,6 @@ class MissingLicenseError(InputError):
     """No license is known for the weights; the user has to state one."""
 
 
-def _read_optional(path: Path, parse: Callable[[str], Any], errors: type[Exception] | tuple, kind: str) -> dict:
-    """A mapping from ``path``, or ``{}`` if the file is absent (every side file of a run is optional)."""
-    if not path.is_file():
-        return {}
-    try:
-        data = parse(path.read_text())
-    except errors as e:
-        raise ValueError(f"{path} is not valid {kind} ({e}); fix or remove it.") from e
-    return data if isinstance(data, dict) else {}
-
-
-def read_optional_json(path: Path) -> dict[str, Any]:
-    return _read_optional(path, json.loads, json.JSONDecodeError, "JSON")
-
-
-def read_optional_yaml(path: Path) -> dict[str, Any]:
-    return _read_optional(path, yaml.safe_load, yaml.YAMLError, "YAML")
-
-
 def check_timm_config(config: Mapping[str, Any], where: Path) -> None:
     """Fail early if ``config.json`` would not let ``timm.create_model("hf-hub:...")`` rebuild the model."""
     missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
@@ -82,7 +62,7 @@ def check_timm_config(config: Mapping[str, Any], where: Path) -> None:
     if missing:
         raise ValueError(
             f"{where} lacks {', '.join(missing)}; it is not a timm config written by derm-accel. "
-            f"Re-export the model with derm_accel.models.export_model (train does this for RUN/best)."
+            f"Re-export the model with derm_accel.models.build.export_model (train does this for RUN/best)."
         )
     labels = config["label_names"]
     if len(labels) != config["num_classes"] or list(pcfg["label_names"]) != list(labels):
@@ -92,7 +72,7 @@ def check_timm_config(config: Mapping[str, Any], where: Path) -> None:
         )
 
 
-def _dataset_info(recipe: Mapping[str, Any], training_info: Mapping[str, Any]) -> dict[str, Any]:
+def run_dataset_info(recipe: Mapping[str, Any], training_info: Mapping[str, Any]) -> dict[str, Any]:
     """Whatever the run recorded about its dataset, as a dict (a string becomes ``{"name": ...}``)."""
     sources = (
         training_info.get("dataset"),
@@ -108,21 +88,9 @@ def _dataset_info(recipe: Mapping[str, Any], training_info: Mapping[str, Any]) -
     return {}
 
 
-def dataset_provenance(data_path: str | os.PathLike) -> dict[str, Any]:
-    """What training records about its converted dataset for the card: the source folder's name (not the local
-    ``data/`` path), and the Hub dataset id and license when ``convert`` recorded them."""
-    report = read_optional_json(Path(data_path) / CONVERSION_REPORT)
-    info = {
-        "name": Path(str(report.get("src") or data_path)).name,
-        "hub_id": report.get("push_to_hub"),
-        "license": report.get("license"),
-    }
-    return {k: v for k, v in info.items() if v} if report else {}
-
-
 def resolve_license(explicit: str | None, recipe: Mapping[str, Any], training_info: Mapping[str, Any]) -> str:
     """The weights' license: ``--license``, else the recipe, training info or dataset. Never a default."""
-    dataset = _dataset_info(recipe, training_info)
+    dataset = run_dataset_info(recipe, training_info)
     for value in (explicit, recipe.get("license"), training_info.get("license"), dataset.get("license")):
         if isinstance(value, str) and value.strip():
             return value.strip()
@@ -133,7 +101,7 @@ def resolve_license(explicit: str | None, recipe: Mapping[str, Any], training_in
     )
 
 
-def _hub_dataset_id(dataset: Mapping[str, Any]) -> str | None:
+def hub_dataset_id(dataset: Mapping[str, Any]) -> str | None:
     """A Hub dataset id if the run recorded one (``ORG/NAME``), never a local path."""
     for key in ("hub_id", "repo_id", "push_to_hub"):
         value = dataset.get(key)
@@ -174,7 +142,7 @@ def eval_results(metrics: Mapping[str, Any], dataset_type: str, dataset_name: st
     return results
 
 
-def _provenance_lines(license_id: str, info: Mapping[str, Any], repo_id: str) -> list[str]:
+def provenance_lines(license_id: str, info: Mapping[str, Any], repo_id: str) -> list[str]:
     """License, pretrained weights, derm-accel version and repository lines of a card's model details."""
     lines = [
         f"- **License:** `{license_id}`",
@@ -198,7 +166,7 @@ def _section_model_details(repo_id: str, config: Mapping[str, Any], license_id: 
         f"- **Input:** RGB, {size[-1]}x{size[-2]} px, resize to {fmt(pcfg['crop_pct'], 3)} crop, "
         f"`{pcfg['interpolation']}` interpolation, mean {list(pcfg['mean'])}, std {list(pcfg['std'])}",
         "- **Weights:** `model.safetensors`; config in timm's format (`config.json`)",
-        *_provenance_lines(license_id, info, repo_id),
+        *provenance_lines(license_id, info, repo_id),
     ]
     return "\n".join(lines)
 
@@ -220,7 +188,7 @@ def _base_weights_text(info: Mapping[str, Any]) -> str:
     return text + (f", from {base['origin_url']}" if base.get("origin_url") else "")
 
 
-_INTENDED_USE = """## Intended use
+INTENDED_USE = """## Intended use
 
 - Research on automated classification of skin-lesion images, benchmarking, and teaching.
 - A starting point for fine-tuning on a clinic's own, properly consented and labelled data.
@@ -236,12 +204,12 @@ _INTENDED_USE = """## Intended use
   classes."""
 
 
-def _section_training_data(dataset: Mapping[str, Any], info: Mapping[str, Any], labels: list[str]) -> str:
+def section_training_data(dataset: Mapping[str, Any], info: Mapping[str, Any], labels: list[str]) -> str:
     name = dataset.get("name") or dataset.get("path") or "the training image collection"
     if "/" in str(name) or "\\" in str(name):
         name = Path(str(name)).name  # a local folder: its name only, never the user's directory layout
     lines = ["## Training data", "", f"- **Dataset:** {name}"]
-    hub_id = _hub_dataset_id(dataset)
+    hub_id = hub_dataset_id(dataset)
     if hub_id:
         lines.append(f"- **On the Hub:** [{hub_id}](https://huggingface.co/datasets/{hub_id})")
     for key, label in (("license", "Dataset license"), ("num_images", "Images"), ("source", "Source")):
@@ -314,7 +282,7 @@ def _section_training(recipe: Mapping[str, Any], info: Mapping[str, Any]) -> str
     return "\n".join(lines)
 
 
-def _section_evaluation(metrics: Mapping[str, Any], report_files: set[str]) -> str:
+def section_evaluation(metrics: Mapping[str, Any], report_files: set[str]) -> str:
     if not metrics:
         return (
             "## Evaluation\n\nNo evaluation report was published with this model. Run "
@@ -392,10 +360,8 @@ def _stage_lines(stage: Mapping[str, Any], before_name: str, after_name: str) ->
     return lines
 
 
-def _section_out_of_domain(config: Mapping[str, Any], metrics: Mapping[str, Any], report_files: set[str]) -> str:
+def section_out_of_domain(config: Mapping[str, Any], metrics: Mapping[str, Any], report_files: set[str]) -> str:
     """What the model does with images unlike its training data: the guard, abstention and their figures."""
-    from derm_accel.evaluation.ood import render_ood_section
-
     block = metrics.get("out_of_domain")
     if isinstance(block, Mapping):
         figure = "eval/risk_coverage.png" if "risk_coverage.png" in report_files else None
@@ -422,7 +388,7 @@ def _section_out_of_domain(config: Mapping[str, Any], metrics: Mapping[str, Any]
     )
 
 
-_LIMITATIONS = """## Limitations and bias
+LIMITATIONS = """## Limitations and bias
 
 - **Skin-tone coverage is unknown.** Public dermatology collections are dominated by light skin (Fitzpatrick
   I-III); the training data did not record skin type, so performance on darker skin was not measured and is
@@ -480,7 +446,7 @@ derm-accel predict lesion.jpg photos/ --model {repo_id} --top-k 3 --json
 The labels are: {", ".join(f"`{n}`" for n in labels)}."""
 
 
-def _section_citation(repo_id: str, arch: str) -> str:
+def section_citation(repo_id: str, arch: str) -> str:
     key = re.sub(r"[^A-Za-z0-9]+", "_", repo_id)
     return f"""## Citation
 
@@ -518,7 +484,7 @@ def read_report(report_dir: str | Path | None) -> tuple[dict[str, Any], set[str]
     return read_optional_json(report_dir / METRICS), files
 
 
-def _card_data(
+def model_card_data(
     repo_id: str,
     metrics: Mapping[str, Any],
     info: Mapping[str, Any],
@@ -563,11 +529,11 @@ def build_model_card(
     license_id, license_name = hub_license(license_id)
     metrics, report_files = read_report(report_dir)
 
-    dataset = _dataset_info(recipe, info)
-    hub_dataset = _hub_dataset_id(dataset)
+    dataset = run_dataset_info(recipe, info)
+    hub_dataset = hub_dataset_id(dataset)
     dataset_name = str(dataset.get("name") or hub_dataset or "skin lesion images")
     labels = list(config["label_names"])
-    card_data = _card_data(
+    card_data = model_card_data(
         repo_id, metrics, info, (license_id, license_name), (hub_dataset, dataset_name), CARD_TAGS, library="timm"
     )
     title = (
@@ -577,238 +543,16 @@ def build_model_card(
     sections = [
         title,
         _section_model_details(repo_id, config, license_name or license_id, info),
-        _INTENDED_USE,
-        _section_training_data(dataset, info, labels),
+        INTENDED_USE,
+        section_training_data(dataset, info, labels),
         _section_training(recipe, info),
-        _section_evaluation(metrics, report_files),
+        section_evaluation(metrics, report_files),
         *filter(None, [subgroup_card_section(metrics, report_files)]),
-        _section_out_of_domain(config, metrics, report_files),
-        _LIMITATIONS,
+        section_out_of_domain(config, metrics, report_files),
+        LIMITATIONS,
         _section_how_to_use(repo_id, labels, declared_tta(config)),
-        _section_citation(repo_id, config["architecture"]),
+        section_citation(repo_id, config["architecture"]),
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
 
 
-# --- Ensembles: one repo, members in subfolders (derm_accel.hub_ensemble stages it) ---------------------------
-
-ENSEMBLE_TAGS = [t for t in CARD_TAGS if t != "timm"] + ["ensemble"]  # no root config.json: not a timm repo
-
-
-def _ensemble_license(explicit: str | None, members: list[tuple[str, Path, dict, dict]]) -> str:
-    """``--license``, else the one license every member's recipe or training info records."""
-    if explicit and explicit.strip():
-        return explicit.strip()
-    found = {}
-    for name, path, recipe, info in members:
-        try:
-            found[name] = resolve_license(None, recipe, info)
-        except MissingLicenseError as e:
-            raise MissingLicenseError(f"Ensemble member {name} ({path}): {e}") from e
-    if len(set(found.values())) > 1:
-        raise InputError(
-            f"The ensemble's members record different licenses ({found}); pass --license with the one that "
-            "covers all of them."
-        )
-    return next(iter(found.values()))
-
-
-def _ensemble_rows(metrics: Mapping[str, Any], names: list[str], report_dir: Path | None) -> list[dict[str, Any]]:
-    """The report's ``ensemble.members`` rows, named by the members' subfolders (evaluate lists the members in
-    ``ensemble.json`` order). A report of another model is refused rather than published with this one."""
-    if not metrics:
-        return []
-    block = metrics.get("ensemble")
-    rows = block.get("members") if isinstance(block, Mapping) else None
-    if not isinstance(rows, list) or len(rows) != len(names):
-        got = f"an ensemble of {len(rows)}" if isinstance(rows, list) else "a single model"
-        raise InputError(
-            f"{Path(str(report_dir)) / METRICS} reports {got}, but this ensemble has {len(names)} members. Evaluate "
-            "the ensemble folder itself (`derm-accel evaluate --model RUN --data DATA`) and pass that --report."
-        )
-    return [{**row, "member": name} for row, name in zip(rows, names, strict=True)]
-
-
-def _section_ensemble_details(
-    repo_id: str, configs: list[Mapping[str, Any]], names: list[str], license_id: str, info: Mapping[str, Any]
-) -> str:
-    config = configs[0]
-    pcfg = config["pretrained_cfg"]
-    size = pcfg["input_size"]
-    archs = ", ".join(f"`{a}`" for a in dict.fromkeys(c["architecture"] for c in configs))
-    lines = [
-        "## Model details",
-        "",
-        f"- **Ensemble:** {len(names)} members ({', '.join(f'`{n}/`' for n in names)}); its prediction is the mean "
-        "of the members' class probabilities (`ensemble.json`: `combine: mean_probability`)",
-        f"- **Architecture:** {archs} ([timm](https://github.com/huggingface/pytorch-image-models))",
-        f"- **Classes:** {config['num_classes']} ({', '.join(f'`{n}`' for n in config['label_names'])})",
-        f"- **Input (shared by all members):** RGB, {size[-1]}x{size[-2]} px, resize to "
-        f"{fmt(pcfg['crop_pct'], 3)} crop, `{pcfg['interpolation']}` interpolation, mean {list(pcfg['mean'])}, "
-        f"std {list(pcfg['std'])}",
-        "- **Weights:** each member's `model.safetensors` with its config in timm's format (`config.json`)",
-        *_provenance_lines(license_id, info, repo_id),
-    ]
-    return "\n".join(lines)
-
-
-def _section_ensemble_members(members: list[tuple[str, Path, dict, dict]], configs: list[Mapping[str, Any]]) -> str:
-    lines = [
-        "## Members",
-        "",
-        "Each member folder is a complete timm model (`config.json`, `model.safetensors`) with what its run "
-        "recorded (`recipe.yaml`, `training_info.json`, `val_metrics.json`, the domain guard).",
-        "",
-        "| Member | Architecture | Epochs | Best epoch | Validation macro F1 | Domain guard |",
-        "|---|---|---|---|---|---|",
-    ]
-    for (name, path, recipe, info), config in zip(members, configs, strict=True):
-        epochs = info.get("epochs_run") or ((recipe.get("train") or {}).get("epochs") if recipe else None)
-        guard = "yes" if (path / "domain_guard.safetensors").is_file() else "no"
-        lines.append(
-            f"| `{name}/` | `{config['architecture']}` | {fmt(epochs)} | {fmt(info.get('best_epoch'))} "
-            f"| {fmt(info.get('best_val_macro_f1'))} | {guard} |"
-        )
-    return "\n".join(lines)
-
-
-def _section_ensemble_evaluation(metrics: Mapping[str, Any], files: set[str], rows: list[dict[str, Any]]) -> str:
-    text = _section_evaluation(metrics, files)
-    if not rows:
-        return text
-    lines = [
-        "",
-        "### Each member and the ensemble",
-        "",
-        f"Each member alone on the same images{' with the same test-time augmentation' if metrics.get('tta') else ''}"
-        " (before any calibration), and the ensemble:",
-        "",
-        "| Model | Accuracy | Balanced accuracy | Macro F1 |",
-        "|---|---|---|---|",
-    ]
-    for row in rows:
-        if "macro_f1" not in row:
-            lines.append(f"| `{row['member']}/` | (not scored alone with a label map) | | |")
-            continue
-        lines.append(
-            f"| `{row['member']}/` | {fmt(row['accuracy'])} | {fmt(row.get('balanced_accuracy'))} "
-            f"| {fmt(row['macro_f1'])} |"
-        )
-    lines.append(
-        f"| **ensemble** | **{fmt(metrics.get('accuracy'))}** | **{fmt(metrics.get('balanced_accuracy'))}** "
-        f"| **{fmt(metrics.get('macro_f1'))}** |"
-    )
-    return text + "\n" + "\n".join(lines)
-
-
-def _section_ensemble_out_of_domain(
-    first: str, first_dir: Path, config: Mapping[str, Any], metrics: Mapping[str, Any], files: set[str]
-) -> str:
-    text = _section_out_of_domain(config, metrics, files).replace(
-        "(`domain_guard.safetensors`)", f"(`{first}/domain_guard.safetensors`)"
-    )
-    if not (first_dir / "domain_guard.safetensors").is_file():
-        return text  # says there is no guard
-    heading, _, rest = text.partition("\n\n")
-    return (
-        f"{heading}\n\nAn ensemble's out-of-domain verdicts come from its first member's domain guard "
-        f"(`{first}/domain_guard.safetensors`).\n\n{rest}"
-    )
-
-
-def _section_ensemble_how_to_use(repo_id: str, names: list[str], labels: list[str]) -> str:
-    first = names[0]
-    return f"""## How to use
-
-This repo is an ensemble: `ensemble.json` names the member folders ({", ".join(f"`{n}/`" for n in names)}), and
-its answer is the mean of their class probabilities. There is no `config.json` at the top of the repo, so
-`timm.create_model("hf-hub:{repo_id}")` does **not** load it: load the whole ensemble with derm-accel, or one
-member with timm.
-
-The whole ensemble with derm-accel (`pip install derm-accel`; it downloads `ensemble.json` and the members'
-JSON and safetensors files only):
-
-```bash
-derm-accel predict lesion.jpg --model {repo_id} --top-k 3 --json
-derm-accel evaluate --model {repo_id} --data DATA --split test
-```
-
-```python
-from derm_accel import predict
-
-print(predict("lesion.jpg", model="{repo_id}", top_k=3))  # files or folders
-```
-
-```python
-from derm_accel.ensemble import load_models
-
-net, labels = load_models("{repo_id}")  # one torch module: softmax of its output is the members' mean
-```
-
-One member with timm alone:
-
-```python
-import huggingface_hub
-import timm
-
-path = huggingface_hub.snapshot_download(
-    "{repo_id}", allow_patterns=["{first}/*.json", "{first}/*.safetensors"]
-)
-model = timm.create_model("local-dir:" + path + "/{first}", pretrained=True).eval()
-labels = model.pretrained_cfg["label_names"]
-```
-
-The labels are: {", ".join(f"`{n}`" for n in labels)}."""
-
-
-def build_ensemble_card(
-    members: list[tuple[str, Path]],
-    repo_id: str,
-    *,
-    report_dir: str | Path | None = None,
-    license: str | None = None,
-) -> ModelCard:
-    """The README.md of an ensemble repo: ``members`` are (subfolder name in the repo, local model folder)."""
-    named, configs = [], []
-    for name, path in members:
-        path = Path(path)
-        config = read_optional_json(path / "config.json")
-        check_timm_config(config, path / "config.json")
-        configs.append(config)
-        named.append((name, path, read_optional_yaml(path / RECIPE), read_optional_json(path / TRAINING_INFO)))
-    license_id = _ensemble_license(license, named).lower()
-    license_id, license_name = hub_license(license_id)
-    metrics, report_files = read_report(report_dir)
-    names = [n for n, *_ in named]
-    rows = _ensemble_rows(metrics, names, report_dir)
-
-    _, first_dir, recipe, info = named[0]
-    dataset = _dataset_info(recipe, info)
-    hub_dataset = _hub_dataset_id(dataset)
-    dataset_name = str(dataset.get("name") or hub_dataset or "skin lesion images")
-    labels = list(configs[0]["label_names"])
-    # No library: the Hub would offer a timm snippet that cannot load an ensemble repo.
-    card_data = _card_data(
-        repo_id, metrics, info, (license_id, license_name), (hub_dataset, dataset_name), ENSEMBLE_TAGS
-    )
-    archs = list(dict.fromkeys(c["architecture"] for c in configs))
-    kind = f"`{archs[0]}` classifiers" if len(archs) == 1 else f"classifiers ({', '.join(f'`{a}`' for a in archs)})"
-    title = (
-        f"# {repo_id.split('/')[-1]}\n\nAn ensemble of {len(names)} {kind} of {len(labels)} skin-disease classes, "
-        "trained with derm-accel. It averages the members' probabilities: its answer is the mean of their "
-        "class probabilities."
-    )
-    sections = [
-        title,
-        _section_ensemble_details(repo_id, configs, names, license_name or license_id, info),
-        _section_ensemble_members(named, configs),
-        _INTENDED_USE,
-        _section_training_data(dataset, info, labels),
-        _section_ensemble_evaluation(metrics, report_files, rows),
-        *filter(None, [subgroup_card_section(metrics, report_files)]),
-        _section_ensemble_out_of_domain(names[0], first_dir, configs[0], metrics, report_files),
-        _LIMITATIONS,
-        _section_ensemble_how_to_use(repo_id, names, labels),
-        _section_citation(repo_id, f"{len(names)}-member {' + '.join(archs)} ensemble"),
-    ]
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")

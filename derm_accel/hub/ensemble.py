@@ -4,7 +4,7 @@ The repo holds ``ensemble.json`` at its root naming short member subfolders (``f
 ``fold_k/best`` of a ``train --folds`` run, else ``member_1``, ``member_2``, ...), each member's model files
 (weights, timm config, recipe, training info, validation metrics, domain guard) in its subfolder, the
 evaluation report in ``eval/`` and a model card saying how to load it. Nothing else from the run folder
-(checkpoints, fold data, logs) is staged. :func:`derm_accel.ensemble.load_models` loads the repo by its id.
+(checkpoints, fold data, logs) is staged. :func:`derm_accel.models.ensemble.load_models` loads the repo by its id.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import json
 import re
 from pathlib import Path
 
-from derm_accel.fileio import staged_dir
+from derm_accel.core.fileio import staged_dir
+from derm_accel.hub.ensemble_card import build_ensemble_card
+from derm_accel.hub.staging import check_model_dir, check_out_dir, check_report_dir, copy_model_files, copy_report
+from derm_accel.models.ensemble import check_members, read_ensemble, write_ensemble
 
 FOLD = re.compile(r"fold_\d+")
-MEMBER_DIR = re.compile(r"(fold|member)_\d+")
 
 
 def member_names(folder: Path, members: list[Path]) -> list[str]:
@@ -29,20 +31,9 @@ def member_names(folder: Path, members: list[Path]) -> list[str]:
     return [f"member_{i}" for i in range(1, len(members) + 1)]
 
 
-def is_member_staging(entry: Path) -> bool:
-    """A member subfolder of an earlier ensemble staging: a member name holding only a model's files."""
-    from derm_accel.hub import MODEL_FILES, RUN_FILES
-
-    if not entry.is_dir() or entry.is_symlink() or not MEMBER_DIR.fullmatch(entry.name):
-        return False
-    return all(p.is_file() and p.name in (*MODEL_FILES, *RUN_FILES) for p in entry.iterdir())
-
-
 def check_compatible(members: list[Path]) -> None:
     """Members must predict the same classes in the same order and preprocess images the same way; checked on
-    ``config.json`` before anything is uploaded (:func:`derm_accel.ensemble.check_members`)."""
-    from derm_accel.ensemble import check_members
-
+    ``config.json`` before anything is uploaded (:func:`derm_accel.models.ensemble.check_members`)."""
     configs = [(m / "config.json", json.loads((m / "config.json").read_text())) for m in members]
     check_members([(str(path), c.get("label_names"), c.get("pretrained_cfg") or {}) for path, c in configs])
 
@@ -64,10 +55,6 @@ def stage_ensemble(
     link: bool = False,
 ) -> Path:
     """Check every member as a single push would, then stage the ensemble repo into ``out`` (atomically)."""
-    from derm_accel.ensemble import read_ensemble, write_ensemble
-    from derm_accel.hub import check_model_dir, check_out_dir, check_report_dir, copy_model_files, copy_report
-    from derm_accel.model_card import build_ensemble_card
-
     members = read_ensemble(folder)
     names = member_names(folder, members)
     for member in members:

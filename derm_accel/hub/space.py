@@ -3,7 +3,7 @@
 The Space repo holds three files and the model folder's example images: ``README.md`` (Space metadata: sdk
 gradio, the model under ``models:``, the license, plus the not-a-medical-device notice), ``app.py`` (builds the
 demo for ``ORG/NAME``) and ``requirements.txt`` (derm-accel with its ``demo`` extra; Spaces install Gradio
-itself from ``sdk_version``). Staging and uploading follow :mod:`derm_accel.hub`: everything is written into a
+itself from ``sdk_version``). Staging and uploading follow :mod:`derm_accel.hub.push`: everything is written into a
 folder first, then sent in one commit; repeating a push is safe. The token is never printed or stored.
 """
 
@@ -15,10 +15,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from derm_accel import __version__
-from derm_accel.errors import OutputExistsError
-from derm_accel.fileio import staged_dir
-from derm_accel.hub import PushError, _check_repo_id, _with_retries
+from derm_accel.core.errors import OutputExistsError
+from derm_accel.core.fileio import staged_dir
+from derm_accel.core.version import __version__
+from derm_accel.hub.card import build_model_card
+from derm_accel.hub.upload import PushError, check_repo_id, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ if __name__ == "__main__":
 
 def check_space_id(space_id: str, repo_id: str) -> None:
     """A valid Space id other than the model's own (checked before anything is pushed)."""
-    _check_repo_id(space_id)
+    check_repo_id(space_id)
     if space_id == repo_id:
         raise ValueError(f"--space {space_id} is the model's own repo id; name the Space differently (ORG/NAME-demo).")
 
@@ -97,8 +98,6 @@ def stage_space(
     requirement: str | None = None,
 ) -> Path:
     """Write the Space's files for the model ``repo_id`` (pushed from ``model_dir``) into ``out``."""
-    from derm_accel.model_card import build_model_card
-
     check_space_id(space_id, repo_id)
     model_dir = Path(model_dir)
     card = build_model_card(model_dir, repo_id, license=license)  # validates the folder and the license
@@ -159,13 +158,13 @@ def push_space(
         staged = stage_space(model_dir, Path(tmp) / "space", repo_id, space_id, revision=revision,
                              license=license, requirement=requirement)
         api = HfApi()  # the token is passed per call, never stored on an object that might be printed
-        url = _with_retries(
+        url = with_retries(
             lambda: api.create_repo(space_id, token=token, private=private, repo_type="space", space_sdk="gradio",
                                     exist_ok=True),
             "create the Space",
             space_id,
         )
-        commit = _with_retries(
+        commit = with_retries(
             lambda: api.upload_folder(repo_id=space_id, repo_type="space", folder_path=staged, token=token,
                                       commit_message=f"Demo of {repo_id} with derm-accel {__version__}"),
             "upload the Space's files",

@@ -18,11 +18,13 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
+from derm_accel.core.device import default_device
+from derm_accel.core.errors import InputError
+from derm_accel.core.paths import fit_name
+from derm_accel.data.images import expand_inputs
 from derm_accel.data.transforms import decode_image
-from derm_accel.errors import InputError
-from derm_accel.models import data_config
-from derm_accel.paths import fit_name
-from derm_accel.predict import default_device, expand_inputs, prepared_model
+from derm_accel.inference.predict import prepared_model
+from derm_accel.models.build import data_config
 
 
 class NotConvolutionalError(InputError):
@@ -59,7 +61,7 @@ def grad_cam(
     return cam.cpu().numpy(), index, float(probabilities[index])
 
 
-def _as_seen(pixel_values: torch.Tensor, cfg: dict[str, Any]) -> Image.Image:
+def as_seen(pixel_values: torch.Tensor, cfg: dict[str, Any]) -> Image.Image:
     """Undo the normalisation: the crop the model actually classified."""
     mean = torch.tensor(cfg["mean"]).view(-1, 1, 1)
     std = torch.tensor(cfg["std"]).view(-1, 1, 1)
@@ -89,7 +91,7 @@ def explain(
     """Write ``<name>_gradcam.png`` per image into ``out_dir``; one result dict per image.
 
     ``target`` names the class to explain (default: the predicted one). Unreadable files get an ``error``
-    entry, as in :func:`derm_accel.predict`. ``progress`` shows a progress bar (on stderr, on a terminal).
+    entry, as in :func:`derm_accel.inference.predict`. ``progress`` shows a progress bar (on stderr, on a terminal).
     """
     from tqdm.auto import tqdm
 
@@ -122,7 +124,7 @@ def explain(
             with torch.enable_grad():
                 cam, index, probability = grad_cam(net, x, None if target is None else labels.index(target))
             heatmap = _heatmap_path(out_dir, Path(path).stem, written)
-            overlay(_as_seen(x, cfg), cam).save(heatmap)
+            overlay(as_seen(x, cfg), cam).save(heatmap)
         except NotConvolutionalError:
             raise  # the model's fault, the same for every file
         except Exception as e:  # e.g. an unwritable name: this file fails, the others go on

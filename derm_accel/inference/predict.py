@@ -13,17 +13,18 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from derm_accel.errors import InputError
+from derm_accel.core.device import default_device
+from derm_accel.core.errors import InputError
+from derm_accel.data.images import expand_inputs, image_error, read_image
 
 if TYPE_CHECKING:
     import torch
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 MODEL_CACHE_SIZE = 4
 BACKENDS = ("torch", "onnxruntime")
 
@@ -55,7 +56,7 @@ def predict(
     guard). Each result is ``{"path", "label", "probability", "top_k":
     [{"label", "probability"}, ...]}``, or ``{"path", "error"}`` for a file that is missing or not a readable
     image. ``progress`` shows a progress bar over the images (on stderr). ``tta``: "flip", "none", or None for
-    the test-time augmentation the model's config declares (:mod:`derm_accel.tta`).
+    the test-time augmentation the model's config declares (:mod:`derm_accel.models.tta`).
     """
 
     if top_k < 1:
@@ -76,9 +77,9 @@ def predict(
     def load(item: tuple[int, str]) -> tuple[int, str, Any, str | None]:
         i, path = item
         try:
-            return i, path, transform(_read_image(path, min_size)), None
+            return i, path, transform(read_image(path, min_size)), None
         except Exception as e:  # any decoder failure is a per-file error, never the end of the call
-            return i, path, None, _image_error(path, e)
+            return i, path, None, image_error(path, e)
 
     from tqdm.auto import tqdm
 
@@ -121,11 +122,18 @@ def prepared_model(
     Decoding at the smallest JPEG DCT scale that still covers the resize before the centre crop keeps every
     entry point's pixels identical to each other.
     """
-    from derm_accel.data.transforms import decode_size, eval_transform
-    from derm_accel.models import data_config
+    from derm_accel.data.transforms import (  # heavy: torch, timm stay off `import derm_accel`
+        decode_size,
+        eval_transform,
+    )
+    from derm_accel.models.build import (
+        data_config,  # heavy: torch, timm stay off `import derm_accel`
+    )
 
     if backend == "onnxruntime":
-        from derm_accel.onnx_export import OnnxClassifier
+        from derm_accel.models.onnx import (
+            OnnxClassifier,  # heavy: torch, timm stay off `import derm_accel`
+        )
 
         if isinstance(model, (list, tuple)):
             raise InputError("--backend onnxruntime runs one exported model; pass one --model (or use torch).")
@@ -135,7 +143,9 @@ def prepared_model(
         net, labels, guard = cached_model(model, device, guard=guard)
     cfg = data_config(net)
     min_size = decode_size(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct"))
-    from derm_accel.tta import resolve
+    from derm_accel.models.tta import (
+        resolve,  # heavy: torch, timm stay off `import derm_accel`
+    )
 
     return PreparedModel(net, labels, eval_transform(cfg), min_size, guard, resolve(tta, net))
 
@@ -151,9 +161,15 @@ def classify_batch(
     """
     import torch
 
-    from derm_accel.guard.features import forward_with_features
-    from derm_accel.guard.model import verdict
-    from derm_accel.tta import answer_logits
+    from derm_accel.guard.model import (
+        verdict,  # heavy: torch, timm stay off `import derm_accel`
+    )
+    from derm_accel.models.features import (
+        forward_with_features,  # heavy: torch, timm stay off `import derm_accel`
+    )
+    from derm_accel.models.tta import (
+        answer_logits,  # heavy: torch, timm stay off `import derm_accel`
+    )
 
     use_guard = guard and prepared.guard is not None
     batch = torch.stack(list(tensors)).to(device).contiguous(memory_format=torch.channels_last)
@@ -209,59 +225,10 @@ def rank_logits(logits: Any, labels: Sequence[str], *, top_k: int) -> list[list[
     ]
 
 
-def expand_inputs(images: str | os.PathLike | Iterable[str | os.PathLike]) -> list[tuple[str, str | None]]:
-    """Files stay as given; folders become their image files (recursive, sorted). Returns (path, error)."""
-    if isinstance(images, (str, os.PathLike)):
-        images = [images]
-    out: list[tuple[str, str | None]] = []
-    for item in images:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-                out.append((str(path), f"no image files ({exts}) in this folder"))
-            out += [(str(p), None) for p in found]
-        elif path.is_file():
-            out.append((str(path), None))
-        else:
-            out.append((str(path), "file not found"))
-    return out
-
-
 def clear_model_cache() -> None:
     """Forget loaded models (e.g. after retraining into the same folder in a long-lived process)."""
     with _cache_lock:
         _cache.clear()
-
-
-def _read_image(path: str, min_size: int) -> Any:
-
-    from derm_accel.data.transforms import decode_image
-
-    image = decode_image({"path": path}, min_size)  # upright RGB, as convert stores it
-    image.load()  # decode now: truncated files fail here, inside the per-file error handling
-    return image
-
-
-def _image_error(path: str, exc: Exception) -> str:
-    from PIL import UnidentifiedImageError
-
-    if isinstance(exc, UnidentifiedImageError):
-        return "not an image file Pillow can read (is it a JPEG/PNG? it may be corrupt or another format)"
-    if isinstance(exc, OSError) and "truncated" in str(exc).lower():
-        return f"truncated or corrupt image ({exc})"
-    return f"could not read image: {type(exc).__name__}: {exc}"
-
-
-def default_device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def cached_model(model: Any, device: str, *, guard: bool = True) -> tuple[Any, list[str], Any]:
@@ -276,8 +243,13 @@ def cached_model(model: Any, device: str, *, guard: bool = True) -> tuple[Any, l
             labels = [str(i) for i in range(num_classes or 0)] or labels
         return model.to(device).eval(), labels, getattr(model, "domain_guard", None) if guard else None
 
-    from derm_accel.ensemble import expand_sources, load_models
-    from derm_accel.models import resolve_model_source
+    from derm_accel.models.ensemble import (  # heavy: torch, timm stay off `import derm_accel`
+        expand_sources,
+        load_models,
+    )
+    from derm_accel.models.load import (
+        resolve_model_source,  # heavy: torch, timm stay off `import derm_accel`
+    )
 
     # Several models, or an ensemble folder/repo, load as one Ensemble (guarded by its first member's guard).
     listed = [os.fspath(m) for m in model] if isinstance(model, (list, tuple)) else os.fspath(model)
@@ -287,7 +259,9 @@ def cached_model(model: Any, device: str, *, guard: bool = True) -> tuple[Any, l
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-    from derm_accel.guard.model import load_guard
+    from derm_accel.guard.model import (
+        load_guard,  # heavy: torch, timm stay off `import derm_accel`
+    )
 
     net, labels = load_models(list(sources), device=device)
     domain_guard = load_guard(sources[0]) if guard else None
@@ -302,12 +276,19 @@ def cached_model(model: Any, device: str, *, guard: bool = True) -> tuple[Any, l
     return loaded
 
 
-def _stamp(source: str) -> float:
+def _stamp(source: str) -> int:
     """Modification times of a local model's weights and guard: a retrained or refitted folder is reloaded."""
-    from derm_accel.guard.model import GUARD_FILE
-    from derm_accel.models import WEIGHTS_NAME
+    from derm_accel.core.artifacts import (
+        WEIGHTS_NAME,  # heavy: torch, timm stay off `import derm_accel`
+    )
+    from derm_accel.guard.model import (
+        GUARD_FILE,  # heavy: torch, timm stay off `import derm_accel`
+    )
 
     if not source.startswith("local-dir:"):
-        return 0.0
+        return 0
     folder = Path(source.removeprefix("local-dir:"))
-    return sum(p.stat().st_mtime for p in (folder / WEIGHTS_NAME, folder / GUARD_FILE) if p.is_file())
+    # nanoseconds and sizes: a guard refitted within the same second still reloads (guard.fit writes it anew)
+    return sum(
+        p.stat().st_mtime_ns + p.stat().st_size for p in (folder / WEIGHTS_NAME, folder / GUARD_FILE) if p.is_file()
+    )

@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from derm_accel.errors import InputError
-from derm_accel.fileio import atomic_write_json
+from derm_accel.core.artifacts import ENSEMBLE_FILE, FOLD_DATA
+from derm_accel.core.errors import InputError
+from derm_accel.core.fileio import atomic_write_json
+from derm_accel.core.paths import shareable_path
+from derm_accel.models.build import data_config
+from derm_accel.models.features import forward_with_features
+from derm_accel.models.load import load_model, looks_like_path, split_hub_id
+from derm_accel.models.tta import combine
 
-ENSEMBLE_FILE = "ensemble.json"
 FORMAT = 1
 COMBINE = "mean_probability"
 _HUB_NAMES: dict[str, str] = {}  # local snapshot folder of a Hub ensemble member -> "ORG/NAME/fold_k"
@@ -61,17 +65,9 @@ class Ensemble(torch.nn.Module):
 
     def forward_with_guard_features(self, x: torch.Tensor, max_dim: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Ensemble logits, with the guard features of the first member (whose guard the ensemble uses)."""
-        from derm_accel.guard.features import forward_with_features
-
         first, features = forward_with_features(self.members[0], x, max_dim)
         rest = [m(x) for m in self.members[1:]]
         return combine(torch.stack([first, *rest], dim=1)), features
-
-
-def combine(member_logits: torch.Tensor) -> torch.Tensor:
-    """log of the mean of the members' softmax (dim 1), in float32: ``softmax(combine(l)) == mean softmax(l)``."""
-    log_probs = member_logits.float().log_softmax(dim=-1)
-    return torch.logsumexp(log_probs, dim=1) - math.log(member_logits.shape[1])
 
 
 def write_ensemble(folder: str | os.PathLike, members: list[str], *, note: str | None = None) -> Path:
@@ -117,8 +113,6 @@ def _member_dir(folder: Path, member: str) -> Path:
 
 def ensemble_members(source: str) -> list[str] | None:
     """The member sources of an ensemble folder (local or a Hub repo with ``ensemble.json``), else None."""
-    from derm_accel.models import looks_like_path
-
     local = Path(source.removeprefix("local-dir:")).expanduser()
     if local.is_dir():
         return [str(p) for p in read_ensemble(local)] if (local / ENSEMBLE_FILE).is_file() else None
@@ -136,8 +130,6 @@ def _hub_members(repo: str) -> tuple[str, ...] | None:
     """Download an ensemble repo's members (safetensors and JSON only); None when the repo has no ensemble.json."""
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-
-    from derm_accel.models import split_hub_id
 
     repo_id, revision = split_hub_id(repo)
     try:
@@ -166,10 +158,8 @@ def expand_sources(sources: str | list[str]) -> list[str]:
 
 
 def load_models(sources: str | list[str], *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[str]]:
-    """One model (:func:`derm_accel.models.load_model`), or an :class:`Ensemble` of several or of an ensemble
+    """One model (:func:`derm_accel.models.load.load_model`), or an :class:`Ensemble` of several or of an ensemble
     folder's members."""
-    from derm_accel.models import load_model
-
     expanded = expand_sources(sources)
     if len(expanded) == 1:
         return load_model(expanded[0], device=device)
@@ -179,8 +169,6 @@ def load_models(sources: str | list[str], *, device: str | torch.device = "cpu")
 def check_not_trained_on(source: Any, data: str | os.PathLike, split: str) -> None:
     """Refuse to score a ``train --folds`` ensemble on a split of the dataset its folds were cut from: every
     image there (but a ``--holdout`` split) was in the training data of all but one member."""
-    from derm_accel.kfold import FOLD_DATA
-
     if not isinstance(source, (str, os.PathLike)):
         return
     folder = Path(os.fspath(source).removeprefix("local-dir:"))
@@ -201,8 +189,6 @@ def check_not_trained_on(source: Any, data: str | os.PathLike, split: str) -> No
 
 def load_ensemble(sources: list[str], *, device: str | torch.device = "cpu") -> tuple[Ensemble, list[str]]:
     """Load every member and check that they can be averaged: same classes, same preprocessing."""
-    from derm_accel.models import data_config, load_model
-
     loaded = [load_model(source, device=device) for source in sources]
     check_members([(s, names, data_config(net)) for s, (net, names) in zip(sources, loaded, strict=True)])
     labels = loaded[0][1]
@@ -234,34 +220,10 @@ def _plain(value: Any) -> Any:
 
 def display_name(source: str) -> str:
     """A member's name in reports and cards: never the user's absolute directory layout."""
-    from derm_accel.paths import shareable_path
-
     local = source.removeprefix("local-dir:")
     if local in _HUB_NAMES:
         return _HUB_NAMES[local]
     return shareable_path(local) if Path(local).exists() else source
-
-
-def member_metrics(member_logits: torch.Tensor, labels: Any, names: list[str]) -> list[dict[str, Any]]:
-    """Accuracy, balanced accuracy and macro-F1 of each member from ``[N, views, members, classes]`` logits,
-    averaged as the evaluation report averages them (macro-F1 over the classes present in the split)."""
-    import numpy as np
-    from sklearn.metrics import balanced_accuracy_score, f1_score
-
-    labels = np.asarray(labels)
-    rows, present = [], np.unique(labels)
-    for i, name in enumerate(names):
-        predicted = member_logits[:, :, i].float().softmax(-1).mean(1).argmax(-1).numpy()
-        f1 = f1_score(labels, predicted, labels=present, average="macro", zero_division=0)
-        rows.append(
-            {
-                "model": name,
-                "accuracy": float((predicted == labels).mean()),
-                "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
-                "macro_f1": float(f1),
-            }
-        )
-    return rows
 
 
 class MemberLogits(torch.nn.Module):
@@ -274,6 +236,12 @@ class MemberLogits(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ensemble.member_logits(x).flatten(1)
+
+    def forward_with_guard_features(self, x: torch.Tensor, max_dim: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Every member's logits side by side, with the guard features of the first member (the ensemble's guard)."""
+        first, features = forward_with_features(self.ensemble.members[0], x, max_dim)
+        rest = [m(x) for m in self.ensemble.members[1:]]
+        return torch.stack([first, *rest], dim=1).flatten(1), features
 
 
 def split_members(logits: torch.Tensor, members: int) -> torch.Tensor:

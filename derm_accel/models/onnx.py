@@ -18,8 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from derm_accel.errors import RunError
-from derm_accel.fileio import atomic_write_json, staged_dir
+from derm_accel.core.errors import RunError
+from derm_accel.core.fileio import atomic_write_json, staged_dir
+from derm_accel.core.paths import shareable_path
+from derm_accel.models.build import data_config
+from derm_accel.models.load import load_model
 
 ONNX_NAME = "model.onnx"
 SIDECAR_NAME = "preprocessing.json"
@@ -52,9 +55,6 @@ def export_onnx(
     size other than the traced one, so the dynamic batch dimension is exercised too).
     """
     import onnxruntime as ort
-
-    from derm_accel.models import data_config, load_model
-    from derm_accel.paths import shareable_path
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir / SIDECAR_NAME).is_file():

@@ -9,6 +9,7 @@ Plain timm loading sees only the weights, i.e. the single view.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch only where tensors are touched: the model card reads declared_tta without it
@@ -46,8 +47,12 @@ def answer_logits(net: Any, x: torch.Tensor, logits: torch.Tensor, tta: str | No
     the log of the softmax averaged over the original and both flips (its softmax is that average)."""
     if tta != "flip":
         return logits
-    import torch
-
-    from derm_accel.ensemble import combine
+    import torch  # heavy: only where tensors are touched (see the module's TYPE_CHECKING note)
 
     return combine(torch.stack([logits, *(net(v) for v in flip_views(x))], dim=1))
+
+
+def combine(member_logits: torch.Tensor) -> torch.Tensor:
+    """log of the mean of the members' softmax (dim 1), in float32: ``softmax(combine(l)) == mean softmax(l)``."""
+    log_probs = member_logits.float().log_softmax(dim=-1)
+    return log_probs.logsumexp(dim=1) - math.log(member_logits.shape[1])

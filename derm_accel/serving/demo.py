@@ -13,8 +13,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from derm_accel.core.device import default_device
+from derm_accel.data.images import IMAGE_EXTENSIONS
 from derm_accel.data.transforms import decode_image
-from derm_accel.predict import IMAGE_EXTENSIONS, classify_batch, default_device, prepared_model
+from derm_accel.inference.explain import NotConvolutionalError, as_seen, grad_cam, overlay
+from derm_accel.inference.predict import classify_batch, prepared_model
+from derm_accel.models.build import data_config
+from derm_accel.models.load import split_hub_id
 
 NOTICE = (
     "**Research use only. Not a medical device, not a diagnosis.** This model has not been clinically validated. "
@@ -93,8 +98,6 @@ def _model_json(model: str, name: str) -> dict[str, Any]:
         else:
             from huggingface_hub import hf_hub_download
 
-            from derm_accel.models import split_hub_id
-
             repo_id, revision = split_hub_id(model)
             path = Path(hf_hub_download(repo_id, name, revision=revision))
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -132,16 +135,13 @@ class DemoModel:
         """The crop the model saw beside the Grad-CAM overlay for ``label``; None for non-convolutional models."""
         import torch
 
-        from derm_accel.explain import NotConvolutionalError, _as_seen, grad_cam, overlay
-        from derm_accel.models import data_config
-
         pixels = x.unsqueeze(0).to(self.device)
         try:
             with self.lock, torch.enable_grad():
                 cam, _, _ = grad_cam(self.prepared.net, pixels, self.prepared.labels.index(label))
         except NotConvolutionalError:
             return None
-        return overlay(_as_seen(pixels, data_config(self.prepared.net)), cam)
+        return overlay(as_seen(pixels, data_config(self.prepared.net)), cam)
 
     def __call__(self, path: str | None) -> tuple[dict[str, float] | None, str, Any, dict[str, Any] | None]:
         if not path:

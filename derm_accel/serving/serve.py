@@ -1,7 +1,7 @@
 """The HTTP API: POST an image, get the same JSON as ``derm-accel predict --json``. FastAPI on uvicorn.
 
 For a lab's internal tools and demos, not for clinical use. The app holds one prepared model (the same model,
-preprocessing and domain guard as :func:`derm_accel.predict`), so answers match the CLI. Bind to 127.0.0.1
+preprocessing and domain guard as :func:`derm_accel.inference.predict`), so answers match the CLI. Bind to 127.0.0.1
 unless a proxy sits in front.
 
     GET  /health          {"status": "ok", "model", "labels", "domain_guard"}
@@ -30,7 +30,12 @@ from typing import Any
 from fastapi import File, Query, Request, UploadFile
 from starlette.exceptions import HTTPException
 
+from derm_accel.core.device import default_device
+from derm_accel.core.paths import shareable_path
+from derm_accel.core.version import __version__
 from derm_accel.data.decode import PixelBudget, decoded_bytes
+from derm_accel.data.transforms import decode_image, open_image
+from derm_accel.inference.predict import classify_batch, prepared_model
 
 MAX_BYTES = 32 * 2**20  # a phone photo is a few MB; anything far larger is refused before it is read
 MAX_BATCH_FILES = 64
@@ -127,7 +132,6 @@ def _new_app(shown: str, *, cors_origins: Sequence[str], max_bytes: int, body_ti
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
-    from derm_accel import __version__
 
     app = FastAPI(
         title="derm-accel",
@@ -171,9 +175,6 @@ def create_app(
     """
     import anyio.to_thread
 
-    from derm_accel.paths import shareable_path
-    from derm_accel.predict import classify_batch, default_device, prepared_model
-
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     if max_bytes < 1:
@@ -191,8 +192,6 @@ def create_app(
         return min(requested or top_k, len(prepared.labels))
 
     async def decode(data: bytes, name: str) -> Any:
-        from derm_accel.data.transforms import decode_image, open_image
-
         if not data:
             raise ClientError(400, f"{name}: empty upload; send the image file's bytes")
 

@@ -24,8 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from derm_accel.errors import InputError
-from derm_accel.fileio import atomic_write_json
+from derm_accel.core.errors import InputError
+from derm_accel.core.fileio import atomic_write_json
 
 MANIFEST_NAME = "manifest.json"
 EMA_NAME = "ema.safetensors"

@@ -6,7 +6,7 @@ Beside Accelerate's files each checkpoint holds ``trainer_state.json``: a :class
 in the run (epoch, batches done in it, optimizer steps) and the early-stopping bookkeeping; ``recipe.json``,
 the recipe the run used; ``ema.safetensors`` with EMA on; one ``rng_state_<rank>.safetensors`` per process;
 and ``manifest.json`` (size and sha256 of every file). Nothing is unpickled on resume
-(:mod:`derm_accel.checkpoint_files`): Accelerate's pickled RNG files are replaced, and the manifest is checked
+(:mod:`derm_accel.training.checkpoint_files`): Accelerate's pickled RNG files are replaced, and the manifest is checked
 before anything is loaded. ``--resume latest`` falls back to the previous checkpoint when the newest fails
 the check, saying which file failed.
 """
@@ -23,7 +23,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from derm_accel.checkpoint_files import (
+from derm_accel.core.fileio import replace_dir
+from derm_accel.training.checkpoint_files import (
     ACCELERATE_PICKLES,
     EMA_NAME,
     RECIPE_NAME,
@@ -37,7 +38,6 @@ from derm_accel.checkpoint_files import (
     verify_checkpoint,
     write_manifest,
 )
-from derm_accel.fileio import replace_dir
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
+from derm_accel.core.errors import InputError
 from derm_accel.data.transforms import AugmentConfig
-from derm_accel.errors import InputError
 
 BALANCE_MODES = ("none", "weighted_loss", "sampler")
 MIXED_PRECISION = (None, "no", "fp16", "bf16")

@@ -1,6 +1,6 @@
 """k-fold training as one run: ``derm-accel train --recipe R --folds K``.
 
-``RUN/fold_data/fold_k`` holds each fold's dataset (:mod:`derm_accel.cv`: the held-out fold is its ``test``
+``RUN/fold_data/fold_k`` holds each fold's dataset (:mod:`derm_accel.data.folds`: the held-out fold is its ``test``
 split), ``RUN/fold_k`` is a normal run on it (with ``best/``), ``RUN/oof_predictions.csv`` the out-of-fold
 probabilities of every image (each scored by the one model that never saw it), and ``RUN/cv_report.json`` /
 ``cv_report.md`` the metrics per fold, their mean ± sd with a t-interval, and the pooled out-of-fold metrics.
@@ -20,11 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from derm_accel.config import Recipe, load_recipe
-from derm_accel.cv import classification_metrics, make_fold_datasets, mean_sd_ci
-from derm_accel.ensemble import write_ensemble
+from derm_accel.core.artifacts import FOLD_DATA
+from derm_accel.core.distributed import use_cpu_ranks_without_gpu
+from derm_accel.core.errors import InputError
+from derm_accel.core.fileio import atomic_write_json, atomic_write_text
+from derm_accel.data.folds import make_fold_datasets
+from derm_accel.evaluation.cv_stats import classification_metrics, mean_sd_ci
+from derm_accel.evaluation.inference import score_split
+from derm_accel.evaluation.report import write_predictions_csv
+from derm_accel.guard.fit import fit_model_guard
+from derm_accel.models.ensemble import write_ensemble
+from derm_accel.training.checkpoints import list_checkpoints
+from derm_accel.training.config import Recipe, load_recipe
+from derm_accel.training.soup import compare_on_split, write_soup
+from derm_accel.training.train import train
 
-FOLD_DATA = "fold_data"
 OOF_FILE = "oof_predictions.csv"
 REPORT_JSON = "cv_report.json"
 REPORT_MD = "cv_report.md"
@@ -41,35 +51,6 @@ def fold_overrides(fold_data: Path, fold_run: Path) -> list[str]:
         "data.val_split=validation",
         f"output_dir={fold_run}",
     ]
-
-
-def score_split(
-    model_dir: Path, data: str | Path, split: str, *, tta: str | None = None, batch_size: int = 64
-) -> dict[str, Any]:
-    """Probabilities of ``model_dir`` on ``data[split]`` (every process gets all rows)."""
-    from accelerate import Accelerator
-    from datasets import load_from_disk
-
-    from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, with_transform
-    from derm_accel.evaluation.calibration import tta_probabilities
-    from derm_accel.evaluation.inference import predict_logits
-    from derm_accel.models import data_config, load_model
-
-    net, labels = load_model(str(model_dir))
-    cfg = data_config(net)
-    transform, decode = eval_input(cfg)
-    test = load_from_disk(str(data))[split]
-    min_size = decode_size(cfg["input_size"][-1], cfg.get("crop_pct"))
-    split = with_transform(test, transform, min_size=min_size, decode=decode)
-    result = predict_logits(
-        net, split, Accelerator(), batch_size=batch_size, num_workers=0, tta=tta, normalize=BatchNormalize(cfg)
-    )
-    return {
-        "probabilities": tta_probabilities(result.logits).numpy(),
-        "labels": result.labels.numpy(),
-        "source_paths": list(test["source_path"]),
-        "label_names": labels,
-    }
 
 
 @contextlib.contextmanager
@@ -97,9 +78,6 @@ def _process_group_kept() -> Iterator[Any]:
 
 
 def _train_fold(recipe: Recipe, fold_data: Path, fold_run: Path) -> None:
-    from derm_accel.checkpoints import list_checkpoints
-    from derm_accel.train import train
-
     resume = "latest" if list_checkpoints(fold_run) else None
     train(recipe, fold_overrides(fold_data, fold_run), resume=resume)
 
@@ -136,12 +114,10 @@ def train_folds(
     """Train the recipe on each of ``folds`` folds of its dataset (all splits pooled); return RUN.
 
     ``holdout`` (e.g. "test") keeps that split out of every fold: the fold models, their ensemble and their
-    weight average (:mod:`derm_accel.soup`) are then compared on it, and ``RUN/soup`` is kept where the soup
+    weight average (:mod:`derm_accel.training.soup`) are then compared on it, and ``RUN/soup`` is kept where the soup
     does not lose to the best fold model. ``RUN/ensemble.json`` (the fold models as one ensemble) is written
     last, when every fold is scored.
     """
-    from derm_accel.distributed import use_cpu_ranks_without_gpu
-
     recipe = load_recipe(recipe, overrides)
     tta = tta or recipe.model.tta  # folds are scored the way the exported models answer
     run_dir = Path(recipe.output_dir)
@@ -176,8 +152,6 @@ def holdout_comparison(
     """Fold models, their ensemble and their soup on the held-out split; RUN/soup kept only if it does not lose."""
     import shutil
 
-    from derm_accel.soup import compare_on_split, write_soup
-
     members = [run_dir / f"fold_{k}" / "best" for k in range(1, folds + 1)]
     soup_dir, candidate = run_dir / SOUP_DIR, run_dir / f".{SOUP_DIR}-candidate"
     if state.is_main_process:
@@ -192,7 +166,6 @@ def holdout_comparison(
     shutil.rmtree(soup_dir, ignore_errors=True)
     if result["offered"]:
         if recipe.guard.enabled:  # the guard of the soup's own features, fitted as train fits one
-            from derm_accel.guard.fit import fit_model_guard
 
             g = recipe.guard
             d = recipe.data
@@ -209,9 +182,6 @@ def holdout_comparison(
 
 def check_same_recipe(run_dir: Path, recipe: Recipe, trained: list[Path]) -> None:
     """Refuse to mix fold models of another recipe into this cross-validation; record the recipe otherwise."""
-    from derm_accel.errors import InputError
-    from derm_accel.fileio import atomic_write_json
-
     path = run_dir / CV_RECIPE
     wanted = recipe.to_dict()
     if trained and path.is_file():
@@ -308,8 +278,6 @@ def holdout_lines(h: dict[str, Any]) -> list[str]:
 def write_cv_outputs(
     run_dir: Path, scored: list[dict[str, Any]], recipe: Recipe, *, folds: int, seed: int, tta: str | None
 ) -> dict[str, Any]:
-    from derm_accel.evaluation.report import write_predictions_csv
-
     names = scored[0]["label_names"]
     write_predictions_csv(
         run_dir / OOF_FILE,
@@ -325,7 +293,5 @@ def write_cv_outputs(
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> None:
-    from derm_accel.fileio import atomic_write_json, atomic_write_text
-
     atomic_write_json(run_dir / REPORT_JSON, report)
     atomic_write_text(run_dir / REPORT_MD, render_markdown(report))

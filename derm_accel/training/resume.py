@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from derm_accel.training.config import RecipeError
+
 # Keys that may change on resume without changing what the run computes step by step.
 RESUMABLE_KEYS = frozenset(
     {
@@ -65,8 +67,6 @@ def check_changes(
     changes: dict[str, tuple[Any, Any]], checkpoint: Any, *, allow: bool
 ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
     """Split ``changes`` into (resumable, forced); raise ``RecipeError`` for changes that are not allowed."""
-    from derm_accel.config import RecipeError
-
     resumable = {k: v for k, v in changes.items() if is_resumable(k)}
     forced = {k: v for k, v in changes.items() if not is_resumable(k)}
     for keys, why in (

@@ -17,7 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from derm_accel.ensemble import EnsembleError
+from derm_accel.evaluation.cv_stats import classification_metrics
+from derm_accel.evaluation.inference import score_split
+from derm_accel.models.build import export_model
+from derm_accel.models.ensemble import EnsembleError
+from derm_accel.models.load import load_model, read_config
 
 SOUP_INFO = "soup.json"
 COPIED_FILES = ("recipe.yaml",)
@@ -26,8 +30,6 @@ COPIED_FILES = ("recipe.yaml",)
 def soup_state(member_dirs: list[Path]) -> dict[str, torch.Tensor]:
     """The uniform average of the members' weights (float tensors; integer buffers from the first member)."""
     from safetensors.torch import load_file
-
-    from derm_accel.models import read_config
 
     configs = [read_config(d) for d in member_dirs]
     for d, c in zip(member_dirs[1:], configs[1:], strict=True):
@@ -53,8 +55,6 @@ def soup_state(member_dirs: list[Path]) -> dict[str, torch.Tensor]:
 
 def write_soup(member_dirs: list[Path], out: str | os.PathLike) -> Path:
     """``out``: a normal model folder (config.json + model.safetensors) holding the members' average."""
-    from derm_accel.models import export_model, load_model
-
     net, labels = load_model(str(member_dirs[0]))
     net.load_state_dict(soup_state(member_dirs), strict=True)
     info = {"method": "uniform weight average", "members": [str(d) for d in member_dirs]}
@@ -70,8 +70,6 @@ def write_soup(member_dirs: list[Path], out: str | os.PathLike) -> Path:
 
 
 def read_license(model_dir: Path) -> str | None:
-    from derm_accel.models import read_config
-
     return (read_config(model_dir).get("pretrained_cfg") or {}).get("license")
 
 
@@ -82,9 +80,6 @@ def compare_on_split(
 
     ``offered`` says whether the soup's macro-F1 is at least the best member's.
     """
-    from derm_accel.cv import classification_metrics
-    from derm_accel.kfold import score_split
-
     scores = [score_split(d, data, split, tta=tta) for d in member_dirs]
     soup = score_split(soup_dir, data, split, tta=tta)
     labels, k = scores[0]["labels"], len(scores[0]["label_names"])

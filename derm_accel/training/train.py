@@ -13,11 +13,8 @@ of processes.
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,100 +23,34 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from sklearn.metrics import f1_score
-from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-import derm_accel
-from derm_accel.artifacts import RECIPE, RUN_INFO, TRAINING_INFO, VAL_METRICS, TrainingInfo, ValMetrics
-from derm_accel.checkpoint_files import nonfinite_parameters
-from derm_accel.checkpoints import (
-    TrainState,
-    list_checkpoints,
-    load_checkpoint,
-    read_recipe,
-    read_state,
-    save_checkpoint,
-    set_aside_later_checkpoints,
-    verified_checkpoint,
-)
-from derm_accel.config import DataConfig, OptimConfig, Recipe, RecipeError, load_recipe
-from derm_accel.data import loaders
-from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, train_decode_size, train_transform
-from derm_accel.distributed import (
+from derm_accel.core.artifacts import RECIPE, RUN_INFO, TRAINING_INFO, VAL_METRICS, TrainingInfo, ValMetrics
+from derm_accel.core.distributed import (
     is_collective_failure,
     lost_rank_error,
-    start_rank_monitor,
-    use_cpu_ranks_without_gpu,
 )
-from derm_accel.errors import RunError
-from derm_accel.fileio import atomic_write_json
-from derm_accel.model_card import dataset_provenance
-from derm_accel.models import base_weights, create_model, data_config, export_model
-from derm_accel.paths import shareable_path
-from derm_accel.resume import apply_hyperparameters, check_changes, hyperparameters, recipe_changes
-from derm_accel.run_info import collect_run_info, device_name
-from derm_accel.tracking import JSONLTracker
-
-BEST_DIR = "best"
-LOG_DIR = "logs"
+from derm_accel.core.errors import RunError
+from derm_accel.core.fileio import atomic_write_json
+from derm_accel.core.paths import shareable_path
+from derm_accel.core.run_info import collect_run_info, device_name
+from derm_accel.core.version import __version__
+from derm_accel.data.report import dataset_provenance
+from derm_accel.guard.fit import fit_model_guard
+from derm_accel.models.build import base_weights, export_model
+from derm_accel.training.checkpoint_files import nonfinite_parameters
+from derm_accel.training.checkpoints import (
+    TrainState,
+    save_checkpoint,
+)
+from derm_accel.training.config import Recipe, load_recipe
+from derm_accel.training.setup import BEST_DIR, Run, flat_config, published_recipe, resume_checks, resume_state, setup
 
 
 class NonFiniteLossError(RunError):
     """The loss became NaN or infinite; the run stopped before the bad step touched the weights."""
-
-
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Adam or AdamW through timm, with no weight decay on norm layers and biases, and ``optim.layer_decay``.
-
-    timm's layer-decay groups carry an ``lr_scale`` that only timm's schedulers apply; it is folded into each
-    group's learning rate here, so :func:`build_schedule` scales the per-layer rates as it does a single one.
-    """
-    from timm.optim import create_optimizer_v2
-
-    optimizer = create_optimizer_v2(
-        model,
-        opt=cfg.name,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        filter_bias_and_bn=True,
-        layer_decay=cfg.layer_decay,
-    )
-    for group in optimizer.param_groups:
-        group["lr"] = cfg.lr * group.pop("lr_scale", 1.0)
-    return optimizer
-
-
-def build_schedule(
-    optimizer: torch.optim.Optimizer,
-    cfg: OptimConfig,
-    *,
-    updates_per_epoch: int,
-    epochs: int,
-    ticks_per_update: int,
-) -> LambdaLR:
-    """Linear warmup, then cosine (or constant) decay; counted in scheduler ticks.
-
-    Accelerate's prepared scheduler ticks ``num_processes`` times per optimizer step
-    (``ticks_per_update``), so the schedule is laid out in ticks and the learning rate at optimizer step k is
-    the same on any number of processes.
-    """
-    unit = ticks_per_update
-    warmup = round(cfg.warmup_epochs * updates_per_epoch) * unit
-    total = max(epochs * updates_per_epoch * unit, warmup + unit)
-
-    def factor(tick: int) -> float:
-        if tick < warmup:
-            return (tick + unit) / (warmup + unit)
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (tick - warmup) / max(unit, total - warmup))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return LambdaLR(optimizer, factor)
 
 
 @torch.no_grad()
@@ -161,68 +92,9 @@ def validate(
     }
 
 
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """TensorBoard hparams take only scalars and strings."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return out
-
-
-def published_recipe(recipe: Recipe) -> str:
-    """The recipe as YAML for the exported model folder, which travels to the Hub: its local paths (data,
-    output, pretrained weights) relative to the working directory or cut to their last two parts, like every
-    other published file. The run folder's own recipe.yaml keeps the paths as given."""
-    raw = recipe.to_dict()
-    raw["data"]["path"] = shareable_path(raw["data"]["path"])
-    raw["output_dir"] = shareable_path(raw["output_dir"])
-    if raw["model"].get("pretrained_file"):
-        raw["model"]["pretrained_file"] = shareable_path(raw["model"]["pretrained_file"])
-    return yaml.safe_dump(raw, sort_keys=False)
-
-
 # Why training ends before train.epochs; train_one_epoch and end_epoch return one of these, or None to go on.
 STEP_LIMIT = "train.stop_after_steps"  # this invocation ran its steps; a checkpoint holds the position
 EARLY_STOPPING = "train.early_stopping_patience"  # val macro-F1 stopped improving
-
-
-@dataclass
-class Run:
-    """What :func:`setup` builds for one invocation of :func:`train`; the epoch functions only read it, apart
-    from the last three fields (this invocation's bookkeeping, never saved)."""
-
-    recipe: Recipe
-    run_dir: Path
-    accelerator: Accelerator
-    model: torch.nn.Module  # prepared: DDP-wrapped and compiled where asked
-    optimizer: Any
-    scheduler: Any
-    train_dl: Any
-    val_dl: Any
-    normalize: BatchNormalize  # uint8 batches to the model's input, on the device
-    loss_fn: torch.nn.Module
-    mixup: Any | None  # timm Mixup when data.augment.mixup/cutmix (its loss: SoftTargetCrossEntropy)
-    ema: Any | None  # timm ModelEmaV3 when optim.ema
-    label_names: list[str]
-    data_cfg: dict[str, Any]
-    updates_per_epoch: int
-    dataset_license: str | None  # the one convert recorded for the images
-    clock: float = 0.0  # time.time() up to which wall time is counted in TrainState.wall_seconds
-    first_step: int = 0  # the optimizer step this invocation started from
-    last_checkpoint: Path | None = None
-
-    def eval_model(self) -> torch.nn.Module:
-        """The model validated and exported: the EMA when EMA is on."""
-        return self.ema.module if self.ema is not None else self.model
-
-    def export_model(self) -> torch.nn.Module:
-        """The model exported: the EMA, or the prepared model without its DDP and compile wrappers."""
-        if self.ema is not None:
-            return self.ema.module
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
 
 @dataclass
@@ -242,7 +114,7 @@ def train(
 ) -> Path:
     """Train the recipe's model; return the run folder (``RUN/best`` holds the exported best model).
 
-    On resume the recipe is compared with the checkpoint's (:mod:`derm_accel.resume`): changes a resume may
+    On resume the recipe is compared with the checkpoint's (:mod:`derm_accel.training.resume`): changes a resume may
     take are applied and named, others are refused unless ``resume_with_changes``.
     """
     recipe = load_recipe(recipe, overrides)
@@ -269,260 +141,10 @@ def train(
 # --- set-up ---------------------------------------------------------------------------------------------------
 
 
-def setup(recipe: Recipe, resume: str | None = None) -> Run:
-    """Build the Accelerator, data, model, optimizer, schedule, EMA and loss, and ``prepare`` them; writes nothing."""
-    started = time.time()
-    d, o, t = recipe.data, recipe.optim, recipe.train
-    run_dir = Path(recipe.output_dir)
-    if resume is None and list_checkpoints(run_dir):
-        raise FileExistsError(
-            f"{run_dir} already holds checkpoints. Continue it with --resume latest, or choose a new "
-            f"output_dir (--set output_dir=runs/NEW)."
-        )
-    accelerator = build_accelerator(recipe, run_dir)
-    train_split, val_split = load_splits(d)
-    label_names = list(train_split.features["label"].names)
-    with accelerator.main_process_first():  # one Hub download per machine
-        model = build_model(recipe, len(label_names))
-    data_cfg = data_config(model)
-    train_dl, val_dl = build_loaders(recipe, data_cfg, train_split, val_split)
-    # Optimizer on the plain model; channels_last and compile before prepare.
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, o)
-    if t.compile:
-        model = torch.compile(model)
-    model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
-    updates_per_epoch = math.ceil(len(train_dl) / o.grad_accum)
-    if t.max_steps_per_epoch:
-        updates_per_epoch = min(updates_per_epoch, t.max_steps_per_epoch)
-    ticks = 1 if accelerator.split_batches else accelerator.num_processes
-    schedule = build_schedule(
-        optimizer.optimizer, o, updates_per_epoch=updates_per_epoch, epochs=t.epochs, ticks_per_update=ticks
-    )
-    return Run(
-        recipe=recipe,
-        run_dir=run_dir,
-        accelerator=accelerator,
-        model=model,
-        optimizer=optimizer,
-        scheduler=accelerator.prepare(schedule),
-        train_dl=train_dl,
-        val_dl=val_dl,
-        normalize=BatchNormalize(data_cfg),
-        loss_fn=build_loss(recipe, train_split, len(label_names), accelerator.device),
-        mixup=build_mixup(recipe, len(label_names)),
-        ema=build_ema(accelerator, model, o),
-        label_names=label_names,
-        data_cfg=data_cfg,
-        updates_per_epoch=updates_per_epoch,
-        dataset_license=train_split.info.license or None,
-        clock=started,
-    )
-
-
-def build_trackers(recipe: Recipe, run_dir: Path) -> list[Any]:
-    """The recipe's trackers (``train.log_with``: tensorboard, trackio, wandb, mlflow...) for looking at curves;
-    ``logs/metrics.jsonl`` for programs, always."""
-    from accelerate.tracking import get_available_trackers
-
-    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
-    missing = [name for name in recipe.train.log_with if name not in available]
-    if missing:
-        raise RecipeError(
-            f"train.log_with names {missing}, not installed here: pip install {' '.join(missing)}, or drop it "
-            f"(e.g. --set train.log_with=[tensorboard])."
-        )
-    return [*recipe.train.log_with, JSONLTracker("train", run_dir / LOG_DIR)]
-
-
-def build_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
-    """Mixed precision (None: from ``accelerate launch``/config), accumulation, trackers; seeds every process."""
-    t = recipe.train
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cpu_ranks_without_gpu()
-    accelerator = Accelerator(
-        mixed_precision=t.mixed_precision,
-        gradient_accumulation_steps=recipe.optim.grad_accum,
-        log_with=build_trackers(recipe, run_dir),
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / LOG_DIR)),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.dist_timeout_s))],
-    )
-    start_rank_monitor(t.dist_timeout_s)
-    if accelerator.num_processes != world_size:
-        raise ValueError(
-            f"{world_size} processes were launched but Accelerate sees {accelerator.num_processes} "
-            f"({accelerator.distributed_type.value}); each would train alone. On a CPU-only machine set "
-            f"ACCELERATE_USE_CPU=1; otherwise check the accelerate config's distributed_type."
-        )
-    if t.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.benchmark = not t.deterministic
-    # Per-process seeds (dropout differs across ranks); DDP broadcasts rank 0's initial weights.
-    set_seed(t.seed, device_specific=True, deterministic=t.deterministic)
-    return accelerator
-
-
-def load_splits(d: DataConfig) -> tuple[Any, Any]:
-    """The train and validation splits of the converted DatasetDict at ``data.path``."""
-    from datasets import load_from_disk
-
-    if not (Path(d.path) / "dataset_dict.json").exists():
-        raise FileNotFoundError(
-            f"data.path={d.path} is not a dataset written by `derm-accel convert` (no dataset_dict.json). "
-            f"Convert your class folders first or fix data.path."
-        )
-    dataset = load_from_disk(d.path)
-    for split in (d.train_split, d.val_split):
-        if split not in dataset:
-            raise RecipeError(
-                f"{d.path} has no '{split}' split (it has {sorted(dataset)}); fix data.train_split/val_split."
-            )
-    return dataset[d.train_split], dataset[d.val_split]
-
-
-def build_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
-    """The recipe's timm model; ``data.image_size`` is recorded in its config, so evaluation and prediction
-    use the same size."""
-    m, size = recipe.model, recipe.data.image_size
-    try:
-        model = create_model(
-            m.name,
-            num_classes,
-            pretrained=m.pretrained,
-            pretrained_file=m.pretrained_file,
-            drop_rate=m.drop_rate,
-            drop_path_rate=m.drop_path_rate,
-        )
-    except TypeError as exc:
-        if "drop_path_rate" not in str(exc):
-            raise
-        raise RecipeError(f"{m.name} has no stochastic depth (drop path); set model.drop_path_rate=0") from exc
-    if size:
-        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, size, size)}
-        model.default_cfg = model.pretrained_cfg
-    return model
-
-
-def build_loaders(recipe: Recipe, data_cfg: dict[str, Any], train_split: Any, val_split: Any) -> tuple[Any, Any]:
-    """Train and validation loaders yielding uint8 batches (normalised on the device by :class:`BatchNormalize`)."""
-    d, size = recipe.data, data_cfg["input_size"][-1]
-    options = dict(
-        num_workers=d.num_workers,
-        pin_memory=d.pin_memory,
-        persistent_workers=d.persistent_workers,
-        prefetch_factor=d.prefetch_factor,
-    )
-    train_dl = loaders.train_loader(
-        train_split,
-        train_transform(data_cfg, d.augment, normalize=False),
-        batch_size=d.batch_size,
-        seed=recipe.train.seed,
-        balance=d.balance,
-        min_size=train_decode_size(size, d.augment),
-        **options,
-    )
-    val_transform, val_decode = eval_input(data_cfg)  # uint8 too where timm's eval is resize + centre crop
-    val_dl = loaders.eval_loader(
-        val_split,
-        val_transform,
-        batch_size=d.batch_size,
-        min_size=decode_size(size, data_cfg.get("crop_pct")),
-        decode=val_decode,
-        **options,
-    )
-    return train_dl, val_dl
-
-
-def build_loss(recipe: Recipe, train_split: Any, num_classes: int, device: torch.device) -> torch.nn.Module:
-    """Cross-entropy with label smoothing, weighted by inverse class frequency for ``data.balance=weighted_loss``."""
-    weight = None
-    if recipe.data.balance == "weighted_loss":
-        weight = loaders.class_weights(loaders.split_labels(train_split), num_classes).to(device)
-    return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.optim.label_smoothing)
-
-
-def build_mixup(recipe: Recipe, num_classes: int) -> Any | None:
-    """timm's Mixup/CutMix for ``data.augment.mixup``/``cutmix`` (label smoothing folded into its soft targets)."""
-    a = recipe.data.augment
-    if not (a.mixup or a.cutmix):
-        return None
-    from timm.data import Mixup
-
-    smoothing = recipe.optim.label_smoothing
-    return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=smoothing, num_classes=num_classes)
-
-
-def build_ema(accelerator: Accelerator, model: torch.nn.Module, o: OptimConfig) -> Any | None:
-    """timm's ModelEmaV3 of the plain model, saved with every checkpoint; None without ``optim.ema``."""
-    if not o.ema:
-        return None
-    from timm.utils import ModelEmaV3
-
-    # Saved with every checkpoint as ema.safetensors (not registered with Accelerate, which would pickle it).
-    return ModelEmaV3(accelerator.unwrap_model(model, keep_torch_compile=False), decay=o.ema_decay)
-
-
-def resume_checks(
-    recipe: Recipe, resume: str | None, allow_changes: bool
-) -> tuple[Path | None, dict[str, dict[str, tuple[Any, Any]]]]:
-    """The verified checkpoint to resume from and the recipe changes it accepts ({"resumable": ..., "forced":
-    ...}); raises before anything is built or written when a change is not allowed."""
-    if not resume:
-        return None, {}
-    main = os.environ.get("RANK", "0") == "0"
-    checkpoint = verified_checkpoint(resume, recipe.output_dir, say=print if main else lambda *_: None)
-    saved = read_recipe(checkpoint)
-    if saved is None:
-        return checkpoint, {}
-    with contextlib.suppress(RecipeError):  # keys an earlier version lacked take their defaults, as they did then
-        saved = load_recipe(saved).to_dict()
-    resumable, forced = check_changes(recipe_changes(saved, recipe.to_dict()), checkpoint, allow=allow_changes)
-    return checkpoint, {"resumable": resumable, "forced": forced}
-
-
-def resume_state(
-    run: Run, checkpoint: Path | None, changes: dict[str, dict[str, tuple[Any, Any]]] | None = None
-) -> TrainState:
-    """A fresh state, or the one in ``checkpoint`` (from :func:`resume_checks`), with weights, optimizer,
-    scheduler, scaler, RNG and EMA restored and the position inside the epoch; the recipe's changes applied."""
-    acc, d, o = run.accelerator, run.recipe.data, run.recipe.optim
-    layout = {"num_processes": acc.num_processes, "batch_size": d.batch_size, "grad_accum": o.grad_accum}
-    if checkpoint is None:
-        return TrainState(layout=layout)
-    saved = read_state(checkpoint)
-    if saved.layout and saved.layout != layout:
-        raise RecipeError(
-            f"{checkpoint} was written with {saved.layout} but this run has {layout}. Resume with "
-            f"the same number of processes, data.batch_size and optim.grad_accum, or start a new output_dir."
-        )
-    wanted = hyperparameters(run.optimizer)  # the recipe's; loading the optimizer state overwrites them
-    state = load_checkpoint(acc, checkpoint, ema=run.ema)
-    state.layout = layout
-    run.first_step, run.last_checkpoint = state.global_step, checkpoint
-    acc.print(f"Resumed from {checkpoint}: epoch {state.epoch + 1}, step {state.global_step}")
-    acc.wait_for_everyone()  # every process has read the checkpoints before later ones are moved
-    if acc.is_main_process:
-        for moved in set_aside_later_checkpoints(run.run_dir, checkpoint):
-            acc.print(f"Set aside {moved.name}: written after {checkpoint.name}, it is not part of this timeline")
-    acc.wait_for_everyone()
-    for kind, found in (changes or {}).items():
-        if found:
-            state.recipe_changes.append(
-                {"step": state.global_step, "epoch": state.epoch, "kind": kind, "changes": found}
-            )
-            what = "changed on resume" if kind == "resumable" else "changed by --resume-with-changes"
-            listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in found.items())
-            acc.print(f"{what} at step {state.global_step}: {listed}")
-    if any((changes or {}).values()):
-        apply_hyperparameters(run.optimizer.optimizer, run.scheduler.scheduler, wanted)
-    return state
-
-
 def start_logging(run: Run, state: TrainState, *, resumed: bool) -> None:
     """Start the trackers and write the run folder's recipe.yaml and run_info.json (main process)."""
     acc = run.accelerator
-    acc.init_trackers("train", config=_flat(run.recipe.to_dict()))
+    acc.init_trackers("train", config=flat_config(run.recipe.to_dict()))
     if not acc.is_main_process:
         return
     run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -769,7 +391,7 @@ def training_info(run: Run, state: TrainState) -> TrainingInfo:
         "recipe_changes": [{"step": c["step"], "keys": sorted(c["changes"])} for c in state.recipe_changes],
         # The recipe's license, else the one convert recorded for the images (--license).
         "license": recipe.license or run.dataset_license,
-        "derm_accel_version": derm_accel.__version__,
+        "derm_accel_version": __version__,
     }
 
 
@@ -800,8 +422,6 @@ def finish(run: Run, state: TrainState, stop: str | None) -> None:
 
 def fit_guard(run: Run, best: Path) -> None:
     """The exported model's domain guard and abstention threshold, from the training and validation splits."""
-    from derm_accel.guard.fit import fit_model_guard
-
     d, g = run.recipe.data, run.recipe.guard
     config = fit_model_guard(
         best, d.path, train_split=d.train_split, val_split=d.val_split, in_domain_share=g.in_domain_share,

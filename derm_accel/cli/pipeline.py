@@ -1,95 +1,15 @@
-"""The ``derm-accel`` command line: parse options, call one stage function, print. No logic lives here."""
+"""The pipeline's commands: convert, train, evaluate, push and predict.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import click
 import typer
-from typer.core import TyperGroup
 
-from derm_accel.errors import exit_code
-
-
-def _is_main_process() -> bool:
-    """Under `accelerate launch` every rank runs the command; only rank 0 prints the summary."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _key_value(item: str) -> tuple[str, str]:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--opt {item!r} is not key=value (e.g. --opt steps=5)")
-    return key, value
-
-
-class _Commands(TyperGroup):
-    """Reports the errors a stage raises for the user (see :func:`derm_accel.errors.exit_code`) in one place:
-    ``error: MESSAGE`` on stderr and exit code 2 for a usage error, 1 for a failure while running. Any other
-    exception is a bug and keeps its traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
-        except Exception as e:
-            code = exit_code(e)
-            if code is None:
-                raise
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(code=code) from None
-
-
-def _print_version(value: bool) -> None:
-    if value:
-        import derm_accel
-
-        typer.echo(f"derm-accel {derm_accel.__version__}")
-        raise typer.Exit()
-
-
-Quiet = Annotated[
-    bool, typer.Option("--quiet", "-q", help="No progress bar (it is also off when stderr is no terminal).")
-]
-
-
-def _choices(name: str, *values: str) -> type[Enum]:
-    """An enumerated option for typer: the help lists the values, and a typo is refused before anything runs."""
-    return Enum(name, [(v.replace("-", "_"), v) for v in values], type=str)
-
-
-Conflicts = _choices("Conflicts", "drop", "keep-majority")
-TTA = _choices("TTA", "flip", "none")
-Backend = _choices("Backend", "torch", "onnxruntime")
-BenchKind = _choices("BenchKind", "data", "steps", "train", "infer", "comm", "convert", "guard", "onnx")
-ExportFormat = _choices("ExportFormat", "onnx")
-
-
-app = typer.Typer(
-    name="derm-accel",
-    help="Train, evaluate and publish skin-disease image classifiers: class folders -> Arrow dataset -> "
-    "timm model -> report -> Hugging Face Hub.",
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode="markdown",
-    pretty_exceptions_show_locals=False,
-    cls=_Commands,
-)
-
-
-@app.callback()
-def _main(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
-) -> None:
-    pass
+from derm_accel.cli.app import TTA, Backend, Conflicts, Quiet, app, is_main_rank
 
 
 @app.command(
@@ -163,8 +83,8 @@ def convert(
 
     Every file ends up either as a row or in OUT/conversion_report.json with its reason.
     """
-    from derm_accel.data.convert import convert_folders
-    from derm_accel.data.metadata import metadata_spec
+    from derm_accel.data.convert import convert_folders  # loaded when the command runs: the CLI starts without torch
+    from derm_accel.data.metadata import metadata_spec  # loaded when the command runs: the CLI starts without torch
 
     if not metadata and (preset or image_column or label_column or group_column):
         raise ValueError("--preset, --image-column, --label-column and --group-column need --metadata FILE.")
@@ -184,6 +104,7 @@ def convert(
         f"wrote {report.get('rows_total')} images to {out} "
         f"({len(report.get('skipped', []))} files skipped; see {out}/conversion_report.json)"
     )
+
 
 
 @app.command(
@@ -236,19 +157,25 @@ def train(
     if folds is not None:
         if resume is not None:
             raise typer.BadParameter("--folds resumes by itself when run again; drop --resume", param_hint="--resume")
-        from derm_accel.kfold import REPORT_MD, train_folds
+        from derm_accel.training.kfold import (  # loaded when the command runs: the CLI starts without torch
+            REPORT_MD,
+            train_folds,
+        )
 
         run_dir = train_folds(recipe, folds, set_ or [], group_column=group_column, holdout=holdout)
-        if _is_main_process():
+        if is_main_rank():
             typer.echo(f"run folder: {run_dir}\ncross-validation report: {Path(run_dir) / REPORT_MD}")
         return
     if group_column or holdout:
         raise typer.BadParameter("--group-column and --holdout apply to --folds runs only", param_hint="--folds")
-    from derm_accel.train import train as run_training
+    from derm_accel.training.train import (
+        train as run_training,  # loaded when the command runs: the CLI starts without torch
+    )
 
     run_dir = run_training(recipe, overrides=set_ or [], resume=resume, resume_with_changes=resume_with_changes)
-    if _is_main_process():
+    if is_main_rank():
         typer.echo(f"run folder: {run_dir}\nbest model: {Path(run_dir) / 'best'}")
+
 
 
 @app.command(
@@ -310,7 +237,7 @@ def evaluate(
 
     With a domain guard in the model (or `--ood`), the report also covers out-of-domain inputs and abstention.
     """
-    from derm_accel.evaluation.run import evaluate_model
+    from derm_accel.evaluation.run import evaluate_model  # loaded when the command runs: the CLI starts without torch
 
     metrics = evaluate_model(
         model if len(model) > 1 else model[0], data, split=split, out_dir=out, batch_size=batch_size,
@@ -319,11 +246,12 @@ def evaluate(
         calibrate=calibrate, ood=[str(p) for p in ood or []], label_map=label_map, subgroups=subgroups,
         progress=not quiet,
     )
-    if metrics and _is_main_process():
+    if metrics and is_main_rank():
         typer.echo(
             f"{split}: accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
             f"report: {metrics['report_dir']}"
         )
+
 
 
 @app.command(
@@ -367,11 +295,14 @@ def push(
     """Publish weights (safetensors), a timm config.json, the evaluation and a model card to the Hub; with
     --space also a Gradio Space running `derm-accel demo` on the model. An ensemble folder is published as one
     repo: ensemble.json, each member in its subfolder, and a card saying how to load the whole or one member."""
-    from derm_accel.hub import ENSEMBLE_FILE, push_model
+    from derm_accel.hub.push import (  # loaded when the command runs: the CLI starts without torch
+        ENSEMBLE_FILE,
+        push_model,
+    )
 
     if space:
-        from derm_accel.errors import InputError
-        from derm_accel.space import check_space_id
+        from derm_accel.core.errors import InputError  # loaded when the command runs: the CLI starts without torch
+        from derm_accel.hub.space import check_space_id  # loaded when the command runs: the CLI starts without torch
 
         check_space_id(space, repo_id)  # before the model is pushed
         if (model_dir / ENSEMBLE_FILE).is_file():
@@ -385,13 +316,14 @@ def push(
     )
     typer.echo(f"{'staged' if dry_run else 'pushed'}: {where}")
     if space:
-        from derm_accel.space import push_space
+        from derm_accel.hub.space import push_space  # loaded when the command runs: the CLI starts without torch
 
         space_where = push_space(
             model_dir, repo_id, space, revision=revision, private=private, token=token, license=license,
             requirement=space_requirement, dry_run=dry_run, out=f"{out}-space" if out is not None else None,
         )
         typer.echo(f"{'staged Space' if dry_run else 'pushed Space'}: {space_where}")
+
 
 
 @app.command(
@@ -431,7 +363,9 @@ def predict(
     Models trained by derm-accel carry a domain guard: every result says whether the image looks like the
     training data (`in_domain`, `ood_score`) and whether to trust the answer (`abstain`, `reason`).
     """
-    from derm_accel.predict import predict as run_predict
+    from derm_accel.inference.predict import (
+        predict as run_predict,  # loaded when the command runs: the CLI starts without torch
+    )
 
     results = run_predict(
         [str(p) for p in images], model=model if len(model) > 1 else model[0], top_k=top_k, batch_size=batch_size,
@@ -457,208 +391,3 @@ def predict(
     if failed:
         raise typer.Exit(code=1)
 
-
-@app.command(
-    epilog="**Examples**\n\n"
-    "derm-accel guard runs/effnet_b3/best --data data/derm35\n\n"
-    "derm-accel guard RUN/best --data DATA --in-domain-share 0.97 --target-error 0.05",
-)
-def guard(
-    model_dir: Annotated[Path, typer.Argument(help="Model folder (RUN/best) to fit the guard for.")],
-    data: Annotated[Path, typer.Option(help="The converted dataset the model was trained on.")],
-    train_split: Annotated[str, typer.Option(help="Split whose features the guard models.")] = "train",
-    val_split: Annotated[str, typer.Option(help="Split that sets the confidence threshold.")] = "validation",
-    in_domain_share: Annotated[
-        float, typer.Option(help="Share of held-out in-domain images the ood_score threshold lets pass.")
-    ] = 0.95,
-    target_error: Annotated[
-        float, typer.Option(help="Error rate allowed among answered validation images (abstention).")
-    ] = 0.10,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
-) -> None:
-    """Fit (or refit) the domain guard and abstention threshold of a trained model.
-
-    Writes `domain_guard.safetensors` into the model folder and its settings into `config.json` under
-    `derm_accel`; plain timm ignores both. `train` does this itself when it ends.
-    """
-    from derm_accel.guard.fit import fit_model_guard
-
-    config = fit_model_guard(
-        model_dir, data, train_split=train_split, val_split=val_split, in_domain_share=in_domain_share,
-        target_error=target_error, batch_size=batch_size,
-    )
-    g, sel = config["domain_guard"], config["selective_prediction"]
-    typer.echo(
-        f"domain guard: ood_score threshold {g['threshold']:.2f} ({g['in_domain_share']:.0%} of "
-        f"{g['threshold_images']} held-out in-domain images pass)"
-    )
-    met = "" if sel["target_met"] else f" (target {sel['target_error']:.0%} not reachable: lowest error kept)"
-    typer.echo(
-        f"abstention: answer when top-1 probability >= {sel['confidence_threshold']:.3f}: "
-        f"{sel['validation_coverage']:.0%} of validation images answered, error {sel['validation_risk']:.1%}{met}"
-    )
-
-
-@app.command(
-    epilog="**Examples**\n\n"
-    "derm-accel explain lesion.jpg --model runs/effnet_b3/best --out heatmaps/\n\n"
-    "derm-accel explain photos/ --model my-lab/effnet-b3-derm35 --target melanoma --out heatmaps/",
-)
-def explain(
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
-    model: Annotated[str, typer.Option(help="Model folder (RUN/best) or Hub repo id ORG/NAME (a CNN).")],
-    out: Annotated[Path, typer.Option(help="Folder for the <image>_gradcam.png files.")] = Path("heatmaps"),
-    target: Annotated[str | None, typer.Option(help="Class to explain (default: the predicted one).")] = None,
-    quiet: Quiet = False,
-) -> None:
-    """Grad-CAM heatmaps: which part of each image drove the prediction (lesion, or ruler and ink?)."""
-    from derm_accel.explain import explain as run_explain
-
-    results = run_explain([str(p) for p in images], model, out_dir=out, target=target, progress=not quiet)
-    for r in results:
-        if "error" in r:
-            typer.echo(f"{r['path']}\tERROR\t{r['error']}")
-        else:
-            typer.echo(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}\t{r['heatmap']}")
-    if any("error" in r for r in results):
-        raise typer.Exit(code=1)
-
-
-@app.command(
-    epilog="**Examples**\n\n"
-    "derm-accel serve --model runs/effnet_b3/best --port 8000\n\n"
-    "curl -F file=@lesion.jpg http://127.0.0.1:8000/predict\n\n"
-    "curl --data-binary @lesion.jpg http://127.0.0.1:8000/predict\n\n"
-    "derm-accel serve --model my-lab/effnet-b3-derm35 --cors-origin https://lab.example.org",
-)
-def serve(
-    model: Annotated[str, typer.Option(help="Model folder (RUN/best) or Hub repo id ORG/NAME.")],
-    host: Annotated[str, typer.Option(help="Address to bind; keep 127.0.0.1 unless a proxy sits in front.")] = (
-        "127.0.0.1"
-    ),
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    top_k: Annotated[int, typer.Option(help="Classes per answer (a request may ask ?top_k=N).")] = 3,
-    cors_origin: Annotated[
-        list[str] | None,
-        typer.Option(help="Origin allowed to call the API from a browser (repeatable; '*' for any). Default: none."),
-    ] = None,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest request body accepted (413 above it).")] = 32.0,
-) -> None:
-    """HTTP API (FastAPI): POST /predict (multipart `file` or raw bytes), POST /predict/batch, GET /health,
-    OpenAPI at /docs. Answers like `predict --json`. For research tools, not clinics."""
-    from derm_accel.serve import create_app, run
-
-    api = create_app(model, top_k=top_k, cors_origins=cors_origin or (), max_bytes=int(max_upload_mb * 2**20))
-    typer.echo(f"serving {model} on http://{host}:{port} (POST /predict, POST /predict/batch, GET /health, /docs)")
-    run(api, host=host, port=port)
-
-
-@app.command(
-    epilog="**Examples**\n\n"
-    "derm-accel demo --model runs/effnet_b3/best\n\n"
-    "derm-accel demo --model my-lab/effnet-b3-derm35 --host 0.0.0.0 --port 7860",
-)
-def demo(
-    model: Annotated[str, typer.Option(help="Model folder (RUN/best) or Hub repo id ORG/NAME.")],
-    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 makes the page reachable from the network.")] = (
-        "127.0.0.1"
-    ),
-    port: Annotated[int, typer.Option(help="TCP port.")] = 7860,
-    share: Annotated[
-        bool, typer.Option("--share/--no-share", help="Also open a temporary public gradio.live link.")
-    ] = False,
-    top_k: Annotated[int, typer.Option(help="Classes shown per image.")] = 3,
-    examples: Annotated[
-        Path | None, typer.Option(help="Folder of example images (default: the model folder's examples/).")
-    ] = None,
-) -> None:
-    """A web page on the model (Gradio): upload or webcam, top classes, Grad-CAM, the domain guard's verdict,
-    the model card. Same answers as `predict`. Research use only; needs `pip install "derm-accel[demo]"`."""
-    from derm_accel.demo import build_demo, launch
-
-    launch(build_demo(model, top_k=top_k, examples=examples), server_name=host, server_port=port, share=share)
-
-
-@app.command(
-    epilog="**Examples**\n\n"
-    "derm-accel quickstart\n\n"
-    "derm-accel quickstart --data ../shared/data/derm-sample --model tf_efficientnet_lite0 "
-    "--pretrained-file ../shared/weights/efficientnet_lite0.in1k --epochs 3",
-)
-def quickstart(
-    workdir: Annotated[Path, typer.Option(help="Where every output of the run lands.")] = Path(
-        "derm-accel-quickstart"
-    ),
-    data: Annotated[Path | None, typer.Option(help="Your own class folders (default: a generated sample).")] = None,
-    model: Annotated[str | None, typer.Option(help="timm model name.")] = None,
-    pretrained_file: Annotated[
-        Path | None, typer.Option(help="Local ImageNet weights in timm's layout (folder).")
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
-) -> None:
-    """Run the whole pipeline on a small sample: convert, train, evaluate, push (dry run), predict."""
-    from derm_accel.quickstart import run_quickstart
-
-    summary = run_quickstart(workdir, data=data, model=model, pretrained_file=pretrained_file, epochs=epochs)
-    typer.echo(summary["text"])
-
-
-# Benchmark kinds whose script has another name (the rest are benchmarks/KIND.py); the checkout's
-# benchmarks/harness.py holds the same table, which is not importable from an installed wheel.
-BENCH_SCRIPTS = {"comm": "ddp_comm", "onnx": "onnx_runtime"}
-
-
-@app.command(
-    epilog="**Examples**\n\n"
-    "derm-accel bench data --opt workers=1,2\n\n"
-    "derm-accel bench steps --opt images=64\n\n"
-    "derm-accel bench train --opt models=efficientnet_b3 --opt batch_size=8 --opt steps=3\n\n"
-    "derm-accel bench infer --opt batch_size=64",
-)
-def bench(
-    kind: Annotated[BenchKind, typer.Argument(help="What to measure.")],
-    out: Annotated[Path | None, typer.Option(help="JSON output (default bench_results/KIND.json).")] = None,
-    option: Annotated[
-        list[str] | None, typer.Option("--opt", help="Benchmark option key=value (repeatable), e.g. --opt steps=5.")
-    ] = None,
-    update_docs: Annotated[bool, typer.Option(help="Also rewrite its table in docs/benchmarks.md.")] = False,
-) -> None:
-    """Run a benchmark script of the source checkout: `derm-accel bench KIND --opt k=v` is
-    `python benchmarks/KIND.py --k v` (its `--help` lists the options). The benchmarks are not installed."""
-    checkout = Path(__file__).resolve().parents[1]
-    if not (checkout / "benchmarks" / "harness.py").is_file():
-        raise FileNotFoundError(
-            "The benchmarks are scripts in the source checkout's benchmarks/ folder, not part of the installed "
-            f"package: clone the repository and run python benchmarks/{BENCH_SCRIPTS.get(kind.value, kind.value)}.py"
-            " --help."
-        )
-    argv = [f"--{key.replace('_', '-')}={value}" for key, value in (_key_value(o) for o in option or [])]
-    argv += [f"--out={out}"] * (out is not None) + ["--update-docs"] * update_docs
-    if str(checkout) not in sys.path:
-        sys.path.insert(0, str(checkout))
-    from benchmarks.harness import main
-
-    main(kind.value, argv)
-
-
-@app.command(
-    epilog="**Examples**\n\n"
-    "derm-accel export runs/effnet_b3/best --format onnx exports/effnet_b3-onnx\n\n"
-    "derm-accel predict lesion.jpg --model exports/effnet_b3-onnx --backend onnxruntime",
-)
-def export(
-    model: Annotated[str, typer.Argument(help="Model folder (RUN/best) or Hub repo id ORG/NAME.")],
-    out: Annotated[Path, typer.Argument(help="Output folder: model.onnx + preprocessing.json.")],
-    format: Annotated[ExportFormat, typer.Option(help="Export format.")] = ExportFormat("onnx"),
-    opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 18,
-) -> None:
-    """Export for deployment: an ONNX graph (dynamic batch) and a sidecar with labels and preprocessing, checked
-    against PyTorch. Needs `pip install "derm-accel[onnx]"`."""
-    from derm_accel.onnx_export import export_onnx
-
-    where = export_onnx(model, out, opset=opset)
-    typer.echo(f"exported {format.value}: {where} (model.onnx, preprocessing.json)")
-
-
-if __name__ == "__main__":
-    app()
