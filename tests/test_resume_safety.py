@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-import derm_accel.training.setup as setup_module
+import derm_accel.training.setup as train_setup
 from derm_accel.core.tracking import read_metrics
 from derm_accel.training.checkpoint_files import CheckpointError, load_tensors_file, verify_checkpoint, write_manifest
 from derm_accel.training.checkpoints import list_checkpoints, verified_checkpoint
@@ -136,7 +136,7 @@ def test_a_crafted_state_file_with_a_matching_manifest_is_refused_without_runnin
 def test_weights_gone_non_finite_are_never_checkpointed(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = setup_module.build_optimizer
+    real = train_setup.build_optimizer
 
     def exploding(model, cfg):  # the 2nd optimizer step leaves an inf in the weights, as lr=1e6 would
         optimizer, calls = real(model, cfg), []
@@ -150,7 +150,7 @@ def test_weights_gone_non_finite_are_never_checkpointed(
         optimizer.register_step_post_hook(explode)
         return optimizer
 
-    monkeypatch.setattr(setup_module, "build_optimizer", exploding)
+    monkeypatch.setattr(train_setup, "build_optimizer", exploding)
     reset_accelerate()
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="after optimizer step 2") as err:

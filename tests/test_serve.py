@@ -184,7 +184,7 @@ def test_oversized_bodies_get_413_declared_or_streamed(url: str) -> None:
 def test_a_failing_forward_pass_answers_500_and_the_server_keeps_serving(
     model_dir: Path, lesion: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    predict_module = importlib.import_module("derm_accel.inference.predict")
+    predict_module = importlib.import_module("derm_accel.serving.serve")  # where serve looks classify_batch up
     real, calls = predict_module.classify_batch, []
 
     def out_of_memory_once(*args, **kwargs):

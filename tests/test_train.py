@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import derm_accel.training.setup as setup_module
+import derm_accel.training.setup as train_setup
 import derm_accel.training.train as train_module
 from derm_accel.core.tracking import read_metrics
 from derm_accel.training.checkpoints import list_checkpoints
@@ -154,7 +154,7 @@ def test_best_export_loads_with_plain_timm(data: Path, tmp_path: Path) -> None:
     assert model.pretrained_cfg["label_names"] == info["dataset_class_names"]
     assert tuple(model.pretrained_cfg["input_size"]) == (3, 32, 32)
     # The export is the best epoch's weights: the same logits as the model in that epoch's checkpoint.
-    reference = setup_module.create_model("test_efficientnet_gn", 3).eval()
+    reference = train_setup.create_model("test_efficientnet_gn", 3).eval()
     reference.load_state_dict(_weights(run / "checkpoints" / f"step_{6 * info['best_epoch']:09d}"))
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -181,7 +181,7 @@ def test_bf16_on_cpu(data: Path, tmp_path: Path) -> None:
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_create = setup_module.create_model
+    real_create = train_setup.create_model
 
     def poisoned(*args, **kwargs):  # the 4th forward pass returns NaN logits
         model = real_create(*args, **kwargs)
@@ -195,7 +195,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(
         model.forward = forward_with_nan
         return model
 
-    monkeypatch.setattr(setup_module, "create_model", poisoned)
+    monkeypatch.setattr(train_setup, "create_model", poisoned)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, batch 4 \(after optimizer step 3\)") as err:
         train(tiny_recipe(data, run, train={"epochs": 1, "checkpoint_every_steps": 2}))
@@ -254,7 +254,7 @@ def test_stronger_recipes_train_layer_decay_mixup_cutmix_and_trivialaugment(
 
     # Layer-wise decay: the head keeps the base rate, the stem gets decay**depth of it, the schedule scales all.
     model = timm.create_model("test_efficientnet", num_classes=3)
-    optimizer = setup_module.build_optimizer(model, OptimConfig(lr=1e-3, layer_decay=0.5))
+    optimizer = train_setup.build_optimizer(model, OptimConfig(lr=1e-3, layer_decay=0.5))
     rates = sorted({round(g["lr"], 12) for g in optimizer.param_groups})
     assert rates[-1] == pytest.approx(1e-3) and rates[0] < 1e-3 / 8 and "lr_scale" not in optimizer.param_groups[0]
 

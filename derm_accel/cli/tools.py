@@ -187,7 +187,7 @@ def bench(
 ) -> None:
     """Run a benchmark script of the source checkout: `derm-accel bench KIND --opt k=v` is
     `python benchmarks/KIND.py --k v` (its `--help` lists the options). The benchmarks are not installed."""
-    checkout = Path(__file__).resolve().parents[1]
+    checkout = Path(__file__).resolve().parents[2]
     if not (checkout / "benchmarks" / "harness.py").is_file():
         raise FileNotFoundError(
             "The benchmarks are scripts in the source checkout's benchmarks/ folder, not part of the installed "

@@ -33,7 +33,7 @@ APP = '''"""Gradio demo of the skin-lesion classifier {model_id}, written by `de
 Research use only: not a medical device. The model loads from the Hugging Face Hub by its id.
 """
 
-from derm_accel.demo import build_demo, launch
+from derm_accel.serving.demo import build_demo, launch
 
 MODEL_ID = "{model_id}"
 
