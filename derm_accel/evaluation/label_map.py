@@ -8,7 +8,6 @@ classes.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 from collections import Counter
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 import yaml
 
+from derm_accel.core.escape import csv_writer
 from derm_accel.evaluation.calibration import tta_probabilities
 from derm_accel.evaluation.inference import InferenceResult
 
@@ -118,7 +118,7 @@ class External:
         probs = tta_probabilities(self.logits, temperature).numpy() if len(self.sources) else np.zeros((0, 0))
         names = self.mapping.model_labels
         with Path(path).open("w", newline="") as f:
-            writer = csv.writer(f)
+            writer = csv_writer(f)
             writer.writerow(("source_path", "dataset_label", "predicted_label", *names))
             for src, y, p in zip(self.sources, self.data_labels.tolist(), probs, strict=True):
                 writer.writerow((src, self.mapping.data_labels[y], names[int(p.argmax())], *(f"{v:.9g}" for v in p)))

@@ -6,7 +6,6 @@ recompute every number in it, so a reviewer can audit the report without running
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from derm_accel.core.artifacts import METRIC_NAMES, fmt, pct
+from derm_accel.core.escape import csv_writer
 from derm_accel.evaluation.label_map import report_lines as external_report_lines
 from derm_accel.evaluation.ood import render_ood_section
 from derm_accel.evaluation.subgroups import report_lines as subgroup_report_lines
@@ -49,7 +49,7 @@ def write_per_class_csv(metrics: dict[str, Any], path: str | os.PathLike) -> Pat
     path = Path(path)
     fields = ("precision", "recall", "f1", "support", "roc_auc", "pr_auc")
     with path.open("w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv_writer(f)
         writer.writerow(("class", *fields))
         for name, row in metrics["per_class"].items():
             writer.writerow((name, *("" if row[k] is None else row[k] for k in fields)))
@@ -77,7 +77,7 @@ def write_predictions_csv(
     predicted = probabilities.argmax(axis=1)
     path = Path(path)
     with path.open("w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv_writer(f)
         writer.writerow((*PREDICTION_COLUMNS, *label_names, *extra))
         for i, (src, y, p, row) in enumerate(
             zip(source_paths, labels, predicted, probabilities, strict=True)

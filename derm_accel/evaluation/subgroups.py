@@ -9,7 +9,6 @@ predictions.csv carries each column's value and group, so every number can be re
 
 from __future__ import annotations
 
-import csv
 import itertools
 import math
 import re
@@ -23,6 +22,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from derm_accel.core.artifacts import fmt
+from derm_accel.core.escape import csv_writer
 
 SMALL_GROUP = 30
 MAX_GROUPS = 50
@@ -345,7 +345,7 @@ def write_subgroups_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> 
     """subgroups.csv: one row per group; empty cells where a metric is undefined."""
     path = Path(path)
     with path.open("w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv_writer(f)
         writer.writerow(csv_header())
         for r in rows:
             cells: list[Any] = [r["column"], r["binning"], r["value"], r["n"], "yes" if r["small"] else ""]

@@ -1,0 +1,105 @@
+"""Issue 23: hostile names, leaked models and silent misreadings, each reproduced with the suite's tiny models."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from derm_accel.data.synthetic import write_dataset
+from derm_accel.evaluation import evaluate_model
+from derm_accel.models.build import create_model, export_model
+
+PACKAGE = Path(__file__).resolve().parents[1] / "derm_accel"
+# Class names a spreadsheet runs as formulas, and names that break Markdown tables or write raw HTML.
+FORMULAS = ['=HYPERLINK("http://evil.example","x")', "+cmd|' /C calc'!A0", "@SUM(A1)"]
+MARKDOWN = ["a|b", "x\n# Injected [link](javascript:alert(1))", "<img src=x onerror=alert(1)>"]
+HOSTILE = FORMULAS + MARKDOWN
+
+
+def _untrained(labels: list[str], out: Path, seed: int = 0) -> Path:
+    """An untrained test_resnet with a widened random head (its answers vary from image to image)."""
+    torch.manual_seed(seed)
+    net = create_model("test_resnet", len(labels))
+    with torch.no_grad():
+        net.get_classifier().weight.normal_(0, 3.0)
+    net.eval()
+    net.pretrained_cfg = dict(net.pretrained_cfg, input_size=(3, 32, 32), crop_pct=1.0)
+    return export_model(net, out, labels)
+
+
+def _rows(path: Path) -> list[list[str]]:
+    with path.open(newline="") as f:
+        return list(csv.reader(f))
+
+
+@pytest.fixture(scope="module")
+def hostile_report(tmp_path_factory) -> tuple[dict, Path]:
+    """evaluate on a dataset and model whose class names are formulas, table breakers and HTML."""
+    root = tmp_path_factory.mktemp("hostile")
+    data = write_dataset(root / "data", {"train": [1] * 6, "validation": [1] * 6, "test": [2] * 6}, size=32,
+                         names=HOSTILE)
+    model = _untrained(HOSTILE, root / "run" / "best")
+    out = root / "report"
+    metrics = evaluate_model(str(model), data, out_dir=out, num_workers=0, max_thumbnails=0)
+    return metrics, out
+
+
+# ---- 3. CSV formula injection ---------------------------------------------------------------------------
+
+
+def test_csv_cells_that_start_a_formula_are_quoted_and_numbers_stay_numbers() -> None:
+    from derm_accel.core.escape import csv_cell
+
+    for text in ["=1+1", "+1+1", "-1+1", "@A1", "\tx", "\rx", '=HYPERLINK("u")']:
+        assert csv_cell(text) == "'" + text
+    for value in ["-0.5", "+3", "-1e-05", "melanoma", "", -0.5, -3, 1.25e-9, None]:
+        assert csv_cell(value) == value
+
+
+def test_every_csv_evaluate_writes_escapes_class_names_and_paths(hostile_report) -> None:
+    _, out = hostile_report
+    predictions = _rows(out / "predictions.csv")
+    header, body = predictions[0], predictions[1:]
+    for name in FORMULAS:
+        assert name not in header and "'" + name in header
+    assert body and all(not cell.startswith(("=", "+", "@", "\t", "\r")) for row in body for cell in row)
+    # probabilities are still numbers under the quoted names
+    probs = np.array([[float(row[header.index("'" + n)]) for n in FORMULAS] for row in body])
+    assert np.all((probs >= 0) & (probs <= 1))
+    per_class = _rows(out / "per_class.csv")
+    assert [r[0] for r in per_class[1:4]] == ["'" + n for n in FORMULAS]
+    assert float(per_class[1][1]) >= 0  # precision stays a number
+
+
+def test_subgroups_oof_and_unscored_csvs_escape_their_cells(tmp_path: Path) -> None:
+    from derm_accel.evaluation.label_map import External, LabelMapping
+    from derm_accel.evaluation.report import write_predictions_csv
+    from derm_accel.evaluation.subgroups import write_subgroups_csv
+
+    row = {"column": "=col", "binning": "value", "value": "@evil()", "n": 3, "small": True,
+           **{m: -0.25 for m in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")},
+           **{f"{m}_ci": [-0.5, 0.5] for m in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")}}
+    cells = _rows(write_subgroups_csv([row], tmp_path / "subgroups.csv"))[1]
+    assert cells[:3] == ["'=col", "value", "'@evil()"] and cells[5:8] == ["-0.25", "-0.5", "0.5"]
+
+    path = write_predictions_csv(tmp_path / "oof_predictions.csv", ["-x.jpg"], np.array([0]),
+                                 np.array([[0.6, 0.4]]), ["=a", "b"], extra={"fold": [1], "site": ["+1+1"]})
+    header, first = _rows(path)
+    assert header[4] == "'=a" and first[1] == "'-x.jpg" and first[2] == "'=a" and first[-2:] == ["1", "'+1+1"]
+
+    mapping = LabelMapping(["=data", "known"], ["known", "other"], [-1, 0])
+    external = External(mapping, ["@img.jpg"], np.array([0]), torch.zeros(1, 1, 2))
+    header, first = _rows(external.write(tmp_path / "predictions_unscored.csv"))
+    assert first[:2] == ["'@img.jpg", "'=data"]
+
+
+def test_no_module_writes_csv_around_the_escaping_writer() -> None:
+    offenders = [
+        str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+        if p.name != "escape.py" and any(s in p.read_text() for s in ("csv.writer(", "csv.DictWriter(", ".to_csv("))
+    ]
+    assert offenders == []
