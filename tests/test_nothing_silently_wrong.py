@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,44 @@ def test_no_module_writes_csv_around_the_escaping_writer() -> None:
         if p.name != "escape.py" and any(s in p.read_text() for s in ("csv.writer(", "csv.DictWriter(", ".to_csv("))
     ]
     assert offenders == []
+
+
+# ---- 4. class names in Markdown (report.md, model card, ensemble card) ---------------------------------------
+
+
+def _cells(line: str) -> int:
+    """The cells of a GFM table row: ``|`` that is not backslash-escaped separates them."""
+    return len(re.split(r"(?<!\\)\|", line.strip().strip("|")))
+
+
+def _check_markdown(text: str, header: str, columns: int) -> None:
+    lines = text.splitlines()
+    assert not any(line.lstrip().startswith("# Injected") for line in lines)
+    assert "<img" not in text and "](javascript:" not in text
+    start = lines.index(next(line for line in lines if line.startswith(header)))
+    rows = [line for line in lines[start + 2:start + 2 + len(HOSTILE)]]
+    assert len(rows) == len(HOSTILE) and all(_cells(row) == columns for row in rows), rows
+
+
+def test_report_md_escapes_class_names_in_tables_and_text(hostile_report) -> None:
+    _, out = hostile_report
+    text = (out / "report.md").read_text()
+    _check_markdown(text, "| class | support |", 7)
+    assert "&lt;img src=x onerror=alert\\(1\\)&gt;" in text and "a\\|b" in text
+
+
+def test_model_card_and_ensemble_card_escape_class_names(hostile_report, tmp_path: Path) -> None:
+    from derm_accel.hub.card import build_model_card
+    from derm_accel.hub.ensemble_card import build_ensemble_card
+
+    _, out = hostile_report
+    model = out.parent / "run" / "best"
+    card = str(build_model_card(model, "org/model", report_dir=out, license="mit"))
+    _check_markdown(card, "| Class | Precision |", 6)
+    classes = next(line for line in card.splitlines() if line.startswith("- **Classes:**"))
+    assert "a\\|b" in classes and "&lt;img src=x onerror=alert\\(1\\)&gt;" in classes
+    second = _untrained(HOSTILE, tmp_path / "second", seed=1)
+    ensemble = str(build_ensemble_card([("fold_1", model), ("fold_2", second)], "org/ens", license="mit"))
+    assert not any(line.lstrip().startswith("# Injected") for line in ensemble.splitlines())
+    assert "<img" not in ensemble and "](javascript:" not in ensemble
+    assert "a\\|b" in next(line for line in ensemble.splitlines() if line.startswith("- **Classes:**"))

@@ -67,14 +67,11 @@ def md_text(value: Any) -> str:
 
 
 def md_code(value: Any, *, in_table: bool = False) -> str:
-    """``value`` as an inline code span (shown verbatim; HTML inside a code span is text, never a tag).
+    """``value`` as an inline code span (shown verbatim), or as :func:`md_text` when it holds ``<``, ``>``, ``&``
+    or a backtick: then no tag-like text is written even inside a code span, and no span can be closed early.
 
-    The fence is longer than any run of backticks in the text; ``in_table`` escapes ``|``, which GFM reads
-    as a cell border even inside a code span."""
+    ``in_table`` escapes ``|``, which GFM reads as a cell border even inside a code span."""
     text = _one_line(str(value))
-    if in_table:
-        text = text.replace("|", "\\|")
-    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
-    fence = "`" * (longest + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    return f"{fence}{pad}{text}{pad}{fence}"
+    if any(c in text for c in "<>&`"):
+        return md_text(text)
+    return "`" + (text.replace("|", "\\|") if in_table else text) + "`"

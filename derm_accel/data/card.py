@@ -10,6 +10,7 @@ from typing import Any
 
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from derm_accel.core.escape import md_text
 from derm_accel.data.metadata import FILE_REASONS, card_lines
 from derm_accel.data.split import SPLITS
 
@@ -77,7 +78,7 @@ def card_body(report: dict[str, Any], *, title: str) -> str:
     ]
     for name in names:
         counts = [splits[s]["per_class"].get(name, 0) for s in SPLITS]
-        lines.append(f"| {name} | " + " | ".join(map(str, counts)) + f" | {sum(counts)} |")
+        lines.append(f"| {md_text(name)} | " + " | ".join(map(str, counts)) + f" | {sum(counts)} |")
     totals = [splits[s]["rows"] for s in SPLITS]
     lines.append("| **total** | " + " | ".join(map(str, totals)) + f" | {sum(totals)} |")
     lines += ["", "## Split", ""]
@@ -129,10 +130,11 @@ def card_body(report: dict[str, Any], *, title: str) -> str:
     else:
         lines.append("None: every file became a row.")
     if report.get("empty_class_folders"):
-        lines += ["", f"Empty class folders (no class created): {', '.join(report['empty_class_folders'])}."]
+        empty = ", ".join(map(md_text, report["empty_class_folders"]))
+        lines += ["", f"Empty class folders (no class created): {empty}."]
     dropped = sorted(k for k, v in report["class_map"].items() if v is None)
     if dropped:
-        lines += ["", f"Folders dropped by the class map: {', '.join(dropped)}."]
+        lines += ["", f"Folders dropped by the class map: {', '.join(map(md_text, dropped))}."]
     lines += [
         "",
         "## Load",

@@ -19,6 +19,7 @@ from typing import Any
 
 from datasets import Features
 
+from derm_accel.core.escape import md_code
 from derm_accel.data.dedupe import UnionFind
 from derm_accel.data.presets import Preset, get_preset, guess_preset
 from derm_accel.data.scan import ScanError, ScanResult, Skip, SourceFile, is_hidden, leaves_tree, walk_files
@@ -456,7 +457,7 @@ def card_lines(report: Mapping[str, Any]) -> list[str]:
         "",
         "| column | type |",
         "|---|---|",
-        *[f"| `{c}` | {t} |" for c, t in meta["columns"].items()],
+        *[f"| {md_code(c, in_table=True)} | {t} |" for c, t in meta["columns"].items()],
         "",
         f"{meta['rows_matched']} of {meta['rows_total']} table rows matched an image.",
     ]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import yaml
 
-from derm_accel.core.escape import csv_writer
+from derm_accel.core.escape import csv_writer, md_text
 from derm_accel.evaluation.calibration import tta_probabilities
 from derm_accel.evaluation.inference import InferenceResult
 
@@ -156,7 +156,7 @@ def report_lines(metrics: Mapping[str, Any]) -> list[str]:
     ext = metrics.get("external_validation")
     if not ext:
         return []
-    mapped = [f"{k} → {v}" for k, v in ext["label_map"].items() if v is not None and k != v]
+    mapped = [f"{md_text(k)} → {md_text(v)}" for k, v in ext["label_map"].items() if v is not None and k != v]
     lines = [
         "## External validation: class mapping",
         "",
@@ -173,7 +173,7 @@ def report_lines(metrics: Mapping[str, Any]) -> list[str]:
             "|---|---:|---|---:|",
         ]
         for name, u in ext["unknown_classes"].items():
-            top = ", ".join(f"{k} ({v})" for k, v in list(u["predicted_as"].items())[:3])
-            lines.append(f"| {name} | {u['n']} | {top} | {u['mean_top_probability']:.3f} |")
+            top = ", ".join(f"{md_text(k)} ({v})" for k, v in list(u["predicted_as"].items())[:3])
+            lines.append(f"| {md_text(name)} | {u['n']} | {top} | {u['mean_top_probability']:.3f} |")
         lines += ["", f"Each of these images is listed in `{ext['unscored_file']}`.", ""]
     return lines

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from derm_accel.core.escape import md_text
 from derm_accel.data.images import expand_inputs, read_image
 from derm_accel.guard.scoring import Scored, risk_coverage, score_batches, split_batches
 from derm_accel.inference.predict import prepared_model
@@ -185,6 +186,6 @@ def render_ood_section(block: dict[str, Any], risk_png: str | None = None) -> li
                 v = sc.get(name)
                 cells += ["n/a", "n/a"] if v is None else [f"{v['auroc']:.3f}", f"{v['fpr_at_95_tpr']:.3f}"]
             flagged = "n/a" if s.get("guard_flagged") is None else f"{s['guard_flagged']:.1%}"
-            lines.append(f"| {s['source']} | {s['images']} | {flagged} | " + " | ".join(cells) + " |")
+            lines.append(f"| {md_text(s['source'])} | {s['images']} | {flagged} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines

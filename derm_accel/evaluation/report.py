@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from derm_accel.core.artifacts import METRIC_NAMES, fmt, pct
-from derm_accel.core.escape import csv_writer
+from derm_accel.core.escape import csv_writer, md_code, md_text
 from derm_accel.evaluation.label_map import report_lines as external_report_lines
 from derm_accel.evaluation.ood import render_ood_section
 from derm_accel.evaluation.subgroups import report_lines as subgroup_report_lines
@@ -124,7 +124,8 @@ def write_misclassifications_md(
     if pairs:
         lines += ["| true class | predicted as | count | share |", "|---|---|---:|---:|"]
         lines += [
-            f"| {p['true']} | {p['predicted']} | {p['count']} | {pct(p['share_of_true'])} |" for p in pairs
+            f"| {md_text(p['true'])} | {md_text(p['predicted'])} | {p['count']} | {pct(p['share_of_true'])} |"
+            for p in pairs
         ]
     else:
         lines.append("No misclassifications.")
@@ -195,7 +196,9 @@ def ensemble_report_lines(metrics: dict[str, Any]) -> list[str]:
     ]
     scored = [m for m in block["members"] if "macro_f1" in m]
     for m in scored:
-        lines.append(f"| {m['model']} | {m['accuracy']:.3f} | {m['balanced_accuracy']:.3f} | {m['macro_f1']:.3f} |")
+        lines.append(
+            f"| {md_text(m['model'])} | {m['accuracy']:.3f} | {m['balanced_accuracy']:.3f} | {m['macro_f1']:.3f} |"
+        )
     if not scored:
         lines.append("| (members are not scored one by one with a label map) | | | |")
     lines.append(
@@ -219,9 +222,9 @@ def _summary_lines(metrics: dict[str, Any], options: list[str]) -> list[str]:
     by_recall = sorted(present.items(), key=lambda kv: kv[1]["recall"])
     correct = int(np.trace(np.asarray(metrics["confusion_matrix"])))
     lines: list[str] = [
-        f"# Evaluation report: {metrics['model']}",
+        f"# Evaluation report: {md_text(metrics['model'])}",
         "",
-        f"- Data: `{metrics.get('data', '')}`, split **{metrics['split']}**, {n} images, "
+        f"- Data: {md_code(metrics.get('data', ''))}, split **{md_text(metrics['split'])}**, {n} images, "
         f"{len(metrics['label_names'])} classes",
         f"- Options: {'; '.join(options) if options else 'none (single view, uncalibrated softmax)'}",
         "",
@@ -240,8 +243,8 @@ def _summary_lines(metrics: dict[str, Any], options: list[str]) -> list[str]:
     ]
     k = min(3, len(by_recall) // 2)  # best and worst lists must not overlap
     if k:
-        worst = ", ".join(f"{c} ({pct(v['recall'])} of {v['support']})" for c, v in by_recall[:k])
-        best = ", ".join(f"{c} ({pct(v['recall'])} of {v['support']})" for c, v in by_recall[::-1][:k])
+        worst = ", ".join(f"{md_text(c)} ({pct(v['recall'])} of {v['support']})" for c, v in by_recall[:k])
+        best = ", ".join(f"{md_text(c)} ({pct(v['recall'])} of {v['support']})" for c, v in by_recall[::-1][:k])
         lines += [f"- Most often recognised: {best}.", f"- Most often missed: {worst}."]
     lines += [
         f"- Its stated confidence differs from how often it is actually right by {pct(metrics['ece'])} on "
@@ -330,7 +333,7 @@ def _class_lines(metrics: dict[str, Any], files: dict[str, str]) -> list[str]:
     ]
     for name, row in per_class.items():
         lines.append(
-            f"| {name} | {row['support']} | {fmt(row['precision'])} | {fmt(row['recall'])} | "
+            f"| {md_text(name)} | {row['support']} | {fmt(row['precision'])} | {fmt(row['recall'])} | "
             f"{fmt(row['f1'])} | {fmt(row['roc_auc'])} | {fmt(row['pr_auc'])} |"
         )
     lines.append("")
@@ -338,7 +341,7 @@ def _class_lines(metrics: dict[str, Any], files: dict[str, str]) -> list[str]:
     lines += ["## Classes without samples", ""]
     if missing:
         lines += [
-            f"{len(missing)} class(es) have no image in this split: {', '.join(missing)}. Nothing can "
+            f"{len(missing)} class(es) have no image in this split: {', '.join(map(md_text, missing))}. Nothing can "
             "be said about "
             "how well the model recognises them. They are left out of the macro averages (balanced "
             "accuracy, macro "
@@ -356,8 +359,8 @@ def _class_lines(metrics: dict[str, Any], files: dict[str, str]) -> list[str]:
     lines += ["", "## Most frequent confusions", ""]
     if pairs:
         lines += [
-            f"- {p['true']} taken for {p['predicted']}: {p['count']} ({pct(p['share_of_true'])} of "
-            f"{p['true']})"
+            f"- {md_text(p['true'])} taken for {md_text(p['predicted'])}: {p['count']} ({pct(p['share_of_true'])} of "
+            f"{md_text(p['true'])})"
             for p in pairs
         ]
     else:

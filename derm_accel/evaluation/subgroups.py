@@ -22,7 +22,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from derm_accel.core.artifacts import fmt
-from derm_accel.core.escape import csv_writer
+from derm_accel.core.escape import csv_writer, md_code, md_text
 
 SMALL_GROUP = 30
 MAX_GROUPS = 50
@@ -405,7 +405,7 @@ def table_lines(block: Mapping[str, Any]) -> list[str]:
     for r in block["rows"]:
         flag = " ⚠" if r["small"] else ""
         lines.append(
-            f"| {r['column']} | {r['value']}{flag} | {r['n']} | {_with_ci(r, 'accuracy')} | "
+            f"| {md_text(r['column'])} | {md_text(r['value'])}{flag} | {r['n']} | {_with_ci(r, 'accuracy')} | "
             f"{_with_ci(r, 'balanced_accuracy')} | {_with_ci(r, 'macro_f1')} | {_with_ci(r, 'roc_auc')} |"
         )
     lines += ["", f"⚠ fewer than {block['min_group_size']} images: too few for a firm conclusion.", ""]
@@ -413,8 +413,9 @@ def table_lines(block: Mapping[str, Any]) -> list[str]:
         acc = gap.get("accuracy")
         if acc:
             lines.append(
-                f"- **{column}**: worst group {acc['worst_group']} (accuracy {acc['worst']:.3f}) vs best "
-                f"{acc['best_group']} ({acc['best']:.3f}): gap **{acc['gap']:.3f}**"
+                f"- **{md_text(column)}**: worst group {md_text(acc['worst_group'])} (accuracy {acc['worst']:.3f}) "
+                f"vs best "
+                f"{md_text(acc['best_group'])} ({acc['best']:.3f}): gap **{acc['gap']:.3f}**"
                 + (
                     f"; balanced-accuracy gap {gap['balanced_accuracy']['gap']:.3f}"
                     if gap.get("balanced_accuracy")
@@ -423,7 +424,7 @@ def table_lines(block: Mapping[str, Any]) -> list[str]:
                 + f" ({gap['groups_compared']} groups of at least {gap['min_group_size']} images)."
             )
         else:
-            lines.append(f"- **{column}**: no worst-group gap: {gap['note']}.")
+            lines.append(f"- **{md_text(column)}**: no worst-group gap: {gap['note']}.")
     return lines
 
 
@@ -432,7 +433,7 @@ def report_lines(metrics: Mapping[str, Any]) -> list[str]:
     block = metrics.get("subgroups")
     if not block:
         return []
-    kinds = ", ".join(f"`{c}` ({k})" for c, k in block["columns"].items())
+    kinds = ", ".join(f"{md_code(c)} ({k})" for c, k in block["columns"].items())
     return [
         "## Performance across subgroups",
         "",
@@ -459,7 +460,7 @@ def model_card_section(metrics: Mapping[str, Any], report_files: set[str]) -> st
     lines = [
         "## Performance across subgroups",
         "",
-        f"On the **{metrics.get('split', 'test')}** split, by {', '.join(f'`{c}`' for c in block['columns'])} "
+        f"On the **{metrics.get('split', 'test')}** split, by {', '.join(md_code(c) for c in block['columns'])} "
         "(95% bootstrap intervals). Small groups are flagged, not hidden; a model that does well on average can "
         "still fail one group.",
         "",

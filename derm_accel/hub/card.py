@@ -16,6 +16,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from derm_accel.core.artifacts import METRIC_NAMES, METRICS, RECIPE, TRAINING_INFO, fmt, number
 from derm_accel.core.errors import InputError
+from derm_accel.core.escape import md_text
 from derm_accel.core.fileio import read_optional_json, read_optional_yaml
 from derm_accel.evaluation.ood import render_ood_section
 from derm_accel.evaluation.subgroups import model_card_section as subgroup_card_section
@@ -162,7 +163,7 @@ def _section_model_details(repo_id: str, config: Mapping[str, Any], license_id: 
         "## Model details",
         "",
         f"- **Architecture:** `{config['architecture']}` ([timm](https://github.com/huggingface/pytorch-image-models))",
-        f"- **Classes:** {config['num_classes']} ({', '.join(f'`{n}`' for n in config['label_names'])})",
+        f"- **Classes:** {config['num_classes']} ({', '.join(map(md_text, config['label_names']))})",
         f"- **Input:** RGB, {size[-1]}x{size[-2]} px, resize to {fmt(pcfg['crop_pct'], 3)} crop, "
         f"`{pcfg['interpolation']}` interpolation, mean {list(pcfg['mean'])}, std {list(pcfg['std'])}",
         "- **Weights:** `model.safetensors`; config in timm's format (`config.json`)",
@@ -208,16 +209,16 @@ def section_training_data(dataset: Mapping[str, Any], info: Mapping[str, Any], l
     name = dataset.get("name") or dataset.get("path") or "the training image collection"
     if "/" in str(name) or "\\" in str(name):
         name = Path(str(name)).name  # a local folder: its name only, never the user's directory layout
-    lines = ["## Training data", "", f"- **Dataset:** {name}"]
+    lines = ["## Training data", "", f"- **Dataset:** {md_text(name)}"]
     hub_id = hub_dataset_id(dataset)
     if hub_id:
         lines.append(f"- **On the Hub:** [{hub_id}](https://huggingface.co/datasets/{hub_id})")
     for key, label in (("license", "Dataset license"), ("num_images", "Images"), ("source", "Source")):
         if dataset.get(key):
-            lines.append(f"- **{label}:** {dataset[key]}")
+            lines.append(f"- **{label}:** {md_text(dataset[key])}")
     splits = dataset.get("splits") or info.get("split_sizes")
     if isinstance(splits, Mapping):
-        lines.append("- **Splits:** " + ", ".join(f"{k}: {v}" for k, v in splits.items()))
+        lines.append("- **Splits:** " + ", ".join(f"{md_text(k)}: {md_text(v)}" for k, v in splits.items()))
     lines.append(f"- **Classes:** {len(labels)}")
     lines += [
         "",
@@ -317,12 +318,12 @@ def section_evaluation(metrics: Mapping[str, Any], report_files: set[str]) -> st
         ]
         for name, m in per_class.items():
             lines.append(
-                f"| {name} | {fmt(m.get('precision'))} | {fmt(m.get('recall'))} | {fmt(m.get('f1'))} "
+                f"| {md_text(name)} | {fmt(m.get('precision'))} | {fmt(m.get('recall'))} | {fmt(m.get('f1'))} "
                 f"| {fmt(m.get('roc_auc'))} | {fmt(m.get('support'))} |"
             )
     missing = metrics.get("classes_without_samples") or []
     if missing:
-        lines += ["", f"Classes without test images (no metrics): {', '.join(missing)}."]
+        lines += ["", f"Classes without test images (no metrics): {', '.join(map(md_text, missing))}."]
     if "confusion_matrix.png" in report_files:
         lines += ["", "### Confusion matrix", "", "![Confusion matrix](eval/confusion_matrix.png)"]
     lines += ["", "### Calibration", ""]
@@ -443,7 +444,7 @@ print(predict("lesion.jpg", model="{repo_id}", top_k=3))  # files or folders
 derm-accel predict lesion.jpg photos/ --model {repo_id} --top-k 3 --json
 ```
 
-The labels are: {", ".join(f"`{n}`" for n in labels)}."""
+The labels are: {", ".join(map(md_text, labels))}."""
 
 
 def section_citation(repo_id: str, arch: str) -> str:
