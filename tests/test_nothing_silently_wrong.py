@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import re
 from pathlib import Path
 
@@ -145,3 +146,34 @@ def test_model_card_and_ensemble_card_escape_class_names(hostile_report, tmp_pat
     assert not any(line.lstrip().startswith("# Injected") for line in ensemble.splitlines())
     assert "<img" not in ensemble and "](javascript:" not in ensemble
     assert "a\\|b" in next(line for line in ensemble.splitlines() if line.startswith("- **Classes:**"))
+
+
+# ---- 5. inf in metadata is missing data --------------------------------------------------------------------
+
+
+def test_convert_types_a_numeric_column_with_inf_as_numbers_with_missing_values() -> None:
+    from datasets import Value
+
+    from derm_accel.data.tables import infer_feature
+
+    feature, values, kind = infer_feature(["19.5", "inf", "40", None, "-Infinity", "61.25"])
+    assert feature == Value("float64") and values == [19.5, None, 40.0, None, None, 61.25]
+    assert kind.startswith("float") and "2 infinite" in kind
+    feature, values, _ = infer_feature(["3", "INF", "5"])
+    assert feature == Value("int64") and values == [3, None, 5]
+    feature, values, _ = infer_feature(["inf", "inf"])
+    assert feature == Value("float64") and values == [None, None]
+
+
+@pytest.mark.parametrize("kind", ["quartile", "decade", "auto", "value"])
+def test_subgroups_put_infinite_values_in_the_missing_group(kind: str) -> None:
+    from derm_accel.evaluation.subgroups import MISSING, group_values
+
+    ages = [19.5, 25.0, 33.0, 47.0, 52.0, 68.0, 71.0, 80.0, 85.0, 90.0, 12.0, 15.0]
+    values = [*ages, math.inf, -math.inf, "inf", float("nan"), None]
+    labels, order, used = group_values("age_approx", values, kind)
+    assert all("nan" not in g and "inf" not in g for g in order), order
+    assert labels[len(ages):] == [MISSING] * 5
+    assert MISSING not in labels[:len(ages)]
+    if used == "quartile":
+        assert order[-2].endswith("90]")  # the top bin ends at the largest finite value

@@ -26,6 +26,7 @@ NULL_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none"})
 CLASSLABEL_MAX = 100  # text columns with at most this many values (each seen twice on average) -> ClassLabel
 _INT = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_INFINITE = re.compile(r"[+-]?inf(inity)?", re.IGNORECASE)  # a number that is no measurement: missing data
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
@@ -181,13 +182,19 @@ def infer_feature(values: Sequence[str | None], categorical: bool = True) -> tup
     lowered = {v.lower() for v in present}
     if lowered <= {"true", "false"}:
         return Value("bool"), [None if v is None else v.lower() == "true" for v in values], "bool"
-    if not any(re.match(r"[+-]?0\d", v) for v in present):  # codes with leading zeros stay text
-        if all(_INT.fullmatch(v) for v in present):
-            ints = [None if v is None else int(v) for v in values]
+    finite = [v for v in present if not _INFINITE.fullmatch(v)]
+    if not finite:
+        return Value("float64"), [None] * len(values), f"float ({len(present)} infinite values read as missing)"
+    if finite and not any(re.match(r"[+-]?0\d", v) for v in finite):  # codes with leading zeros stay text
+        # "inf" in a numeric column is missing data, as NaN is (never a value of its own, never text)
+        numbers = [None if v is None or _INFINITE.fullmatch(v) else v for v in values]
+        note = f" ({len(present) - len(finite)} infinite values read as missing)" if len(finite) < len(present) else ""
+        if all(_INT.fullmatch(v) for v in finite):
+            ints = [None if v is None else int(v) for v in numbers]
             if all(-(2**63) <= i < 2**63 for i in ints if i is not None):
-                return Value("int64"), ints, "int"
-        if all(_FLOAT.fullmatch(v) for v in present):
-            return Value("float64"), [None if v is None else float(v) for v in values], "float"
+                return Value("int64"), ints, "int" + note
+        if all(_FLOAT.fullmatch(v) for v in finite):
+            return Value("float64"), [None if v is None else float(v) for v in numbers], "float" + note
     distinct = sorted(set(present))
     if categorical and len(distinct) <= min(CLASSLABEL_MAX, max(2, len(present) // 2)):
         return ClassLabel(names=distinct), list(values), "ClassLabel"

@@ -78,7 +78,18 @@ def _number(value: Any) -> float | None:
         number = float(value)
     except (TypeError, ValueError):
         return None
-    return None if math.isnan(number) else number
+    return number if math.isfinite(number) else None  # inf is missing data, as NaN is
+
+
+def _missing_if_not_finite(value: Any) -> Any:
+    """An infinite or NaN number (or its text, "inf") is missing: it belongs to no bin or value group."""
+    if value is None or isinstance(value, bool):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value
+    return value if math.isfinite(number) else None
 
 
 def fitzpatrick_bin(value: Any) -> str:
@@ -99,7 +110,9 @@ def _format(value: float) -> str:
 
 
 def group_values(name: str, values: Sequence[Any], kind: str = "auto") -> tuple[list[str], list[str], str]:
-    """Each row's group label, the groups in display order and the binning used. None -> ``MISSING``."""
+    """Each row's group label, the groups in display order and the binning used. None (and inf/NaN) ->
+    ``MISSING``."""
+    values = [_missing_if_not_finite(v) for v in values]
     present = [v for v in values if v is not None]
     numbers = [_number(v) for v in present]
     numeric = bool(present) and all(n is not None for n in numbers)
