@@ -100,7 +100,7 @@ def plain_fold(fold_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
             preds.append(model(batch["x"]).argmax(-1))
             labels.append(torch.as_tensor(batch["y"]))
     y, p = torch.cat(labels).numpy(), torch.cat(preds).numpy()
-    return {BASELINE: classification_metrics(y, p, num_classes), "num_test": len(y), "num_train": len(data["train"])}
+    return {BASELINE: classification_metrics(y, p), "num_test": len(y), "num_train": len(data["train"])}
 
 
 # ------------------------------------------------------------------------------------ derm-accel recipes
@@ -137,11 +137,11 @@ def recipe_fold(name: str, fold_dir: Path, run_dir: Path, args: argparse.Namespa
     result = predict_logits(
         net, split, Accelerator(), batch_size=64, num_workers=0, tta="flip", normalize=BatchNormalize(cfg)
     )
-    y, k = result.labels.numpy(), result.logits.shape[-1]
+    y = result.labels.numpy()
     info = json.loads((run / "best" / "training_info.json").read_text())
     return {
-        name: classification_metrics(y, tta_probabilities(result.logits[:, :1]).argmax(-1).numpy(), k),
-        f"{name}+tta": classification_metrics(y, tta_probabilities(result.logits).argmax(-1).numpy(), k),
+        name: classification_metrics(y, tta_probabilities(result.logits[:, :1]).argmax(-1).numpy()),
+        f"{name}+tta": classification_metrics(y, tta_probabilities(result.logits).argmax(-1).numpy()),
         "best_epoch": info.get("best_epoch"),
         "num_test": len(y),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 from pathlib import Path
@@ -177,3 +178,45 @@ def test_subgroups_put_infinite_values_in_the_missing_group(kind: str) -> None:
     assert MISSING not in labels[:len(ages)]
     if used == "quartile":
         assert order[-2].endswith("90]")  # the top bin ends at the largest finite value
+
+
+# ---- 10. one macro-F1 ------------------------------------------------------------------------------------
+
+
+def test_every_macro_f1_is_evaluates_over_the_classes_present() -> None:
+    """Class 3 has no image but is predicted: every figure leaves it out of the average, as evaluate does."""
+    from derm_accel.evaluation import load_metric
+    from derm_accel.evaluation.cv_stats import classification_metrics
+    from derm_accel.evaluation.members import member_metrics
+    from derm_accel.evaluation.subgroups import group_metrics
+
+    rng = np.random.default_rng(0)
+    y = rng.choice([0, 1, 2], size=40)
+    logits = rng.normal(size=(40, 4)) + 1.2 * np.eye(4)[y]
+    probs = torch.from_numpy(logits).softmax(-1).numpy()
+    pred = probs.argmax(1)
+    assert (pred == 3).any()
+    reference = load_metric().compute(predictions=pred, probabilities=probs, references=y, bootstrap=0)["macro_f1"]
+    assert classification_metrics(y, pred)["macro_f1"] == pytest.approx(reference)  # k-fold report, soup
+    members = member_metrics(torch.from_numpy(logits)[:, None, None, :], y, ["m"])  # ensemble rows
+    assert members[0]["macro_f1"] == pytest.approx(reference)
+    assert group_metrics(y, probs, n_resamples=10)["macro_f1"] == pytest.approx(reference)  # subgroups
+
+
+def test_trainings_validation_macro_f1_is_evaluates_on_the_same_split(tmp_path: Path) -> None:
+    """A validation split without images of one class: training's figure (best epoch, val_metrics.json) and
+    evaluate's are the same number."""
+    from derm_accel.training.train import train
+    from tests.train_utils import make_dataset, reset_accelerate, tiny_recipe
+
+    data = make_dataset(tmp_path / "data", per_class={"train": [8, 8, 8], "validation": [4, 4, 0], "test": [1, 1, 1]},
+                        size=32)
+    reset_accelerate()
+    run = train(tiny_recipe(data, tmp_path / "run", train={"epochs": 1}))
+    reset_accelerate()
+    val = json.loads((run / "best" / "val_metrics.json").read_text())
+    metrics = evaluate_model(str(run / "best"), data, split="validation", tta="none", out_dir=tmp_path / "rep",
+                             num_workers=0, max_thumbnails=0, channels_last=False)
+    assert metrics["num_samples"] == val["num_samples"] == 8 and metrics["accuracy"] == pytest.approx(val["accuracy"])
+    assert val["macro_f1"] > 0 and metrics["macro_f1"] == pytest.approx(val["macro_f1"])
+    assert json.loads((run / "best" / "training_info.json").read_text())["best_val_macro_f1"] == val["macro_f1"]

@@ -16,7 +16,6 @@ def t_quantile(df: int, level: float = 0.95) -> float:
     return float(t.ppf(0.5 + level / 2, df))
 
 
-
 def mean_sd_ci(values: list[float] | np.ndarray, level: float = 0.95) -> dict[str, Any]:
     """Mean, sample sd and the t-interval of the mean over folds."""
     x = np.asarray(values, dtype=np.float64)
@@ -27,7 +26,6 @@ def mean_sd_ci(values: list[float] | np.ndarray, level: float = 0.95) -> dict[st
     return {"n": n, "mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half, "values": x.tolist()}
 
 
-
 def paired_difference(values: list[float], baseline: list[float], level: float = 0.95) -> dict[str, Any]:
     """``values - baseline`` fold by fold: mean, sd and t-interval of the paired differences."""
     if len(values) != len(baseline):
@@ -35,14 +33,27 @@ def paired_difference(values: list[float], baseline: list[float], level: float =
     return mean_sd_ci(np.asarray(values) - np.asarray(baseline), level)
 
 
+def macro_f1(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """The toolkit's one macro-F1: the mean F1 over the classes present in ``labels``, as evaluate reports it
+    (a class without images has no recall, so it is left out rather than counted as 0). Training's best epoch,
+    the k-fold report, ensemble members and subgroups all use it."""
+    from sklearn.metrics import f1_score
 
-def classification_metrics(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Macro-F1 (over all classes), balanced accuracy and accuracy."""
-    from sklearn.metrics import balanced_accuracy_score, f1_score
+    labels = np.asarray(labels)
+    return float(f1_score(labels, np.asarray(predicted), labels=np.unique(labels), average="macro", zero_division=0))
 
+
+def classification_metrics(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """Macro-F1 (:func:`macro_f1`, over the classes present), balanced accuracy and accuracy."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    with warnings.catch_warnings():  # a prediction of an absent class still counts as an error in accuracy
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        balanced = float(balanced_accuracy_score(labels, predicted))
     return {
-        "macro_f1": float(f1_score(labels, predicted, average="macro", labels=np.arange(num_classes), zero_division=0)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+        "macro_f1": macro_f1(labels, predicted),
+        "balanced_accuracy": balanced,
         "accuracy": float((np.asarray(labels) == np.asarray(predicted)).mean()),
     }
-

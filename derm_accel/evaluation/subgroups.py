@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
-from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from derm_accel.core.artifacts import fmt
 from derm_accel.core.escape import csv_writer, md_code, md_text
+from derm_accel.evaluation.cv_stats import macro_f1
 
 SMALL_GROUP = 30
 MAX_GROUPS = 50
@@ -176,7 +177,7 @@ def _point_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
     return {
         "accuracy": float((y == pred).mean()),
         "balanced_accuracy": balanced,
-        "macro_f1": float(f1_score(y, pred, labels=present, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(y, pred),
         "roc_auc": float(np.mean(aucs)) if aucs else None,
     }
 

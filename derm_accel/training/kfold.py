@@ -93,9 +93,7 @@ def _fold(recipe: Recipe, data_root: Path, run_dir: Path, k: int, tta: str | Non
     scores = score_split(fold_run / "best", fold_data, "test", tta=tta)  # the held-out fold
     scores["fold"] = k
     if main and not done.is_file():
-        metrics = classification_metrics(
-            scores["labels"], scores["probabilities"].argmax(1), len(scores["label_names"])
-        )
+        metrics = classification_metrics(scores["labels"], scores["probabilities"].argmax(1))
         done.write_text(json.dumps({"fold": k, "tta": tta, **metrics}, indent=2) + "\n")
     PartialState().wait_for_everyone()
     return scores
@@ -213,10 +211,9 @@ def _get(tree: dict[str, Any], dotted: str) -> Any:
 
 def cv_report(scored: list[dict[str, Any]], *, folds: int, seed: int, tta: str | None) -> dict[str, Any]:
     """Per-fold metrics, their mean/sd/t-interval, and the metrics of the pooled out-of-fold predictions."""
-    num_classes = len(scored[0]["label_names"])
     per_fold = []
     for s in scored:
-        metrics = classification_metrics(s["labels"], s["probabilities"].argmax(1), num_classes)
+        metrics = classification_metrics(s["labels"], s["probabilities"].argmax(1))
         per_fold.append({"fold": s["fold"], "num_test": len(s["labels"]), **metrics})
     labels = np.concatenate([s["labels"] for s in scored])
     probs = np.concatenate([s["probabilities"] for s in scored])
@@ -227,7 +224,7 @@ def cv_report(scored: list[dict[str, Any]], *, folds: int, seed: int, tta: str |
         "label_names": scored[0]["label_names"],
         "per_fold": per_fold,
         "summary": {m: mean_sd_ci([f[m] for f in per_fold]) for m in METRICS},
-        "out_of_fold": {"num_samples": len(labels), **classification_metrics(labels, probs.argmax(1), num_classes)},
+        "out_of_fold": {"num_samples": len(labels), **classification_metrics(labels, probs.argmax(1))},
     }
 
 

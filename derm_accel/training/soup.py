@@ -82,10 +82,10 @@ def compare_on_split(
     """
     scores = [score_split(d, data, split, tta=tta) for d in member_dirs]
     soup = score_split(soup_dir, data, split, tta=tta)
-    labels, k = scores[0]["labels"], len(scores[0]["label_names"])
+    labels = scores[0]["labels"]
 
     def metrics(probabilities: np.ndarray) -> dict[str, float]:
-        return classification_metrics(labels, probabilities.argmax(1), k)
+        return classification_metrics(labels, probabilities.argmax(1))
 
     members = [{"model": str(d), **metrics(s["probabilities"])} for d, s in zip(member_dirs, scores, strict=True)]
     best = max(m["macro_f1"] for m in members)

@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from derm_accel.core.artifacts import RECIPE, RUN_INFO, TRAINING_INFO, VAL_METRICS, TrainingInfo, ValMetrics
@@ -38,6 +36,7 @@ from derm_accel.core.paths import shareable_path
 from derm_accel.core.run_info import collect_run_info, device_name
 from derm_accel.core.version import __version__
 from derm_accel.data.report import dataset_provenance
+from derm_accel.evaluation.cv_stats import macro_f1
 from derm_accel.guard.fit import fit_model_guard
 from derm_accel.models.build import base_weights, export_model
 from derm_accel.training.checkpoint_files import nonfinite_parameters
@@ -58,12 +57,12 @@ def validate(
     model: torch.nn.Module,
     loader: Any,
     accelerator: Accelerator,
-    num_classes: int,
     *,
     channels_last: bool = False,
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 over the whole split, each sample counted exactly once across processes.
+    """Loss, accuracy and macro-F1 (over the classes present, as evaluate reports it) over the whole split, each
+    sample counted exactly once across processes.
 
     ``normalize`` turns uint8 batches into the model's input on the device (:class:`BatchNormalize`).
     """
@@ -87,7 +86,7 @@ def validate(
     return {
         "loss": float(torch.cat(losses).mean()),
         "accuracy": float((y_pred == y_true).mean()),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", labels=np.arange(num_classes), zero_division=0)),
+        "macro_f1": macro_f1(y_true, y_pred),  # over the classes present, as evaluate reports it
         "num_samples": len(y_true),
     }
 
@@ -314,7 +313,6 @@ def end_epoch(run: Run, state: TrainState, epoch: int, stats: EpochStats) -> str
         run.eval_model(),
         run.val_dl,
         acc,
-        len(run.label_names),
         channels_last=t.channels_last,
         normalize=run.normalize,
     )
