@@ -103,3 +103,52 @@ def test_export_refuses_to_replace_a_folder_that_is_no_export(tmp_path: Path, ex
     with pytest.raises(FileExistsError, match="not an ONNX export"):
         export_onnx(model_dir, tmp_path / "precious")
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("label_names", LABELS[:2], "one name per output of the graph (3)"),
+        ("label_names", [*LABELS, "extra"], "one name per output of the graph (3)"),
+        ("label_names", [LABELS[0], LABELS[0], LABELS[1]], "distinct"),
+        ("tta", "rm -rf /", "null or one of"),
+        ("preprocessing.crop_pct", 0, "(0, 1]"),
+        ("preprocessing.crop_pct", 1.5, "(0, 1]"),
+        ("preprocessing.input_size", [3, -64, 64], "positive integers"),
+        ("preprocessing.input_size", [3, 32, 32], "the graph's input shape"),
+        ("preprocessing.interpolation", "<script>", "one of"),
+        ("preprocessing.std", [0.2, 0.0, 0.2], "each > 0"),
+        ("preprocessing.mean", [0.5, 0.5], "3 finite numbers"),
+    ],
+)
+def test_a_sidecar_that_does_not_fit_the_graph_is_refused_by_file_and_key(
+    exported: tuple[Path, Path], tmp_path: Path, key: str, value: object, says: str
+) -> None:
+    """preprocessing.json is validated against the graph and the allowed values before anything is predicted."""
+    import shutil
+
+    from derm_accel import predict
+    from derm_accel.models.onnx import OnnxClassifier, SidecarError
+
+    _, out = exported
+    bad = tmp_path / "bad-onnx"
+    shutil.copytree(out, bad)
+    meta = json.loads((bad / SIDECAR_NAME).read_text())
+    section, _, field = key.rpartition(".")
+    (meta[section] if section else meta)[field] = value
+    (bad / SIDECAR_NAME).write_text(json.dumps(meta))
+    with pytest.raises(SidecarError) as info:
+        OnnxClassifier(bad)
+    message = str(info.value)
+    assert str(bad / SIDECAR_NAME) in message and f"'{key}'" in message and says in message
+    assert "derm-accel export" in message
+    with pytest.raises(SidecarError, match=key.replace(".", r"\.")):
+        predict([str(tmp_path)], model=str(bad), backend="onnxruntime")
+
+
+def test_a_sound_sidecar_still_loads_with_its_declared_tta(exported: tuple[Path, Path]) -> None:
+    from derm_accel.models.onnx import OnnxClassifier
+
+    _, out = exported
+    net = OnnxClassifier(out)
+    assert net.labels == LABELS and net.default_tta in (None, "flip")

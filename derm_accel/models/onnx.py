@@ -12,17 +12,22 @@ checked against PyTorch on the spot: an export whose probabilities differ by mor
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from derm_accel.core.errors import RunError
+from derm_accel.core.errors import InputError, RunError
 from derm_accel.core.fileio import atomic_write_json, staged_dir
 from derm_accel.core.paths import shareable_path
 from derm_accel.models.build import data_config
 from derm_accel.models.load import load_model
+from derm_accel.models.tta import METHODS as TTA_METHODS
+from derm_accel.models.tta import OFF as TTA_OFF
 
 ONNX_NAME = "model.onnx"
 SIDECAR_NAME = "preprocessing.json"
@@ -32,6 +37,8 @@ DEFAULT_OPSET = 18
 PARITY_ATOL = 1e-4
 FORMATS = ("onnx",)
 PREPROCESSING_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's str_to_interp_mode
+CROP_MODES = ("center", "squash", "border")  # timm's eval transform
 
 
 class OnnxExportError(RunError):
@@ -118,6 +125,86 @@ def export_onnx(
     return out_dir
 
 
+_REEXPORT = "write it again with `derm-accel export MODEL --format onnx OUT`, or fix that key by hand."
+
+
+class SidecarError(InputError):
+    """A preprocessing.json that does not describe its graph, or holds a value predict cannot apply."""
+
+
+def _graph_dims(session: Any) -> tuple[list[Any], int]:
+    """The graph's input shape and its number of outputs per image (probed when the graph leaves it symbolic)."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+        raise SidecarError(
+            f"the graph has inputs {sorted(inputs)} and outputs {sorted(outputs)}, not '{INPUT_NAME}' -> "
+            f"'{OUTPUT_NAME}' as derm-accel exports them; {_REEXPORT}"
+        )
+    shape = list(inputs[INPUT_NAME].shape)
+    classes = outputs[OUTPUT_NAME].shape[-1] if outputs[OUTPUT_NAME].shape else None
+    if not isinstance(classes, int):
+        if not all(isinstance(d, int) for d in shape[1:]):
+            return shape, -1
+        probe = np.zeros([1, *shape[1:]], dtype=np.float32)
+        classes = int(session.run([OUTPUT_NAME], {INPUT_NAME: probe})[0].shape[-1])
+    return shape, classes
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_preprocessing(pre: Any, shape: list[Any], bad: Any) -> None:
+    if not isinstance(pre, dict):
+        bad("preprocessing", pre, "an object with input_size, crop_pct, interpolation, mean and std")
+    size = pre.get("input_size")
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(d, int) and d > 0 for d in size)):
+        bad("preprocessing.input_size", size, "[channels, height, width], three positive integers")
+    graph = shape[1:]
+    if any(isinstance(g, int) and g != d for g, d in zip(graph, size, strict=False)):
+        bad("preprocessing.input_size", size, f"the graph's input shape {graph}")
+    crop = pre.get("crop_pct")
+    if not (_positive_number(crop) and crop <= 1):
+        bad("preprocessing.crop_pct", crop, "a number in (0, 1]")
+    if pre.get("interpolation") not in INTERPOLATIONS:
+        bad("preprocessing.interpolation", pre.get("interpolation"), f"one of {list(INTERPOLATIONS)}")
+    if pre.get("crop_mode", "center") not in CROP_MODES:
+        bad("preprocessing.crop_mode", pre.get("crop_mode"), f"one of {list(CROP_MODES)}")
+    for key in ("mean", "std"):
+        value = pre.get(key)
+        finite = isinstance(value, list) and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value
+        )
+        if not finite or len(value) != size[0] or (key == "std" and not all(v > 0 for v in value)):
+            bad(f"preprocessing.{key}", value, f"{size[0]} finite numbers" + (", each > 0" if key == "std" else ""))
+
+
+def check_sidecar(meta: Any, session: Any, path: Path) -> None:
+    """Refuse a preprocessing.json that does not fit its graph or holds a value predict cannot apply, naming
+    the file and the key: label names (one per output), tta, input size, crop, interpolation, mean and std."""
+
+    def bad(key: str, value: Any, wanted: str) -> None:
+        raise SidecarError(f"{path}: key '{key}' is {value!r}, but it must be {wanted}; {_REEXPORT}")
+
+    if not isinstance(meta, dict):
+        bad("(top level)", type(meta).__name__, "a JSON object")
+    try:
+        shape, classes = _graph_dims(session)
+    except SidecarError as exc:
+        raise SidecarError(f"{path.parent / ONNX_NAME}: {exc}") from None
+    labels = meta.get("label_names")
+    if not (isinstance(labels, list) and labels and all(isinstance(n, str) and n for n in labels)):
+        bad("label_names", labels, "a list of class names")
+    if len(set(labels)) != len(labels):
+        bad("label_names", labels, "a list of distinct class names")
+    if classes >= 0 and len(labels) != classes:
+        bad("label_names", f"{len(labels)} names", f"one name per output of the graph ({classes})")
+    if meta.get("tta") not in (None, TTA_OFF, *TTA_METHODS):
+        bad("tta", meta.get("tta"), f"null or one of {[TTA_OFF, *TTA_METHODS]}")
+    _check_preprocessing(meta.get("preprocessing"), shape, bad)
+
+
 def is_onnx_export(path: str | os.PathLike) -> bool:
     path = Path(path)
     return (path / ONNX_NAME).is_file() and (path / SIDECAR_NAME).is_file()
@@ -138,16 +225,21 @@ class OnnxClassifier:
                 f"{folder} holds no {ONNX_NAME} + {SIDECAR_NAME}; write one with "
                 f"`derm-accel export RUN/best --format onnx {folder}`."
             )
-        self.meta = json.loads((folder / SIDECAR_NAME).read_text())
+        sidecar = folder / SIDECAR_NAME
+        try:
+            self.meta = json.loads(sidecar.read_text())
+        except (OSError, ValueError) as exc:
+            raise SidecarError(f"{sidecar} is not readable JSON ({exc}); {_REEXPORT}") from exc
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(folder / ONNX_NAME), options, providers=["CPUExecutionProvider"])
+        check_sidecar(self.meta, self.session, sidecar)
         self.labels = list(self.meta["label_names"])
         self.pretrained_cfg = dict(self.meta["preprocessing"], num_classes=len(self.labels), label_names=self.labels)
         self.default_cfg = self.pretrained_cfg
         self.num_classes = len(self.labels)
-        self.default_tta = self.meta.get("tta")
+        self.default_tta = None if self.meta.get("tta") in (None, TTA_OFF) else self.meta["tta"]
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(batch.detach().float().cpu().numpy())
