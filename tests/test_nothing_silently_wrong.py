@@ -220,3 +220,29 @@ def test_trainings_validation_macro_f1_is_evaluates_on_the_same_split(tmp_path: 
     assert metrics["num_samples"] == val["num_samples"] == 8 and metrics["accuracy"] == pytest.approx(val["accuracy"])
     assert val["macro_f1"] > 0 and metrics["macro_f1"] == pytest.approx(val["macro_f1"])
     assert json.loads((run / "best" / "training_info.json").read_text())["best_val_macro_f1"] == val["macro_f1"]
+
+
+# ---- 11. external validation on a subset of the model's classes ------------------------------------------
+
+
+def test_an_external_set_with_some_of_the_models_classes_needs_no_label_map(tmp_path: Path) -> None:
+    from derm_accel.data.synthetic import class_names
+
+    model_labels = sorted(class_names(4))
+    held = [model_labels[2], model_labels[0]]  # another order too: matched by name, never by index
+    data = write_dataset(tmp_path / "ext", {"test": [3, 4]}, size=32, names=held)
+    first, second = (_untrained(model_labels, tmp_path / f"m{i}", seed=i) for i in (0, 1))
+    metrics = evaluate_model([str(first), str(second)], data, out_dir=tmp_path / "rep", num_workers=0,
+                             max_thumbnails=0)
+    ext = metrics["external_validation"]
+    assert ext["matched_by_name"] and ext["scored_images"] == 7 and ext["unscored_images"] == 0
+    assert ext["model_classes_without_images"] == [model_labels[1], model_labels[3]]
+    assert metrics["label_names"] == model_labels and metrics["num_samples"] == 7
+    assert metrics["per_class"][model_labels[2]]["support"] == 3 and metrics["per_class"][model_labels[0]]["support"] == 4
+    assert metrics["classes_without_samples"] == [model_labels[1], model_labels[3]]
+    assert all("macro_f1" in m for m in metrics["ensemble"]["members"])  # members scored alone as well
+    rows = _rows(tmp_path / "rep" / "predictions.csv")
+    assert sorted(r[2] for r in rows[1:]) == sorted([held[0]] * 3 + [held[1]] * 4)  # true labels by name
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "2 of the model's 4 classes, matched by name" in report
+    assert f"Model classes without images in this dataset: {model_labels[1]}, {model_labels[3]}" in report

@@ -49,6 +49,7 @@ class LabelMapping:
     data_labels: list[str]
     model_labels: list[str]
     target: list[int]
+    by_name: bool = False  # no label map: the dataset's classes are some of the model's, matched by name
 
     @property
     def unknown(self) -> list[str]:
@@ -105,8 +106,11 @@ class External:
                 "predicted_as": dict(called.most_common()),
                 "mean_top_probability": float(probs[rows].max(axis=1).mean()),
             }
+        held = set(self.mapping.target)
         return {
             "label_map": self.mapping.as_dict(),
+            "matched_by_name": self.mapping.by_name,
+            "model_classes_without_images": [n for i, n in enumerate(self.mapping.model_labels) if i not in held],
             "scored_images": scored,
             "unscored_images": len(self.sources),
             "unknown_classes": unknown,
@@ -157,16 +161,31 @@ def report_lines(metrics: Mapping[str, Any]) -> list[str]:
     if not ext:
         return []
     mapped = [f"{md_text(k)} → {md_text(v)}" for k, v in ext["label_map"].items() if v is not None and k != v]
+    absent = ext.get("model_classes_without_images") or []
+    if ext.get("matched_by_name"):
+        how = (
+            f"The dataset holds {len(ext['label_map'])} of the model's {len(ext['label_map']) + len(absent)} "
+            "classes, matched by name (no label map needed)"
+        )
+    else:
+        how = "Dataset classes were mapped onto the model's with a label map" + (
+            f" ({', '.join(mapped)}; other names matched as they are)" if mapped else ""
+        )
     lines = [
         "## External validation: class mapping",
         "",
-        "Dataset classes were mapped onto the model's with a label map"
-        + (f" ({', '.join(mapped)}; other names matched as they are)" if mapped else "")
-        + f". {ext['scored_images']} images of known classes are scored above; {ext['unscored_images']} images "
+        how + f". {ext['scored_images']} images of known classes are scored above; {ext['unscored_images']} images "
         "of classes the model does not know are **not scored** (they are neither errors of the known classes "
         "nor counted in any metric above).",
         "",
     ]
+    if absent:
+        lines += [
+            f"Model classes without images in this dataset: {', '.join(map(md_text, absent))}. They have no "
+            "support: no recall or F1 of their own and no part in the macro averages; a prediction of one of "
+            "them still counts as an error.",
+            "",
+        ]
     if ext["unknown_classes"]:
         lines += [
             "| dataset class (unknown to the model) | images | mostly called | mean top probability |",

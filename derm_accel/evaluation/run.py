@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
@@ -27,7 +28,13 @@ from derm_accel.data.transforms import (
     with_transform,
 )
 from derm_accel.evaluation.inference import predict_logits
-from derm_accel.evaluation.label_map import apply_label_map, load_label_map, map_labels, resolve_label_map
+from derm_accel.evaluation.label_map import (
+    LabelMapping,
+    apply_label_map,
+    load_label_map,
+    map_labels,
+    resolve_label_map,
+)
 from derm_accel.evaluation.members import member_metrics
 from derm_accel.evaluation.outputs import FILES, ensemble_block, out_of_domain_block, write_outputs
 from derm_accel.evaluation.subgroups import check_columns, parse_subgroups
@@ -92,6 +99,18 @@ def check_label_names(
             "Evaluate the model on the dataset it was trained for (same class folders, converted the "
             "same way), or map an external dataset's classes onto the model's with --label-map FILE."
         )
+
+
+def label_mapping(
+    label_map: str | os.PathLike | None, data_labels: list[str], model_labels: list[str]
+) -> LabelMapping | None:
+    """The --label-map file's mapping; without one, a dataset holding some of the model's classes (an external
+    set rarely holds them all) is matched by name, the others simply without images. None: the same classes."""
+    if label_map:
+        return resolve_label_map(load_label_map(label_map), data_labels, model_labels)
+    if set(data_labels) < set(model_labels):
+        return dataclasses.replace(resolve_label_map({}, data_labels, model_labels), by_name=True)
+    return None
 
 
 def _report_name(model: str | list[str], split: str) -> tuple[str, str]:
@@ -161,7 +180,7 @@ def evaluate_model(
     tta = resolve_tta(tta, net)  # None: the model's own (config.json derm_accel.tta); "none": single view
     dataset, raw_split = load_split(data, split)
     data_labels = list(raw_split.features[LABEL_COLUMN].names)
-    mapping = resolve_label_map(load_label_map(label_map), data_labels, model_labels) if label_map else None
+    mapping = label_mapping(label_map, data_labels, model_labels)
     if mapping is None:
         check_label_names(model_labels, data_labels, shown, data)
     subgroup_spec = parse_subgroups(subgroups)
@@ -193,8 +212,9 @@ def evaluate_model(
     member_rows = None
     if members:  # one pass gave every member's logits: score each, then average them into the ensemble
         per_member = split_members(result.logits, len(members))
-        if mapping is None:
-            member_rows = member_metrics(per_member, result.labels.numpy(), members)
+        if mapping is None or not mapping.unknown:  # every image scored: each member too, in the model's indices
+            labels = result.labels if mapping is None else torch.tensor(mapping.target)[result.labels]
+            member_rows = member_metrics(per_member, labels.numpy(), members)
         result = dataclasses.replace(result, logits=combine_members(per_member))
     val = None
     if calibrate:
