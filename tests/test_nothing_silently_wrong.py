@@ -246,3 +246,43 @@ def test_an_external_set_with_some_of_the_models_classes_needs_no_label_map(tmp_
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "2 of the model's 4 classes, matched by name" in report
     assert f"Model classes without images in this dataset: {model_labels[1]}, {model_labels[3]}" in report
+
+
+# ---- 6. two metadata rows, two labels, one image ---------------------------------------------------------
+
+
+def test_metadata_rows_that_label_one_image_differently_are_a_conflict(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from derm_accel.cli import app
+    from derm_accel.data.synthetic import render
+
+    src = tmp_path / "src"
+    src.mkdir()
+    names = [f"img{i}" for i in range(12)]
+    for i, name in enumerate(names):
+        render(i % 2, 300 + i, 40).save(src / f"{name}.jpg", quality=90)
+    rows = [[n, "nevus" if i % 2 else "melanoma"] for i, n in enumerate(names)]
+    rows += [
+        ["img0", "nevus"],  # the same file name again, another label: first-wins would call it melanoma
+        ["img1.jpg", "melanoma"],  # another spelling of the same file, another label
+        ["img3", "nevus"],  # a true duplicate row: same label
+    ]
+    table = tmp_path / "labels.csv"
+    with table.open("w", newline="") as f:
+        csv.writer(f).writerows([["image", "dx"], *rows])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["convert", str(src), str(out), "--metadata", str(table), "--image-column",
+                                      "image", "--label-column", "dx", "--near-threshold", "-1"])
+    assert result.exit_code == 0, result.output
+    assert "2 files skipped as label conflicts" in result.output
+    report = json.loads((out / "conversion_report.json").read_text())
+    by_path = {s["path"]: (s["reason"], s["detail"]) for s in report["skipped"]}
+    assert by_path["img0.jpg"][0] == "conflict" and "labels.csv:2, labels.csv:14" in by_path["img0.jpg"][1]
+    assert by_path["img1.jpg"][0] == "conflict" and "img3.jpg" not in by_path
+    meta = report["metadata"]
+    assert meta["rows_skipped_by_reason"] == {"conflict": 2, "duplicate_row": 1}
+    details = {s["row"]: s["detail"] for s in meta["rows_skipped"] if s["reason"] == "conflict"}
+    assert details == {"labels.csv:14": "label 'nevus' here, 'melanoma' in labels.csv:2",
+                       "labels.csv:15": "label 'melanoma' here, 'nevus' in labels.csv:3"}
+    assert report["rows_total"] == 10

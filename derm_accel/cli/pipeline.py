@@ -104,6 +104,12 @@ def convert(
         f"wrote {report.get('rows_total')} images to {out} "
         f"({len(report.get('skipped', []))} files skipped; see {out}/conversion_report.json)"
     )
+    conflicts = sum(s.get("reason") == "conflict" for s in report.get("skipped", []))
+    if conflicts:  # never "first wins": an image labelled two ways is left out, and said so
+        typer.echo(
+            f"{conflicts} files skipped as label conflicts (the same image under different labels, in the metadata "
+            f"rows or among duplicates); each is listed with reason 'conflict' in {out}/conversion_report.json"
+        )
 
 
 

@@ -34,7 +34,8 @@ _RESERVED = frozenset(dataset_features([]).keys()) | {"labels", "pixel_values", 
 ROW_REASONS = {
     "image_not_found": "no file under SRC has this name (with or without extension)",
     "ambiguous_image": "several files under SRC match this name",
-    "duplicate_row": "another row already names the same image",
+    "duplicate_row": "another row already names the same image, with the same label",
+    "conflict": "another row names the same image with a different label: the image is left out",
     "missing_image_name": "the image column is empty",
 }
 FILE_REASONS = {
@@ -243,15 +244,38 @@ def _class_of(raw: str, class_map: Mapping[str, str | None]) -> tuple[str | None
     return raw, ""
 
 
+def _label_of(row: Mapping[str, str | None], spec: MetadataSpec, class_map: Mapping[str, str | None]) -> str | None:
+    raw, _ = _raw_label(row, spec)
+    return None if raw is None else class_map.get(raw, raw)
+
+
+def _conflict(
+    skip: dict[str, Any], kept: Mapping[str, str | None], other: Mapping[str, str | None], spec: MetadataSpec,
+    class_map: Mapping[str, str | None], where: str,
+) -> bool:
+    """Turn a repeated row's ``duplicate_row`` skip into a ``conflict`` when its label differs from the kept row's."""
+    a, b = _label_of(kept, spec, class_map), _label_of(other, spec, class_map)
+    if a is None or b is None or a == b:
+        return False
+    skip["reason"] = "conflict"
+    skip["detail"] = f"label {b!r} here, {a!r} in {where}"
+    return True
+
+
 def _match_rows(
-    table: Table, spec: MetadataSpec, index: FileIndex, paths: list[str]
-) -> tuple[dict[int, int], dict[int, str], dict[int, int], list[dict[str, Any]]]:
+    table: Table, spec: MetadataSpec, index: FileIndex, paths: list[str], class_map: Mapping[str, str | None]
+) -> tuple[dict[int, int], dict[int, str], dict[int, int], list[dict[str, Any]], dict[int, list[str]]]:
     """Each row to the one file it names: (file -> row, files a name matches ambiguously -> that name,
-    byte-identical copies -> the file kept, the rows skipped with their reason)."""
+    byte-identical copies -> the file kept, the rows skipped with their reason, rows whose image another row
+    labels differently -> those rows' "file:line")."""
     claimed: dict[int, int] = {}
     ambiguous: dict[int, str] = {}
     copy_of: dict[int, int] = {}
+    conflicts: dict[int, list[str]] = {}
     row_skips = list(table.skipped)
+    for r, skip, cells in table.repeats:
+        if _conflict(skip, table.rows[r], cells, spec, class_map, table.where[r]):
+            conflicts.setdefault(r, []).append(skip["row"])
     for r, row in enumerate(table.rows):
         image = row[spec.image_column]
         found = index.candidates(image)
@@ -269,13 +293,15 @@ def _match_rows(
             for i in found:
                 ambiguous.setdefault(i, image)
         elif found[0] in claimed:
-            first = table.where[claimed[found[0]]]
-            row_skips.append(
-                {"row": table.where[r], "image": image, "reason": "duplicate_row", "detail": f"same file as {first}"}
-            )
+            kept = claimed[found[0]]
+            skip = {"row": table.where[r], "image": image, "reason": "duplicate_row",
+                    "detail": f"same file as {table.where[kept]}"}
+            row_skips.append(skip)
+            if _conflict(skip, table.rows[kept], row, spec, class_map, table.where[kept]):
+                conflicts.setdefault(kept, []).append(skip["row"])
         else:
             claimed[found[0]] = r
-    return claimed, ambiguous, copy_of, row_skips
+    return claimed, ambiguous, copy_of, row_skips, conflicts
 
 
 def _type_columns(
@@ -310,7 +336,7 @@ def scan_metadata(
     _check_label_columns(spec, table.columns)
     index, paths, skipped = index_files(src, spec.files, follow_external_links)
 
-    claimed, ambiguous, copy_of, row_skips = _match_rows(table, spec, index, paths)
+    claimed, ambiguous, copy_of, row_skips, conflicts = _match_rows(table, spec, index, paths, class_map)
 
     raw_labels = {_raw_label(table.rows[r], spec)[0] for r in claimed.values()} - {None}
     unknown_keys = sorted(set(class_map) - raw_labels)
@@ -340,6 +366,10 @@ def scan_metadata(
         r = claimed.get(i)
         if r is None:
             skipped.append(Skip(rel, "no_metadata_row", f"no row of the metadata names {Path(rel).name}"))
+            continue
+        if r in conflicts:  # rows that disagree on the label: neither is believed
+            rows = ", ".join([table.where[r], *conflicts[r]])
+            skipped.append(Skip(rel, "conflict", f"metadata rows {rows} give it different labels"))
             continue
         raw, reason = _raw_label(table.rows[r], spec)
         target = None

@@ -13,7 +13,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,9 @@ class Table:
     where: list[str]  # "file:line" of each row
     skipped: list[dict[str, Any]]
     unnamed_columns: list[str]
+    # (row, its skip entry in ``skipped``, that row's cells) of each row naming an image again in one file: the
+    # caller compares their labels with the kept row's (a different label is a conflict, not a duplicate)
+    repeats: list[tuple[int, dict[str, Any], dict[str, str | None]]] = field(default_factory=list)
 
 
 def load_tables(
@@ -120,6 +123,7 @@ def load_tables(
     skipped: list[dict[str, Any]] = []
     unnamed_all: list[str] = []
     by_image: dict[str, int] = {}
+    repeats: list[tuple[int, dict[str, Any], dict[str, str | None]]] = []
     for path in files:
         header, file_rows, lines = read_table(path)
         usable, unnamed = _usable_columns(header, path)
@@ -142,14 +146,10 @@ def load_tables(
                 skipped.append({"row": ref, "image": None, "reason": "missing_image_name", "detail": ""})
                 continue
             if image in in_this_file:
-                skipped.append(
-                    {
-                        "row": ref,
-                        "image": image,
-                        "reason": "duplicate_row",
-                        "detail": f"same image as {in_this_file[image]}",
-                    }
-                )
+                detail = f"same image as {in_this_file[image]}"
+                skip = {"row": ref, "image": image, "reason": "duplicate_row", "detail": detail}
+                skipped.append(skip)
+                repeats.append((by_image[image], skip, {c: row[c] for c in usable}))
                 continue
             in_this_file[image] = ref
             cells = {c: row[c] for c in usable}
@@ -163,10 +163,10 @@ def load_tables(
         for c in columns:
             row.setdefault(c, None)
     for column, codes in (na_values or {}).items():
-        for row in rows:
+        for row in [*rows, *(cells for _, _, cells in repeats)]:
             if row.get(column) in codes:
                 row[column] = None
-    return Table(columns, rows, where, skipped, unnamed_all)
+    return Table(columns, rows, where, skipped, unnamed_all, repeats)
 
 
 # ---- typing ----------------------------------------------------------------------------------------------
