@@ -220,6 +220,13 @@ def test_trainings_validation_macro_f1_is_evaluates_on_the_same_split(tmp_path: 
     assert metrics["num_samples"] == val["num_samples"] == 8 and metrics["accuracy"] == pytest.approx(val["accuracy"])
     assert val["macro_f1"] > 0 and metrics["macro_f1"] == pytest.approx(val["macro_f1"])
     assert json.loads((run / "best" / "training_info.json").read_text())["best_val_macro_f1"] == val["macro_f1"]
+    # 2: the ids of the images it trained on travel with the model (and validation is no training image)
+    from datasets import load_from_disk
+
+    from derm_accel.data.trained_rows import read_training_rows, row_ids
+
+    assert read_training_rows(run / "best") == set(row_ids(load_from_disk(str(data))["train"])) and len(row_ids(
+        load_from_disk(str(data))["train"])) == 24
 
 
 # ---- 11. external validation on a subset of the model's classes ------------------------------------------
@@ -238,7 +245,8 @@ def test_an_external_set_with_some_of_the_models_classes_needs_no_label_map(tmp_
     assert ext["matched_by_name"] and ext["scored_images"] == 7 and ext["unscored_images"] == 0
     assert ext["model_classes_without_images"] == [model_labels[1], model_labels[3]]
     assert metrics["label_names"] == model_labels and metrics["num_samples"] == 7
-    assert metrics["per_class"][model_labels[2]]["support"] == 3 and metrics["per_class"][model_labels[0]]["support"] == 4
+    support = {name: row["support"] for name, row in metrics["per_class"].items()}
+    assert support == {model_labels[0]: 4, model_labels[1]: 0, model_labels[2]: 3, model_labels[3]: 0}
     assert metrics["classes_without_samples"] == [model_labels[1], model_labels[3]]
     assert all("macro_f1" in m for m in metrics["ensemble"]["members"])  # members scored alone as well
     rows = _rows(tmp_path / "rep" / "predictions.csv")
@@ -286,3 +294,63 @@ def test_metadata_rows_that_label_one_image_differently_are_a_conflict(tmp_path:
     assert details == {"labels.csv:14": "label 'nevus' here, 'melanoma' in labels.csv:2",
                        "labels.csv:15": "label 'melanoma' here, 'nevus' in labels.csv:3"}
     assert report["rows_total"] == 10
+
+
+# ---- 2. a model trained on rows of the evaluated split is refused, however it is passed ------------------
+
+
+@pytest.fixture(scope="module")
+def fold_run(tmp_path_factory) -> tuple[Path, Path]:
+    """DATA, and RUN as train --folds writes it: fold_1 trained on images of DATA's test split, fold_2 not."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    from derm_accel.core.artifacts import TRAINING_ROWS
+    from derm_accel.data.trained_rows import row_ids, training_rows
+    from derm_accel.models.ensemble import write_ensemble
+
+    root = tmp_path_factory.mktemp("folds")
+    data = write_dataset(root / "data", {"train": [3, 3], "validation": [1, 1], "test": [2, 2]}, size=32,
+                         names=["melanoma", "nevus"])
+    dataset = load_from_disk(str(data))
+    run = root / "run"
+    for k, rows in ((1, concatenate_datasets([dataset["train"], dataset["test"]])), (2, dataset["train"])):
+        best = _untrained(["melanoma", "nevus"], run / f"fold_{k}" / "best", seed=k)
+        (best / TRAINING_ROWS).write_text(json.dumps(training_rows(row_ids(rows), data, "train")))
+    write_ensemble(run, ["fold_1/best", "fold_2/best"])
+    return data, run
+
+
+@pytest.mark.parametrize("how", ["members", "one fold model", "ensemble folder"])
+def test_a_model_trained_on_the_evaluated_split_is_refused_by_name(fold_run, tmp_path: Path, how: str) -> None:
+    from derm_accel.data.trained_rows import TrainedOnEvaluatedImagesError
+
+    data, run = fold_run
+    fold_1, fold_2 = str(run / "fold_1/best"), str(run / "fold_2/best")
+    model = {"members": [fold_1, fold_2], "one fold model": fold_1, "ensemble folder": str(run)}[how]
+    with pytest.raises(TrainedOnEvaluatedImagesError) as info:
+        evaluate_model(model, data, split="test", out_dir=tmp_path / "never", num_workers=0)
+    message = str(info.value)
+    assert "fold_1" in message and "4 of the 4 images of the 'test' split" in message
+    assert "training_rows.json" in message
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_model_is_scored_on_images_it_never_trained_on_and_refused_on_its_own(fold_run, tmp_path: Path) -> None:
+    from derm_accel.data.trained_rows import TrainedOnEvaluatedImagesError
+
+    data, run = fold_run
+    metrics = evaluate_model(str(run / "fold_2/best"), data, split="test", out_dir=tmp_path / "ok", num_workers=0,
+                             max_thumbnails=0)
+    assert metrics["num_samples"] == 4
+    with pytest.raises(TrainedOnEvaluatedImagesError, match=r"fold_2.*6 of the 6 images of the 'train' split"):
+        evaluate_model(str(run / "fold_2/best"), data, split="train", out_dir=tmp_path / "no", num_workers=0)
+
+
+def test_a_soup_carries_every_members_training_images(fold_run, tmp_path: Path) -> None:
+    from derm_accel.data.trained_rows import read_training_rows
+    from derm_accel.training.soup import write_soup
+
+    _, run = fold_run
+    members = [run / "fold_1/best", run / "fold_2/best"]
+    soup = write_soup(members, tmp_path / "soup")
+    assert read_training_rows(soup) == read_training_rows(members[0]) | read_training_rows(members[1])

@@ -168,3 +168,6 @@ ENSEMBLE_FILE = "ensemble.json"
 
 
 FOLD_DATA = "fold_data"
+
+
+TRAINING_ROWS = "training_rows.json"  # train, RUN/best: the ids of the images the model trained on

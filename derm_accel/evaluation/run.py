@@ -19,6 +19,7 @@ from accelerate.utils import broadcast_object_list
 from derm_accel.core.distributed import use_cpu_ranks_without_gpu
 from derm_accel.core.errors import InputError
 from derm_accel.core.paths import fit_name
+from derm_accel.data.trained_rows import refuse_trained_on
 from derm_accel.data.transforms import (
     IMAGE_COLUMN,
     LABEL_COLUMN,
@@ -179,6 +180,8 @@ def evaluate_model(
     members = net.member_names if isinstance(net, Ensemble) else None
     tta = resolve_tta(tta, net)  # None: the model's own (config.json derm_accel.tta); "none": single view
     dataset, raw_split = load_split(data, split)
+    # any model (one, several, an ensemble folder's members) trained on an image of this split is refused by name
+    refuse_trained_on([(display_name(s), resolve_model_source(s)) for s in sources], raw_split, data, split)
     data_labels = list(raw_split.features[LABEL_COLUMN].names)
     mapping = label_mapping(label_map, data_labels, model_labels)
     if mapping is None:

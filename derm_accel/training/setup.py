@@ -9,7 +9,7 @@ import datetime
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from derm_accel.core.distributed import (
 from derm_accel.core.paths import shareable_path
 from derm_accel.core.tracking import JSONLTracker
 from derm_accel.data import loaders
+from derm_accel.data.trained_rows import row_ids
 from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, train_decode_size, train_transform
 from derm_accel.models.build import create_model, data_config
 from derm_accel.training.checkpoints import (
@@ -146,6 +147,7 @@ class Run:
     data_cfg: dict[str, Any]
     updates_per_epoch: int
     dataset_license: str | None  # the one convert recorded for the images
+    training_rows: list[str] = field(default_factory=list)  # ids of the training split's images
     clock: float = 0.0  # time.time() up to which wall time is counted in TrainState.wall_seconds
     first_step: int = 0  # the optimizer step this invocation started from
     last_checkpoint: Path | None = None
@@ -210,6 +212,7 @@ def setup(recipe: Recipe, resume: str | None = None) -> Run:
         data_cfg=data_cfg,
         updates_per_epoch=updates_per_epoch,
         dataset_license=train_split.info.license or None,
+        training_rows=row_ids(train_split),
         clock=started,
     )
 

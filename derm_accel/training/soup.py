@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from derm_accel.data.trained_rows import write_merged_training_rows
 from derm_accel.evaluation.cv_stats import classification_metrics
 from derm_accel.evaluation.inference import score_split
 from derm_accel.models.build import export_model
@@ -59,7 +60,7 @@ def write_soup(member_dirs: list[Path], out: str | os.PathLike) -> Path:
     net.load_state_dict(soup_state(member_dirs), strict=True)
     info = {"method": "uniform weight average", "members": [str(d) for d in member_dirs]}
     extra = {name: (member_dirs[0] / name).read_text() for name in COPIED_FILES if (member_dirs[0] / name).is_file()}
-    return export_model(
+    folder = export_model(
         net,
         out,
         labels,
@@ -67,6 +68,8 @@ def write_soup(member_dirs: list[Path], out: str | os.PathLike) -> Path:
         license=read_license(member_dirs[0]),
         tta=getattr(net, "default_tta", None),
     )
+    write_merged_training_rows(member_dirs, folder)  # the soup learnt from every member's images
+    return folder
 
 
 def read_license(model_dir: Path) -> str | None:

@@ -25,7 +25,15 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from derm_accel.core.artifacts import RECIPE, RUN_INFO, TRAINING_INFO, VAL_METRICS, TrainingInfo, ValMetrics
+from derm_accel.core.artifacts import (
+    RECIPE,
+    RUN_INFO,
+    TRAINING_INFO,
+    TRAINING_ROWS,
+    VAL_METRICS,
+    TrainingInfo,
+    ValMetrics,
+)
 from derm_accel.core.distributed import (
     is_collective_failure,
     lost_rank_error,
@@ -36,6 +44,7 @@ from derm_accel.core.paths import shareable_path
 from derm_accel.core.run_info import collect_run_info, device_name
 from derm_accel.core.version import __version__
 from derm_accel.data.report import dataset_provenance
+from derm_accel.data.trained_rows import training_rows
 from derm_accel.evaluation.cv_stats import macro_f1
 from derm_accel.guard.fit import fit_model_guard
 from derm_accel.models.build import base_weights, export_model
@@ -345,7 +354,8 @@ def end_epoch(run: Run, state: TrainState, epoch: int, stats: EpochStats) -> str
 
 
 def export_best(run: Run, state: TrainState, val_metrics: ValMetrics) -> None:
-    """Write the model validated this epoch to ``RUN/best`` with its recipe, metrics and training info."""
+    """Write the model validated this epoch to ``RUN/best`` with its recipe, metrics, training info and rows."""
+    d = run.recipe.data
     export_model(
         run.export_model(),
         run.run_dir / BEST_DIR,
@@ -356,6 +366,8 @@ def export_best(run: Run, state: TrainState, val_metrics: ValMetrics) -> None:
             RECIPE: published_recipe(run.recipe),
             VAL_METRICS: json.dumps(val_metrics, indent=2) + "\n",
             TRAINING_INFO: json.dumps(training_info(run, state), indent=2) + "\n",
+            # the images it trained on, so that evaluate refuses to score it on any of them
+            TRAINING_ROWS: json.dumps(training_rows(run.training_rows, d.path, d.train_split)) + "\n",
         },
     )
 
