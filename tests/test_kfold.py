@@ -115,6 +115,17 @@ def test_train_folds_writes_fold_runs_out_of_fold_predictions_and_report(tmp_pat
         train_folds(recipe, 3, ["optim.lr=0.01"])
     reset_accelerate()
     assert (run / "fold_2" / FOLD_SCORES).stat().st_mtime_ns == stamp
+    # Each fold run records its assignment, so deleting fold_data (it looks like a cache) does not unlock a mix.
+    import shutil
+
+    from derm_accel.training.kfold import FOLD_ASSIGNMENT
+
+    assert all(json.loads((run / f"fold_{k}" / FOLD_ASSIGNMENT).read_text())["folds"] == 3 for k in (1, 2, 3))
+    shutil.rmtree(run / "fold_data")
+    with pytest.raises(InputError, match=r"fold_1 was trained on another fold 1 .*--folds was 3, now 2"):
+        train_folds(recipe, 2)
+    reset_accelerate()
+    assert (run / "fold_2" / FOLD_SCORES).stat().st_mtime_ns == stamp
 
 
 @pytest.mark.distributed

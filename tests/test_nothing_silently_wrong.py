@@ -354,3 +354,52 @@ def test_a_soup_carries_every_members_training_images(fold_run, tmp_path: Path) 
     members = [run / "fold_1/best", run / "fold_2/best"]
     soup = write_soup(members, tmp_path / "soup")
     assert read_training_rows(soup) == read_training_rows(members[0]) | read_training_rows(members[1])
+
+
+# ---- 1. k-fold reruns never reuse fold models trained on another split -----------------------------------
+
+
+def test_a_fold_run_of_another_assignment_is_refused_even_without_fold_data(tmp_path: Path) -> None:
+    """train --folds 2, rm -rf RUN/fold_data (it looks like a cache), train --folds 3: refused, naming the fold."""
+    import shutil
+
+    from datasets import load_from_disk
+
+    from derm_accel.core.errors import InputError
+    from derm_accel.data.folds import make_fold_datasets
+    from derm_accel.training.config import load_recipe
+    from derm_accel.training.kfold import FOLD_ASSIGNMENT, check_fold_runs, fold_assignment
+    from tests.train_utils import make_dataset, tiny_recipe
+
+    data = make_dataset(tmp_path / "data", size=32)
+    run, fold_data = tmp_path / "cv", tmp_path / "cv" / "fold_data"
+    recipe = load_recipe(tiny_recipe(data, run))
+    make_fold_datasets(data, fold_data, 2)
+    check_fold_runs(run, fold_data, recipe, 2, adopt=False)  # nothing trained yet: nothing to refuse
+    old_train = set(load_from_disk(str(fold_data / "fold_1"))["train"]["source_path"])
+    for k in (1, 2):  # what train_folds records in each fold run before its first step
+        (run / f"fold_{k}").mkdir()
+        (run / f"fold_{k}" / FOLD_ASSIGNMENT).write_text(json.dumps(fold_assignment(recipe, fold_data / f"fold_{k}",
+                                                                                    k, 2)))
+    trained = [run / "fold_1", run / "fold_2"]
+
+    shutil.rmtree(fold_data)
+    make_fold_datasets(data, fold_data, 3, trained=trained)  # no manifest left to compare with
+    leaked = old_train & set(load_from_disk(str(fold_data / "fold_1"))["test"]["source_path"])
+    assert leaked  # the kept fold_1 model trained on images the new fold 1 holds out
+    with pytest.raises(InputError) as info:
+        check_fold_runs(run, fold_data, recipe, 3, adopt=False)
+    message = str(info.value)
+    assert str(run / "fold_1") in message and "--folds was 2, now 3" in message and "output_dir" in message
+
+    shutil.rmtree(fold_data)  # the same assignment rebuilt: the fold runs are the right ones, kept
+    make_fold_datasets(data, fold_data, 2, trained=trained)
+    check_fold_runs(run, fold_data, recipe, 2, adopt=False)
+    with pytest.raises(InputError, match="the recipe changed"):
+        check_fold_runs(run, fold_data, load_recipe(tiny_recipe(data, run), ["optim.lr=0.01"]), 2, adopt=False)
+    for k in (1, 2):  # fold runs that record nothing, and no manifest: nothing tells what they saw
+        (run / f"fold_{k}" / FOLD_ASSIGNMENT).unlink()
+    with pytest.raises(InputError, match=f"records no {FOLD_ASSIGNMENT}"):
+        check_fold_runs(run, fold_data, recipe, 2, adopt=False)
+    check_fold_runs(run, fold_data, recipe, 2, adopt=True)  # the manifest they were cut with is unchanged
+    assert (run / "fold_1" / FOLD_ASSIGNMENT).is_file()

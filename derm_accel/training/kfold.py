@@ -12,6 +12,7 @@ files are written by the main process.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ REPORT_MD = "cv_report.md"
 FOLD_SCORES = "fold_scores.json"  # in RUN/fold_k once its held-out fold is scored
 SOUP_DIR = "soup"
 CV_RECIPE = "cv_recipe.json"  # the recipe the fold runs were trained with (a rerun must match it)
+FOLD_ASSIGNMENT = "fold_assignment.json"  # in RUN/fold_k: which images the fold trained on and held out, hashed
 METRICS = ("macro_f1", "balanced_accuracy", "accuracy")
 
 
@@ -82,12 +84,82 @@ def _train_fold(recipe: Recipe, fold_data: Path, fold_run: Path) -> None:
     train(recipe, fold_overrides(fold_data, fold_run), resume=resume)
 
 
-def _fold(recipe: Recipe, data_root: Path, run_dir: Path, k: int, tta: str | None, main: bool) -> dict[str, Any]:
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fold_assignment(recipe: Recipe, fold_data: Path, k: int, folds: int) -> dict[str, Any]:
+    """What fold ``k`` trains on and holds out: a hash of its splits' images and one of the recipe."""
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(fold_data))
+    members = {
+        split: sorted(zip(dataset[split]["source_path"], dataset[split]["content_hash"], strict=True))
+        for split in sorted(dataset)
+    }
+    return {
+        "fold": k,
+        "folds": folds,
+        "membership": _digest(members),
+        "recipe": _digest(recipe.to_dict()),
+        "images": {split: len(rows) for split, rows in members.items()},
+    }
+
+
+def check_fold_runs(run_dir: Path, data_root: Path, recipe: Recipe, folds: int, *, adopt: bool) -> None:
+    """Refuse to keep a fold run trained on another assignment than this run's fold of the same number (its
+    model may have trained on the images the new fold holds out); record the assignment of every fold run.
+
+    ``adopt``: fold runs written before assignments were recorded are taken as they are, because the fold
+    manifest they were cut with is unchanged (make_fold_datasets refuses otherwise)."""
+    for k in range(1, folds + 1):
+        fold_run = run_dir / f"fold_{k}"
+        path = fold_run / FOLD_ASSIGNMENT
+        wanted = fold_assignment(recipe, data_root / f"fold_{k}", k, folds)
+        if not fold_run.is_dir():
+            continue
+        start_over = (
+            f"Start over with a new output_dir (--set output_dir=runs/NEW), or delete {run_dir}/fold_* (the fold "
+            f"runs) and {run_dir / FOLD_DATA} to train every fold again."
+        )
+        if not path.is_file():
+            if not adopt:
+                raise InputError(
+                    f"{fold_run} records no {FOLD_ASSIGNMENT} and {run_dir / FOLD_DATA / 'folds.json'} was gone, "
+                    f"so nothing tells which images its model trained on: fold {k} of this run may hold out images "
+                    f"it learnt from. {start_over}"
+                )
+        else:
+            before = json.loads(path.read_text())
+            changed = [key for key in ("folds", "membership", "recipe") if before.get(key) != wanted[key]]
+            if changed:
+                what = {
+                    "folds": f"--folds was {before.get('folds')}, now {folds}",
+                    "membership": "its images differ (the data, --folds, the seed, --group-column or --holdout "
+                    f"changed, or {FOLD_DATA} was rebuilt another way): trained on "
+                    f"{before.get('images', {}).get('train')} images, this fold's train split holds "
+                    f"{wanted['images'].get('train')}",
+                    "recipe": "the recipe changed",
+                }
+                raise InputError(
+                    f"{fold_run} was trained on another fold {k} than this run's ({path}: "
+                    f"{'; '.join(what[c] for c in changed)}); its model may have seen the images this fold holds "
+                    f"out, so its scores would be optimistic. {start_over}"
+                )
+        atomic_write_json(path, wanted)
+
+
+def _fold(
+    recipe: Recipe, data_root: Path, run_dir: Path, k: int, folds: int, tta: str | None, main: bool
+) -> dict[str, Any]:
     """Train fold ``k`` unless it was scored before; score its held-out images (on every process)."""
     from accelerate.state import PartialState
 
     fold_data, fold_run = data_root / f"fold_{k}", run_dir / f"fold_{k}"
     done = fold_run / FOLD_SCORES
+    if main and not (fold_run / FOLD_ASSIGNMENT).is_file():  # recorded before its first step
+        fold_run.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(fold_run / FOLD_ASSIGNMENT, fold_assignment(recipe, fold_data, k, folds))
     if not done.is_file():
         _train_fold(recipe, fold_data, fold_run)
     scores = score_split(fold_run / "best", fold_data, "test", tta=tta)  # the held-out fold
@@ -125,12 +197,14 @@ def train_folds(
         if state.is_main_process:
             trained = sorted(p for p in run_dir.glob("fold_[0-9]*") if p.is_dir())
             check_same_recipe(run_dir, recipe, trained)
+            manifest_kept = (data_root / "folds.json").is_file()
             make_fold_datasets(
                 recipe.data.path, data_root, folds, seed=seed, group_column=group_column, trained=trained,
                 holdout=holdout,
             )
+            check_fold_runs(run_dir, data_root, recipe, folds, adopt=manifest_kept)
         state.wait_for_everyone()
-        scored = [_fold(recipe, data_root, run_dir, k, tta, state.is_main_process) for k in range(1, folds + 1)]
+        scored = [_fold(recipe, data_root, run_dir, k, folds, tta, state.is_main_process) for k in range(1, folds + 1)]
         main = state.is_main_process
         report = write_cv_outputs(run_dir, scored, recipe, folds=folds, seed=seed, tta=tta) if main else {}
         if holdout:  # scored on every process (inference shards the rows); written by the main one
