@@ -115,9 +115,9 @@ def check_fold_runs(run_dir: Path, data_root: Path, recipe: Recipe, folds: int, 
     for k in range(1, folds + 1):
         fold_run = run_dir / f"fold_{k}"
         path = fold_run / FOLD_ASSIGNMENT
-        wanted = fold_assignment(recipe, data_root / f"fold_{k}", k, folds)
         if not fold_run.is_dir():
-            continue
+            continue  # trained later, recorded by _fold before its first step
+        wanted = fold_assignment(recipe, data_root / f"fold_{k}", k, folds)
         start_over = (
             f"Start over with a new output_dir (--set output_dir=runs/NEW), or delete {run_dir}/fold_* (the fold "
             f"runs) and {run_dir / FOLD_DATA} to train every fold again."
