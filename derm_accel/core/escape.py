@@ -20,6 +20,7 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _MD_PUNCTUATION = re.compile(r"([\\`*_\[\]{}()#!|~])")
 _LINE_BREAKS = {"\u2028", "\u2029", "\x85"}
+_PLAIN_NAME = re.compile(r"[\w .,:/+()'-]+")
 
 
 def csv_cell(value: Any) -> Any:
@@ -66,12 +67,9 @@ def md_text(value: Any) -> str:
     return _MD_PUNCTUATION.sub(r"\\\1", _entities(_one_line(str(value))))
 
 
-def md_code(value: Any, *, in_table: bool = False) -> str:
-    """``value`` as an inline code span (shown verbatim), or as :func:`md_text` when it holds ``<``, ``>``, ``&``
-    or a backtick: then no tag-like text is written even inside a code span, and no span can be closed early.
-
-    ``in_table`` escapes ``|``, which GFM reads as a cell border even inside a code span."""
-    text = _one_line(str(value))
-    if any(c in text for c in "<>&`"):
-        return md_text(text)
-    return "`" + (text.replace("|", "\\|") if in_table else text) + "`"
+def md_code(value: Any) -> str:
+    """A plain name (letters, digits, spaces and ``_ - . , : / + ( ) '``) as an inline code span; any other text
+    as :func:`md_text`, so that nothing tag- or link-like is written even inside a code span, no span can be
+    closed early and no ``|`` splits a table cell."""
+    text = str(value)
+    return f"`{text}`" if _PLAIN_NAME.fullmatch(text) else md_text(text)

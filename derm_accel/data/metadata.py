@@ -487,7 +487,7 @@ def card_lines(report: Mapping[str, Any]) -> list[str]:
         "",
         "| column | type |",
         "|---|---|",
-        *[f"| {md_code(c, in_table=True)} | {t} |" for c, t in meta["columns"].items()],
+        *[f"| {md_code(c)} | {t} |" for c, t in meta["columns"].items()],
         "",
         f"{meta['rows_matched']} of {meta['rows_total']} table rows matched an image.",
     ]

@@ -16,7 +16,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from derm_accel.core.artifacts import METRIC_NAMES, METRICS, RECIPE, TRAINING_INFO, fmt, number
 from derm_accel.core.errors import InputError
-from derm_accel.core.escape import md_text
+from derm_accel.core.escape import md_code, md_text
 from derm_accel.core.fileio import read_optional_json, read_optional_yaml
 from derm_accel.evaluation.ood import render_ood_section
 from derm_accel.evaluation.subgroups import model_card_section as subgroup_card_section
@@ -163,7 +163,7 @@ def _section_model_details(repo_id: str, config: Mapping[str, Any], license_id: 
         "## Model details",
         "",
         f"- **Architecture:** `{config['architecture']}` ([timm](https://github.com/huggingface/pytorch-image-models))",
-        f"- **Classes:** {config['num_classes']} ({', '.join(map(md_text, config['label_names']))})",
+        f"- **Classes:** {config['num_classes']} ({', '.join(map(md_code, config['label_names']))})",
         f"- **Input:** RGB, {size[-1]}x{size[-2]} px, resize to {fmt(pcfg['crop_pct'], 3)} crop, "
         f"`{pcfg['interpolation']}` interpolation, mean {list(pcfg['mean'])}, std {list(pcfg['std'])}",
         "- **Weights:** `model.safetensors`; config in timm's format (`config.json`)",
@@ -444,7 +444,7 @@ print(predict("lesion.jpg", model="{repo_id}", top_k=3))  # files or folders
 derm-accel predict lesion.jpg photos/ --model {repo_id} --top-k 3 --json
 ```
 
-The labels are: {", ".join(map(md_text, labels))}."""
+The labels are: {", ".join(map(md_code, labels))}."""
 
 
 def section_citation(repo_id: str, arch: str) -> str:

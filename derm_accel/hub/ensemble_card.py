@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 
 from derm_accel.core.artifacts import METRICS, RECIPE, TRAINING_INFO, fmt
 from derm_accel.core.errors import InputError
-from derm_accel.core.escape import md_code, md_text
+from derm_accel.core.escape import md_code
 from derm_accel.core.fileio import read_optional_json, read_optional_yaml
 from derm_accel.evaluation.subgroups import model_card_section as subgroup_card_section
 from derm_accel.hub.card import (
@@ -87,7 +87,7 @@ def _section_ensemble_details(
         f"- **Ensemble:** {len(names)} members ({', '.join(f'`{n}/`' for n in names)}); its prediction is the mean "
         "of the members' class probabilities (`ensemble.json`: `combine: mean_probability`)",
         f"- **Architecture:** {archs} ([timm](https://github.com/huggingface/pytorch-image-models))",
-        f"- **Classes:** {config['num_classes']} ({', '.join(map(md_text, config['label_names']))})",
+        f"- **Classes:** {config['num_classes']} ({', '.join(map(md_code, config['label_names']))})",
         f"- **Input (shared by all members):** RGB, {size[-1]}x{size[-2]} px, resize to "
         f"{fmt(pcfg['crop_pct'], 3)} crop, `{pcfg['interpolation']}` interpolation, mean {list(pcfg['mean'])}, "
         f"std {list(pcfg['std'])}",
@@ -112,7 +112,7 @@ def _section_ensemble_members(members: list[tuple[str, Path, dict, dict]], confi
         epochs = info.get("epochs_run") or ((recipe.get("train") or {}).get("epochs") if recipe else None)
         guard = "yes" if (path / "domain_guard.safetensors").is_file() else "no"
         lines.append(
-            f"| {md_code(f'{name}/', in_table=True)} | {md_code(config['architecture'], in_table=True)} "
+            f"| {md_code(f'{name}/')} | {md_code(config['architecture'])} "
             f"| {fmt(epochs)} | {fmt(info.get('best_epoch'))} "
             f"| {fmt(info.get('best_val_macro_f1'))} | {guard} |"
         )
@@ -136,10 +136,10 @@ def _section_ensemble_evaluation(metrics: Mapping[str, Any], files: set[str], ro
     ]
     for row in rows:
         if "macro_f1" not in row:
-            lines.append(f"| {md_code(row['member'] + '/', in_table=True)} | (not scored alone with a label map) | | |")
+            lines.append(f"| {md_code(row['member'] + '/')} | (not scored alone with a label map) | | |")
             continue
         lines.append(
-            f"| {md_code(row['member'] + '/', in_table=True)} | {fmt(row['accuracy'])} "
+            f"| {md_code(row['member'] + '/')} | {fmt(row['accuracy'])} "
             f"| {fmt(row.get('balanced_accuracy'))} "
             f"| {fmt(row['macro_f1'])} |"
         )
@@ -209,7 +209,7 @@ model = timm.create_model("local-dir:" + path + "/{first}", pretrained=True).eva
 labels = model.pretrained_cfg["label_names"]
 ```
 
-The labels are: {", ".join(map(md_text, labels))}."""
+The labels are: {", ".join(map(md_code, labels))}."""
 
 
 
