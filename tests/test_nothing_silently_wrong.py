@@ -304,8 +304,6 @@ def fold_run(tmp_path_factory) -> tuple[Path, Path]:
     """DATA, and RUN as train --folds writes it: fold_1 trained on images of DATA's test split, fold_2 not."""
     from datasets import concatenate_datasets, load_from_disk
 
-    from derm_accel.core.artifacts import TRAINING_ROWS
-    from derm_accel.data.trained_rows import row_ids, training_rows
     from derm_accel.models.ensemble import write_ensemble
 
     root = tmp_path_factory.mktemp("folds")
@@ -315,19 +313,20 @@ def fold_run(tmp_path_factory) -> tuple[Path, Path]:
     run = root / "run"
     for k, rows in ((1, concatenate_datasets([dataset["train"], dataset["test"]])), (2, dataset["train"])):
         best = _untrained(["melanoma", "nevus"], run / f"fold_{k}" / "best", seed=k)
-        (best / TRAINING_ROWS).write_text(json.dumps(training_rows(row_ids(rows), data, "train")))
+        ids = sorted({h[:16] for h in rows["content_hash"]})  # as train writes it: content hashes, 16 digits
+        (best / "training_rows.json").write_text(json.dumps({"format": 1, "split": "train", "ids": ids}))
     write_ensemble(run, ["fold_1/best", "fold_2/best"])
     return data, run
 
 
 @pytest.mark.parametrize("how", ["members", "one fold model", "ensemble folder"])
 def test_a_model_trained_on_the_evaluated_split_is_refused_by_name(fold_run, tmp_path: Path, how: str) -> None:
-    from derm_accel.data.trained_rows import TrainedOnEvaluatedImagesError
+    from derm_accel.core.errors import InputError
 
     data, run = fold_run
     fold_1, fold_2 = str(run / "fold_1/best"), str(run / "fold_2/best")
     model = {"members": [fold_1, fold_2], "one fold model": fold_1, "ensemble folder": str(run)}[how]
-    with pytest.raises(TrainedOnEvaluatedImagesError) as info:
+    with pytest.raises(InputError) as info:
         evaluate_model(model, data, split="test", out_dir=tmp_path / "never", num_workers=0)
     message = str(info.value)
     assert "fold_1" in message and "4 of the 4 images of the 'test' split" in message
@@ -336,24 +335,26 @@ def test_a_model_trained_on_the_evaluated_split_is_refused_by_name(fold_run, tmp
 
 
 def test_a_model_is_scored_on_images_it_never_trained_on_and_refused_on_its_own(fold_run, tmp_path: Path) -> None:
-    from derm_accel.data.trained_rows import TrainedOnEvaluatedImagesError
+    from derm_accel.core.errors import InputError
 
     data, run = fold_run
     metrics = evaluate_model(str(run / "fold_2/best"), data, split="test", out_dir=tmp_path / "ok", num_workers=0,
                              max_thumbnails=0)
     assert metrics["num_samples"] == 4
-    with pytest.raises(TrainedOnEvaluatedImagesError, match=r"fold_2.*6 of the 6 images of the 'train' split"):
+    with pytest.raises(InputError, match=r"fold_2.*6 of the 6 images of the 'train' split"):
         evaluate_model(str(run / "fold_2/best"), data, split="train", out_dir=tmp_path / "no", num_workers=0)
 
 
 def test_a_soup_carries_every_members_training_images(fold_run, tmp_path: Path) -> None:
-    from derm_accel.data.trained_rows import read_training_rows
     from derm_accel.training.soup import write_soup
+
+    def ids(folder: Path) -> set[str]:
+        return set(json.loads((folder / "training_rows.json").read_text())["ids"])
 
     _, run = fold_run
     members = [run / "fold_1/best", run / "fold_2/best"]
     soup = write_soup(members, tmp_path / "soup")
-    assert read_training_rows(soup) == read_training_rows(members[0]) | read_training_rows(members[1])
+    assert (soup / "training_rows.json").is_file() and ids(soup) == ids(members[0]) | ids(members[1])
 
 
 # ---- 1. k-fold reruns never reuse fold models trained on another split -----------------------------------
