@@ -5,7 +5,8 @@
   quote, as OWASP's "CSV injection" advice says, so it is shown as text. Numbers (and text that is a plain
   number, such as ``-0.5``) are left as they are. :func:`csv_writer` applies it to every cell of every row.
 - Markdown: :func:`md_text` for table cells and running text (control characters become spaces, so a name
-  cannot end a table row or start a heading; ``|`` and Markdown punctuation are backslash-escaped; ``<``, ``>``
+  cannot end a table row or start a heading; ``|``, brackets (links), backticks, ``*``, ``#`` and a ``_`` at a
+  word's edge are backslash-escaped; ``<``, ``>``
   and ``&`` become HTML entities, so no tag is written raw); :func:`md_code` for a name shown as inline code.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-_MD_PUNCTUATION = re.compile(r"([\\`*_\[\]{}()#!|~])")
+_MD_PUNCTUATION = re.compile(r"([\\`*\[\]#|]|(?<!\w)_|_(?!\w))")  # "_" inside a word is no emphasis
 _LINE_BREAKS = {"\u2028", "\u2029", "\x85"}
 _PLAIN_NAME = re.compile(r"[\w .,:/+()'-]+")
 
