@@ -37,6 +37,7 @@ SCRIPTS = {
     "convert": "convert",
     "guard": "guard",
     "onnx": "onnx_runtime",
+    "subgroups": "subgroups",
 }
 KINDS = tuple(SCRIPTS)
 

@@ -67,7 +67,7 @@ def write_model_dir(
     return folder
 
 
-def fit_generated_guard(model: Any, folder: Path, *, train: int = 60, val: int = 24) -> None:
+def fit_generated_guard(model: Any, folder: Path, *, train: int = 160, val: int = 120) -> None:
     """Fit and save a domain guard on generated lesion images (the classes of LABELS), like train does."""
     import timm
     import torch

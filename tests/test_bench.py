@@ -267,7 +267,7 @@ def test_option_parsing():
     assert args.channels_last == "off,on" and args.batch_size == 2 and args.isolate is False and args.steps is None
     with pytest.raises(ValueError, match="Unknown benchmark"):
         run_bench("speed")
-    assert set(KINDS) == {"data", "steps", "train", "infer", "comm", "convert", "guard", "onnx"}
+    assert set(KINDS) == {"data", "steps", "train", "infer", "comm", "convert", "guard", "onnx", "subgroups"}
 
 
 def test_cli_options_are_coerced_to_the_bench_types():
@@ -400,3 +400,15 @@ def test_a_script_runs_from_the_checkout_and_leaves_the_docs_alone(tmp_path):
     assert saved["kind"] == "comm" and saved["command"].startswith("python benchmarks/ddp_comm.py --models")
     assert docs.read_bytes() == before and not (tmp_path / "docs").exists()
     assert "updated" not in proc.stdout
+
+
+def test_subgroups_bench_times_each_size_and_the_previous_implementation(tmp_path):
+    out = run_bench("subgroups", out=tmp_path / "s.json", docs=tmp_path / "b.md", sizes="300,600", classes=5,
+                    resamples=20, reference_sizes="300")
+    first, second = out["results"]["rows"]
+    assert (first["images"], second["images"]) == (300, 600)
+    assert first["groups"] > 10 and all(r["subgroups_s"] > 0 and r["headline_s"] > 0 for r in (first, second))
+    assert first["reference_subgroups_s"] > 0 and second["reference_subgroups_s"] is None
+    assert isinstance(out["summary"]["subgroups_exponent"], float)
+    text = (tmp_path / "b.md").read_text()
+    assert "<!-- bench:subgroups:start -->" in text and "| 600 |" in text and "Fitted growth exponent" in text

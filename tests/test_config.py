@@ -86,6 +86,9 @@ def test_defaults_without_a_file() -> None:
         ("optim.label_smoothing=1", r"optim\.label_smoothing must be in \[0, 1\)"),
         ("data=3", r"'data' must be a section"),
         ("optim.lr.x=1", r"'lr' is a value, not a section"),
+        ("guard.max_fit_images=5", r"guard\.max_fit_images must be at least 20"),
+        ("guard.target_coverage=0", r"guard\.target_coverage is a share in \(0, 1\]"),
+        ("guard.target_error=1.5", r"guard\.target_error is an error rate in \(0, 1\), or null"),
     ],
 )
 def test_bad_values_name_the_key(override: str, message: str) -> None:
@@ -112,3 +115,10 @@ def test_override_syntax_and_file_errors(tmp_path: Path) -> None:
     typo.write_text("optim: {learning_rate: 0.1}\n")
     with pytest.raises(RecipeError, match=r"typo\.yaml: unknown key 'optim\.learning_rate'"):
         load_recipe(typo)
+
+
+def test_guard_defaults_answer_a_share_and_bound_the_fit_sample() -> None:
+    g = load_recipe(RECIPES / "smoke.yaml").guard
+    assert (g.target_coverage, g.target_error, g.max_fit_images) == (0.8, None, 5000)
+    g = load_recipe(RECIPES / "smoke.yaml", ["guard.target_error=0.05", "guard.max_fit_images=800"]).guard
+    assert (g.target_error, g.max_fit_images) == (0.05, 800)

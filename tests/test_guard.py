@@ -53,11 +53,11 @@ def _gaussian_scored(rng: np.random.Generator, n: int, shift: float = 0.0) -> Sc
 @pytest.mark.parametrize("share", [0.8, 0.95])
 def test_threshold_lets_the_chosen_share_of_new_in_domain_images_pass(share: float) -> None:
     rng = np.random.default_rng(0)
-    guard, _ = fit_guard(_gaussian_scored(rng, 600), _gaussian_scored(rng, 100), in_domain_share=share)
+    guard, _ = fit_guard(_gaussian_scored(rng, 600), _gaussian_scored(rng, 800), in_domain_share=share)
     fresh = _gaussian_scored(rng, 4000)
     passed = float((guard.score(fresh.features) <= guard.threshold).float().mean())
     assert passed == pytest.approx(share, abs=0.03)
-    far = _gaussian_scored(rng, 200, shift=1.5)
+    far = _gaussian_scored(rng, 200, shift=2.0)
     assert float((guard.score(far.features) > guard.threshold).float().mean()) > 0.99
 
 
@@ -161,6 +161,12 @@ def test_evaluate_reports_out_of_domain_sets(guarded_model: Path, tmp_path: Path
     assert set(entry["scores"]) == {"ood_score", "softmax_confidence", "energy"}
     assert entry["scores"]["ood_score"]["auroc"] > 0.9
     assert 0 <= block["aurc"] <= 1
+    everything, most, half = block["operating_points"]  # answering all, the 80% and the 50% most confident
+    assert everything["coverage"] == 1.0 and everything["risk"] == pytest.approx(1 - metrics["accuracy"], abs=1e-6)
+    assert most["coverage"] == pytest.approx(39 / 48) and half["coverage"] == 0.5
+    assert half["confidence_threshold"] >= most["confidence_threshold"] >= everything["confidence_threshold"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Out-of-domain inputs and abstention" in report and "| photos | 8 |" in report
+    assert f"| answer every image | 100.0% | {everything['risk']:.1%} |" in report
+    assert "| the 50% most confident | 50.0% |" in report and "| the model's rule (guard + abstention" in report
     assert (tmp_path / "report" / "risk_coverage.png").stat().st_size > 1000

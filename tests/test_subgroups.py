@@ -254,3 +254,81 @@ def test_binning_and_worst_group_gap():
     assert gap["accuracy"]["gap"] == pytest.approx(0.3) and gap["balanced_accuracy"]["gap"] == pytest.approx(0.3)
     one = group_metrics(np.array([0, 0, 0]), np.array([[0.9, 0.1], [0.4, 0.6], [0.8, 0.2]]), n_resamples=50)
     assert one["roc_auc"] is None and one["roc_auc_ci"] is None and one["accuracy"] == pytest.approx(2 / 3)
+
+
+def _reference_bootstrap(y: np.ndarray, probs: np.ndarray, n_resamples: int, rng: np.random.Generator) -> dict:
+    """The per-group bootstrap as it was before ranks were computed once: one rankdata per class per resample."""
+    from scipy.stats import rankdata
+
+    from derm_accel.evaluation.subgroups import METRICS
+
+    n, num_classes = probs.shape
+    pred = probs.argmax(axis=1)
+    chunk = max(1, 2_000_000 // (n * num_classes))
+    out: dict[str, list[np.ndarray]] = {k: [] for k in METRICS}
+    done = 0
+    while done < n_resamples:
+        b = min(chunk, n_resamples - done)
+        idx = rng.integers(0, n, size=(b, n))
+        yy, pp = y[idx], pred[idx]
+        offset = np.arange(b)[:, None] * num_classes
+        size = b * num_classes
+        hit = yy == pp
+        tp = np.bincount((offset + yy)[hit], minlength=size).reshape(b, num_classes)
+        true = np.bincount((offset + yy).ravel(), minlength=size).reshape(b, num_classes)
+        predicted = np.bincount((offset + pp).ravel(), minlength=size).reshape(b, num_classes)
+        present = true > 0
+        recall = np.divide(tp, true, out=np.zeros((b, num_classes)), where=present)
+        f1 = np.divide(2 * tp, true + predicted, out=np.zeros((b, num_classes)), where=(true + predicted) > 0)
+        out["accuracy"].append(hit.mean(axis=1))
+        out["balanced_accuracy"].append((recall * present).sum(axis=1) / present.sum(axis=1))
+        out["macro_f1"].append((f1 * present).sum(axis=1) / present.sum(axis=1))
+        aucs = np.full((b, num_classes), np.nan)
+        for c in range(num_classes):
+            positive = yy == c
+            npos = positive.sum(axis=1)
+            valid = (npos > 0) & (npos < n)
+            if valid.any():
+                ranks = rankdata(probs[idx[valid], c], axis=1)
+                pos, k = positive[valid], npos[valid]
+                aucs[valid, c] = ((ranks * pos).sum(axis=1) - k * (k + 1) / 2) / (k * (n - k))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out["roc_auc"].append(np.nanmean(aucs, axis=1))
+        done += b
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize(("n", "num_classes", "decimals"), [(9, 3, 1), (40, 5, 1), (250, 6, 2), (250, 6, 8)])
+def test_bootstrap_with_ranks_once_matches_a_rankdata_per_resample(n: int, num_classes: int, decimals: int) -> None:
+    """Same resamples (same seed), same numbers: tied scores (rounded probabilities), classes missing from some
+    resamples (tiny groups) and a class absent from the group."""
+    from derm_accel.evaluation.subgroups import METRICS, _bootstrap
+
+    rng = np.random.default_rng(n + decimals)
+    y = rng.integers(0, num_classes, n)
+    if n > 20:
+        y[y == num_classes - 1] = 0  # a class with a probability column but no image in the group
+    probs = rng.dirichlet(np.ones(num_classes), n).round(decimals)
+    expected = _reference_bootstrap(y, probs, 300, np.random.default_rng(5))
+    got = _bootstrap(y, probs, 300, np.random.default_rng(5))
+    for metric in METRICS:
+        np.testing.assert_allclose(got[metric], expected[metric], rtol=0, atol=1e-12, err_msg=metric)
+    assert np.isnan(got["roc_auc"]).sum() == np.isnan(expected["roc_auc"]).sum()
+    assert np.nanstd(got["roc_auc"]) > 0  # resamples differ: not a constant that matches by accident
+
+
+def test_bootstrap_auc_of_one_resample_equals_scikit_learn_on_the_resampled_rows() -> None:
+    """With all weight on a known resample, the interval's AUC samples are scikit-learn's AUCs of those rows."""
+    from derm_accel.evaluation.subgroups import _auc_layout, _weighted_aucs
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 60)
+    probs = rng.dirichlet(np.ones(3), 60).round(1)
+    idx = rng.integers(0, 60, (4, 60))
+    layout, spans = _auc_layout(y, probs)
+    weights = np.stack([np.bincount(i, minlength=60) for i in idx], axis=1).astype(float)
+    aucs = _weighted_aucs(layout @ weights, spans, 3)
+    for r, i in enumerate(idx):
+        for c in range(3):
+            assert aucs[r, c] == pytest.approx(roc_auc_score(y[i] == c, probs[i, c]), abs=1e-12)

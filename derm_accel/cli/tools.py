@@ -15,7 +15,8 @@ from derm_accel.cli.app import BenchKind, ExportFormat, Quiet, app, key_value
 @app.command(
     epilog="**Examples**\n\n"
     "derm-accel guard runs/effnet_b3/best --data data/derm35\n\n"
-    "derm-accel guard RUN/best --data DATA --in-domain-share 0.97 --target-error 0.05",
+    "derm-accel guard RUN/best --data DATA --in-domain-share 0.97 --target-error 0.05\n\n"
+    "derm-accel guard RUN/best --data DATA --target-coverage 0.9 --max-fit-images 2000",
 )
 def guard(
     model_dir: Annotated[Path, typer.Argument(help="Model folder (RUN/best) to fit the guard for.")],
@@ -25,9 +26,16 @@ def guard(
     in_domain_share: Annotated[
         float, typer.Option(help="Share of held-out in-domain images the ood_score threshold lets pass.")
     ] = 0.95,
+    target_coverage: Annotated[
+        float, typer.Option(help="Abstention: share of in-domain validation images answered (most confident first).")
+    ] = 0.8,
     target_error: Annotated[
-        float, typer.Option(help="Error rate allowed among answered validation images (abstention).")
-    ] = 0.10,
+        float | None,
+        typer.Option(help="Abstention by error instead: error rate allowed among answered validation images."),
+    ] = None,
+    max_fit_images: Annotated[
+        int, typer.Option(help="Training images the guard is fitted on (a seeded, class-stratified sample).")
+    ] = 5000,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
 ) -> None:
     """Fit (or refit) the domain guard and abstention threshold of a trained model.
@@ -39,7 +47,8 @@ def guard(
 
     config = fit_model_guard(
         model_dir, data, train_split=train_split, val_split=val_split, in_domain_share=in_domain_share,
-        target_error=target_error, batch_size=batch_size,
+        target_error=target_error, target_coverage=target_coverage, max_fit_images=max_fit_images,
+        batch_size=batch_size,
     )
     g, sel = config["domain_guard"], config["selective_prediction"]
     typer.echo(
@@ -47,6 +56,7 @@ def guard(
         f"{g['threshold_images']} held-out in-domain images pass)"
     )
     met = "" if sel["target_met"] else f" (target {sel['target_error']:.0%} not reachable: lowest error kept)"
+    typer.echo(f"fitted on {g['fit_sample']['images']} of {g['fit_sample']['of']} training images")
     typer.echo(
         f"abstention: answer when top-1 probability >= {sel['confidence_threshold']:.3f}: "
         f"{sel['validation_coverage']:.0%} of validation images answered, error {sel['validation_risk']:.1%}{met}"

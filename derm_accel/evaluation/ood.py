@@ -20,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 
 from derm_accel.core.escape import md_text
 from derm_accel.data.images import expand_inputs, read_image
-from derm_accel.guard.scoring import Scored, risk_coverage, score_batches, split_batches
+from derm_accel.guard.scoring import Scored, operating_points, risk_coverage, score_batches, split_batches
 from derm_accel.inference.predict import prepared_model
 from derm_accel.models.build import data_config
 from derm_accel.models.features import MAX_DIM
@@ -125,6 +125,7 @@ def evaluate_ood(
         },
         "in_domain_images": len(correct),
         "aurc": curve["aurc"],
+        "operating_points": operating_points(in_dom.confidence, correct),
         "sets": [],
     }
     if guard is not None and guard.confidence_threshold is not None:
@@ -166,7 +167,24 @@ def render_ood_section(block: dict[str, Any], risk_png: str | None = None) -> li
                 "among those answered.",
             ]
         lines.append("")
-    lines += [f"Risk-coverage: AURC {block['aurc']:.3f} (mean error over all coverage levels; lower is better)."]
+    lines += [f"Risk-coverage: AURC {block['aurc']:.3f} (mean error over all coverage levels; lower is better; "
+              "tied confidences count their mean error)."]
+    points = block.get("operating_points") or []
+    if points:
+        lines += [
+            "",
+            "| operating point | answered | error among answered | answers when top-1 probability >= |",
+            "|---|---:|---:|---:|",
+        ]
+        for p in points:
+            name = "answer every image" if p["coverage"] >= 1 else f"the {p['coverage']:.0%} most confident"
+            lines.append(f"| {name} | {p['coverage']:.1%} | {p['risk']:.1%} | {p['confidence_threshold']:.3f} |")
+        if guard is not None and guard.get("answered") is not None:
+            err = guard.get("error_among_answered")
+            lines.append(
+                f"| the model's rule (guard + abstention threshold) | {guard['answered']:.1%} | "
+                f"{'n/a' if err is None else f'{err:.1%}'} | {guard['confidence_threshold']:.3f} |"
+            )
     if risk_png:
         lines += ["", f"![risk-coverage]({risk_png})"]
     lines.append("")

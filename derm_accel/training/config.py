@@ -103,7 +103,11 @@ class TrainConfig:
 class GuardConfig:
     enabled: bool = True  # fit a domain guard on the training split when training ends
     in_domain_share: float = 0.95  # share of held-out in-domain images the ood_score threshold lets pass
-    target_error: float = 0.10  # selective prediction: error rate allowed among answered validation images
+    # Abstention (selective prediction), set on the validation split: answer the target_coverage most confident
+    # share of in-domain images; or, when target_error is set, as many as keep their error at or under it.
+    target_coverage: float = 0.8
+    target_error: float | None = None
+    max_fit_images: int = 5000  # the Gaussians are fitted on a seeded, class-stratified sample of this many
 
 
 @dataclass
@@ -285,7 +289,12 @@ def validate(recipe: Recipe) -> None:
         0.5 <= g.in_domain_share < 1,
         f"guard.in_domain_share is the share of in-domain images that pass, in [0.5, 1); got {g.in_domain_share}",
     )
-    need(0 < g.target_error < 1, f"guard.target_error is an error rate in (0, 1), got {g.target_error}")
+    need(
+        g.target_error is None or 0 < g.target_error < 1,
+        f"guard.target_error is an error rate in (0, 1), or null for the coverage rule; got {g.target_error}",
+    )
+    need(0 < g.target_coverage <= 1, f"guard.target_coverage is a share in (0, 1], got {g.target_coverage}")
+    need(g.max_fit_images >= 20, f"guard.max_fit_images must be at least 20, got {g.max_fit_images}")
     need(d.batch_size >= 1, f"data.batch_size must be at least 1, got {d.batch_size}")
     need(d.num_workers >= 0, f"data.num_workers must be 0 or more, got {d.num_workers}")
     need(d.prefetch_factor >= 1, f"data.prefetch_factor must be at least 1, got {d.prefetch_factor}")

@@ -244,6 +244,7 @@ def holdout_comparison(
             fit_model_guard(
                 candidate, d.path, train_split=d.train_split, val_split=d.val_split,
                 in_domain_share=g.in_domain_share, target_error=g.target_error,
+                target_coverage=g.target_coverage, max_fit_images=g.max_fit_images, seed=recipe.train.seed,
             )
         candidate.rename(soup_dir)
         result["soup_dir"] = SOUP_DIR

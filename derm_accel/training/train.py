@@ -435,7 +435,9 @@ def fit_guard(run: Run, best: Path) -> None:
     d, g = run.recipe.data, run.recipe.guard
     config = fit_model_guard(
         best, d.path, train_split=d.train_split, val_split=d.val_split, in_domain_share=g.in_domain_share,
-        target_error=g.target_error, batch_size=d.batch_size, device=str(run.accelerator.device),
+        target_error=g.target_error, target_coverage=g.target_coverage, max_fit_images=g.max_fit_images,
+        seed=run.recipe.train.seed, batch_size=d.batch_size,
+        device=str(run.accelerator.device),
     )
     guard, selective = config["domain_guard"], config["selective_prediction"]
     run.accelerator.print(
