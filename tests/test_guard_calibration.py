@@ -134,3 +134,6 @@ def test_fit_model_guard_scores_only_a_sample_of_the_training_split(tmp_path: Pa
     assert stored["selective_prediction"]["policy"] == "coverage"
     with pytest.raises(ValueError, match="max_fit_images must be at least 20"):
         fit.fit_model_guard(model, tmp_path / "data", max_fit_images=5, device="cpu")
+    with pytest.raises(ValueError, match=r"target_coverage must be in \(0, 1\], got 1.5"):
+        fit.fit_model_guard(model, tmp_path / "data", target_coverage=1.5, device="cpu")
+    assert len(seen) == 2  # refused before any image was scored

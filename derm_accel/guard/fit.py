@@ -146,6 +146,16 @@ def selective_threshold(
     }
 
 
+def check_settings(in_domain_share: float, target_error: float | None, target_coverage: float) -> None:
+    """Refuse threshold settings out of range, naming the setting."""
+    if not 0.5 <= in_domain_share < 1.0:
+        raise GuardError(f"in_domain_share must be in [0.5, 1), got {in_domain_share}")
+    if not 0 < target_coverage <= 1:
+        raise GuardError(f"target_coverage must be in (0, 1], got {target_coverage}")
+    if target_error is not None and not 0 < target_error < 1:
+        raise GuardError(f"target_error must be in (0, 1) or None, got {target_error}")
+
+
 def fit_domain_guard(train: Scored) -> tuple[DomainGuard, np.ndarray]:
     """Gaussians and z-score statistics from training features; the threshold is left for :func:`calibrate`.
 
@@ -179,12 +189,7 @@ def calibrate(
     fit_images: int | None = None,
 ) -> DomainGuard:
     """Set both thresholds from held-out validation images and record how they were set."""
-    if not 0.5 <= in_domain_share < 1.0:
-        raise GuardError(f"in_domain_share must be in [0.5, 1), got {in_domain_share}")
-    if not 0 < target_coverage <= 1:
-        raise GuardError(f"target_coverage must be in (0, 1], got {target_coverage}")
-    if target_error is not None and not 0 < target_error < 1:
-        raise GuardError(f"target_error must be in (0, 1) or None, got {target_error}")
+    check_settings(in_domain_share, target_error, target_coverage)
     if len(val_scores) == 0:
         raise GuardError("the validation split is empty: the guard's thresholds need held-out in-domain images")
     rank, confident = conformal_rank(len(val_scores), in_domain_share)
@@ -219,8 +224,7 @@ def fit_guard(
     target_coverage: float = TARGET_COVERAGE,
 ) -> tuple[DomainGuard, dict[str, Any]]:
     """A guard from the training features, thresholds from held-out validation images (features or scores)."""
-    if not 0.5 <= in_domain_share < 1.0:
-        raise GuardError(f"in_domain_share must be in [0.5, 1), got {in_domain_share}")
+    check_settings(in_domain_share, target_error, target_coverage)
     guard, train_scores = fit_domain_guard(train)
     val_scores = val.ood_scores.numpy() if val.ood_scores is not None else guard.score(val.features).numpy()
     correct = val.logits.argmax(-1).numpy() == val.labels.numpy()
@@ -256,6 +260,7 @@ def fit_model_guard(
 
     if max_fit_images < MIN_FIT_IMAGES:
         raise GuardError(f"max_fit_images must be at least {MIN_FIT_IMAGES}, got {max_fit_images}")
+    check_settings(in_domain_share, target_error, target_coverage)  # before any image is scored
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json); pass RUN/best")
