@@ -36,7 +36,10 @@ def pdiff(a, b):
 
 
 def get(proto, cand, sec, view, fn):
-    folds = R.get((proto, cand), {})
+    name, _, only = cand.partition(":")  # "base:1,2": base on those folds only (to set beside a candidate)
+    folds = R.get((proto, name), {})
+    if only:
+        folds = {k: v for k, v in folds.items() if str(k) in only.split(",")}
     return [fn(folds[k][sec][view]) for k in sorted(folds) if view in folds[k][sec]], sorted(folds)
 
 
@@ -50,6 +53,11 @@ for proto, title in (
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     cands = sorted({c for p, c in R if p == proto}, key=lambda c: (c != "base", c))
+    base_folds = sorted(R.get((proto, "base"), {}))
+    for c in list(cands):
+        other = sorted(R[(proto, c)])
+        if c != "base" and other != base_folds and f"base:{','.join(map(str, other))}" not in cands:
+            cands.insert(1, f"base:{','.join(map(str, other))}")
     for c in cands:
         for view in ("best+tta", "best+tta@squash", "best+tta@restricted6", "best", "last", "ema"):
             w, folds = get(proto, c, "within", view, lambda m: m["macro_f1"])
@@ -59,15 +67,16 @@ for proto, title in (
             f3 = []
             a4, _ = get(proto, c, "cross4", view, lambda m: m["balanced_accuracy"])
             a6, _ = get(proto, c, "cross6", view, lambda m: m["balanced_accuracy"])
+            ref = "base" if ":" not in c else c
             bw, bf = get(proto, "base", "within", view, lambda m: m["macro_f1"])
             b3, _ = get(proto, "base", "cross4", view, lambda m: ba3(m, proto))
             common = [i for i, k in enumerate(folds) if k in bf]
             dw = (
                 pdiff([w[i] for i in common], [bw[bf.index(folds[i])] for i in common])
-                if (c != "base" and w and bw)
+                if (not c.startswith("base") and w and bw)
                 else ""
             )
-            d3 = pdiff([a3[i] for i in common], [b3[bf.index(folds[i])] for i in common]) if c != "base" and b3 else ""
+            d3 = pdiff([a3[i] for i in common], [b3[bf.index(folds[i])] for i in common]) if not c.startswith("base") and b3 else ""
             m3, _ = get(proto, c, "cross4", view, lambda m: m["macro_f1"])
             print(
                 f"| {c} | {view} | {','.join(map(str, folds))} | {ms(w) if w else '-'} | {dw} | {ms(a3)} | {d3} | {ms(m3)} | {ms(a4)} | {ms(a6)} |"
