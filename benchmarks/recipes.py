@@ -214,7 +214,7 @@ def score_target(name: str, net: Any, cfg: dict[str, Any], args: argparse.Namesp
     split, y = target_split(labels, args)
     transform, decode = eval_input(cfg)  # the model's own preprocessing, colour constancy included
     min_size = decode_size(cfg["input_size"][-1], cfg.get("crop_pct"))
-    data = with_transform(split.remove_columns(["label"]), transform, min_size=min_size, decode=decode)
+    data = with_transform(split, transform, min_size=min_size, decode=decode)  # its own labels ride along, unused
     logits = predict_logits(
         net, data, Accelerator(), batch_size=64, num_workers=0, tta="flip", normalize=BatchNormalize(cfg)
     ).logits
