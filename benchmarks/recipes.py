@@ -15,6 +15,17 @@ constant learning rate, RandomResizedCrop + horizontal flip, cross-entropy, noth
 the last epoch are scored. Every other recipe is the quickstart's fine-tune recipe (derm_accel.quickstart)
 plus ``--set``-style overrides, trained by derm_accel's own ``train()`` and scored from ``RUN/best`` (picked on
 the inner validation split, as the quickstart does); ``NAME+tta`` rows score the same model with flip TTA.
+
+Across collections: ``--target OTHER`` (another converted collection) scores every fold model also on all of
+OTHER's images whose class maps onto one of the model's (``--target-label-map``, as ``evaluate --label-map``):
+rows ``NAME@target`` / ``NAME+tta@target`` with balanced accuracy and macro-F1 over the classes present
+(predicting a class OTHER lacks is an error), paired fold by fold with ``--reference`` (default quickstart).
+Train on collection A and score on B with ``--data A --target B``; the other direction swaps them; on a
+collection with lesion or patient ids, ``--group-column lesion_id`` keeps a lesion's images in one fold
+(leave it out to see what an image-level split overstates).
+
+    python benchmarks/recipes.py --data data/derm160 --target data/ham-dev --target-label-map ham_to_derm.yaml \
+        --recipes quickstart,shades_of_gray --folds 5 --fold-limit 3 --pretrained-file WEIGHTS
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from derm_accel.data.folds import make_fold_datasets
 from derm_accel.evaluation.cv_stats import classification_metrics, mean_sd_ci, paired_difference
 
 BASELINE = "plain"
+TARGET = "@target"  # suffix of the rows that score a fold model on the other collection (--target)
 METRICS = ("macro_f1", "balanced_accuracy", "accuracy")
 # Candidates: overrides on the quickstart's fine-tune recipe, tried one at a time against "quickstart".
 CANDIDATES: dict[str, list[str]] = {
@@ -53,6 +65,10 @@ CANDIDATES: dict[str, list[str]] = {
     "trivialaugment": ["data.augment.auto_augment=trivialaugment"],
     "mixup_0.2": ["data.augment.mixup=0.2"],
     "mixup_cutmix": ["data.augment.mixup=0.8", "data.augment.cutmix=1.0"],
+    # across collections (docs/recipes.md, "Across collections")
+    "shades_of_gray": ["data.color_constancy=shades_of_gray", "data.color_constancy_power=6"],
+    "color_jitter_0.4": ["data.augment.color_jitter=0.4"],
+    "shades_of_gray_jitter_0.4": ["data.color_constancy=shades_of_gray", "data.augment.color_jitter=0.4"],
 }
 
 
@@ -139,11 +155,72 @@ def recipe_fold(name: str, fold_dir: Path, run_dir: Path, args: argparse.Namespa
     )
     y = result.labels.numpy()
     info = json.loads((run / "best" / "training_info.json").read_text())
-    return {
+    out = {
         name: classification_metrics(y, tta_probabilities(result.logits[:, :1]).argmax(-1).numpy()),
         f"{name}+tta": classification_metrics(y, tta_probabilities(result.logits).argmax(-1).numpy()),
         "best_epoch": info.get("best_epoch"),
         "num_test": len(y),
+    }
+    if args.target:
+        out.update(score_target(name, net, cfg, args))
+    return out
+
+
+# --------------------------------------------------------------------------------------- across collections
+def target_split(net_labels: list[str], args: argparse.Namespace) -> tuple[Any, np.ndarray]:
+    """Every image of ``--target`` (all splits) whose class maps onto a model class, and those model classes.
+
+    ``--target-label-map`` maps target classes to the model's (YAML/JSON, null for none), as ``evaluate
+    --label-map`` does; unlisted classes map to a model class of the same name, others are left out."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    from derm_accel.evaluation.label_map import load_label_map, resolve_label_map
+
+    data = load_from_disk(str(args.target))
+    pooled = concatenate_datasets([data[s] for s in data])
+    names = list(pooled.features["label"].names)
+    given = load_label_map(args.target_label_map) if args.target_label_map else {}
+    mapping = resolve_label_map(given, names, net_labels)
+    target = np.asarray(mapping.target)[np.asarray(pooled["label"])]
+    keep = np.flatnonzero(target >= 0)
+    return pooled.select(keep), target[keep]
+
+
+def cross_metrics(labels: np.ndarray, predicted: np.ndarray, model_labels: list[str]) -> dict[str, Any]:
+    """Balanced accuracy and macro-F1 over the classes present in ``labels``; predicting any other class of
+    the model is an error. Recall per present class beside them."""
+    from sklearn.metrics import f1_score, recall_score
+
+    present = sorted(set(labels.tolist()))
+    recall = recall_score(labels, predicted, labels=present, average=None, zero_division=0)
+    return {
+        "macro_f1": float(f1_score(labels, predicted, labels=present, average="macro", zero_division=0)),
+        "balanced_accuracy": float(np.mean(recall)),
+        "accuracy": float(np.mean(labels == predicted)),
+        "recall": {model_labels[c]: round(float(r), 4) for c, r in zip(present, recall, strict=True)},
+        "num_images": len(labels),
+    }
+
+
+def score_target(name: str, net: Any, cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The fold model on the other collection: rows ``NAME@target`` and ``NAME+tta@target``."""
+    from accelerate import Accelerator
+
+    from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, with_transform
+    from derm_accel.evaluation.calibration import tta_probabilities
+    from derm_accel.evaluation.inference import predict_logits
+
+    labels = list(net.pretrained_cfg["label_names"])
+    split, y = target_split(labels, args)
+    transform, decode = eval_input(cfg)  # the model's own preprocessing, colour constancy included
+    min_size = decode_size(cfg["input_size"][-1], cfg.get("crop_pct"))
+    data = with_transform(split, transform, min_size=min_size, decode=decode)  # its own labels ride along, unused
+    logits = predict_logits(
+        net, data, Accelerator(), batch_size=64, num_workers=0, tta="flip", normalize=BatchNormalize(cfg)
+    ).logits
+    return {
+        f"{name}@target": cross_metrics(y, tta_probabilities(logits[:, :1]).argmax(-1).numpy(), labels),
+        f"{name}+tta@target": cross_metrics(y, tta_probabilities(logits).argmax(-1).numpy(), labels),
     }
 
 
@@ -160,6 +237,8 @@ def cache_key(name: str, args: argparse.Namespace) -> str:
         spec: Any = [args.model, args.epochs, args.batch_size, args.plain_lr, args.seed, "plain-v1"]
     else:
         spec = _without_unset(recipe_dict(name, Path("DATA"), Path("RUN"), args))
+        if args.target:  # results then hold the target rows too
+            spec = [spec, str(Path(args.target).resolve()), args.target_label_map]
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -179,8 +258,9 @@ def run_fold(name: str, fold: int, fold_dir: Path, args: argparse.Namespace) -> 
     return result
 
 
-def summarize(per_fold: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Rows (recipe and recipe+tta) with each metric's mean/sd/interval and the paired difference to plain."""
+def summarize(per_fold: dict[str, list[dict[str, Any]]], reference: str = "quickstart") -> dict[str, Any]:
+    """Rows (recipe and recipe+tta) with each metric's mean/sd/interval and the paired difference to plain;
+    rows on the other collection (``NAME@target``) are paired with ``reference``'s instead (plain has none)."""
     rows: dict[str, dict[str, list[float]]] = {}
     for results in per_fold.values():
         for result in results:
@@ -192,12 +272,21 @@ def summarize(per_fold: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for row, values in rows.items():
         out[row] = {m: mean_sd_ci(v) for m, v in values.items()}
-        if base is not None and row != BASELINE and len(base["macro_f1"]) == len(values["macro_f1"]):
+        if row.endswith(TARGET):
+            ref = reference_row(row, reference)
+            if ref in rows and ref != row and len(rows[ref]["macro_f1"]) == len(values["macro_f1"]):
+                out[row]["vs_reference"] = {m: paired_difference(values[m], rows[ref][m]) for m in METRICS}
+        elif base is not None and row != BASELINE and len(base["macro_f1"]) == len(values["macro_f1"]):
             out[row]["vs_plain"] = {m: paired_difference(values[m], base[m]) for m in METRICS}
     return out
 
 
-def markdown(summary: dict[str, Any], folds_run: int, folds: int) -> str:
+def reference_row(row: str, reference: str) -> str:
+    """The row a target row is paired with: the reference recipe, single view or TTA like ``row``."""
+    return f"{reference}{'+tta' if '+tta@' in row else ''}{TARGET}"
+
+
+def markdown(summary: dict[str, Any], folds_run: int, folds: int, reference: str = "quickstart") -> str:
     def cell(s: dict[str, Any]) -> str:
         return f"{s['mean']:.3f}" + (f" ± {s['sd']:.3f}" if s["n"] > 1 else "")
 
@@ -211,14 +300,29 @@ def markdown(summary: dict[str, Any], folds_run: int, folds: int) -> str:
         "| recipe | folds | macro-F1 | balanced acc. | accuracy | Δ macro-F1 vs plain (95% t-interval) |",
         "|---|---|---|---|---|---|",
     ]
+    target_lines = [
+        f"| recipe, on --target | folds | balanced acc. | macro-F1 | Δ balanced acc. vs {reference} | "
+        f"Δ macro-F1 vs {reference} |",
+        "|---|---|---|---|---|---|",
+    ]
     for row, s in summary.items():
-        vs = s.get("vs_plain", {}).get("macro_f1")
         n = s["macro_f1"]["n"]
+        if row.endswith(TARGET):
+            vs = s.get("vs_reference", {})
+            target_lines.append(
+                f"| {row} | {n} of {folds} | {cell(s['balanced_accuracy'])} | {cell(s['macro_f1'])} | "
+                f"{diff(vs.get('balanced_accuracy'))} | {diff(vs.get('macro_f1'))} |"
+            )
+            continue
+        vs = s.get("vs_plain", {}).get("macro_f1")
         lines.append(
             f"| {row} | {n} of {folds} | {cell(s['macro_f1'])} | {cell(s['balanced_accuracy'])} | "
             f"{cell(s['accuracy'])} | {diff(vs)} |"
         )
-    return "\n".join(lines) + "\n"
+    table = "\n".join(lines) + "\n"
+    if len(target_lines) > 2:
+        table += "\n" + "\n".join(target_lines) + "\n"
+    return table
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -234,6 +338,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plain-lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group-column", default=None, help="e.g. patient_id: rows sharing it stay in one fold")
+    p.add_argument("--target", default=None, help="another converted collection: every fold model is scored on it")
+    p.add_argument("--target-label-map", default=None, help="YAML/JSON: target class -> model class (null: none)")
+    p.add_argument("--reference", default="quickstart", help="the recipe target rows are paired with")
     p.add_argument("--set", action="append", help="extra override for every derm-accel recipe (key=value)")
     p.add_argument("--work", default="bench-recipes", help="fold datasets, runs and cached per-fold results")
     p.add_argument("--out", default=None, help="results JSON (default WORK/recipes.json; .md beside it)")
@@ -251,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     fold_dirs = fold_dirs[: args.fold_limit or args.folds]
     per_fold = {n: [run_fold(n, k + 1, d, args) for k, d in enumerate(fold_dirs)] for n in names}
-    summary = summarize(per_fold)
+    summary = summarize(per_fold, args.reference)
     results = {
         "command": " ".join(["python", "benchmarks/recipes.py", *(argv if argv is not None else sys.argv[1:])]),
         "folds": args.folds,
@@ -265,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or Path(args.work) / "recipes.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(summary, len(fold_dirs), args.folds)
+    table = markdown(summary, len(fold_dirs), args.folds, args.reference)
     out.with_suffix(".md").write_text(f"`{results['command']}`\n\n{table}")
     print(table)
     return 0

@@ -50,3 +50,30 @@ def test_candidates_are_valid_recipes(tmp_path) -> None:
             if isinstance(node, float):
                 value = float(value)  # YAML 1.1 reads 5e-4 as a string; the recipe coerces it
             assert node == pytest.approx(value) if isinstance(node, (int, float, list)) else node == value, key
+
+
+def test_target_rows_count_foreign_predictions_as_errors_and_pair_with_the_reference() -> None:
+    from benchmarks.recipes import cross_metrics
+
+    labels = ["melanoma", "nevus", "psoriasis", "vascular"]
+    y = np.array([0, 0, 1, 1, 1, 1])  # only melanoma and nevus are present in the other collection
+    p = np.array([0, 3, 1, 1, 3, 3])  # "vascular" is never right there
+    m = cross_metrics(y, p, labels)
+    assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert m["recall"] == {"melanoma": 0.5, "nevus": 0.5} and m["num_images"] == 6
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 2)  # F1 of the two present classes only
+
+    def fold(name: str, ba: float) -> dict:
+        row = {"macro_f1": ba, "balanced_accuracy": ba, "accuracy": ba}
+        return {name: row, f"{name}@target": row}
+
+    per_fold = {
+        "quickstart": [fold("quickstart", 0.2), fold("quickstart", 0.3)],
+        "shades_of_gray": [fold("shades_of_gray", 0.3), fold("shades_of_gray", 0.5)],
+    }
+    summary = summarize(per_fold)
+    vs = summary["shades_of_gray@target"]["vs_reference"]["balanced_accuracy"]
+    assert vs["mean"] == pytest.approx(0.15) and vs["n"] == 2
+    assert "vs_reference" not in summary["quickstart@target"] and "vs_plain" not in summary["shades_of_gray@target"]
+    table = markdown(summary, 2, 5)
+    assert "| shades_of_gray@target | 2 of 5 | 0.400 ± 0.141 | 0.400 ± 0.141 | +0.150" in table

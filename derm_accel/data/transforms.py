@@ -1,7 +1,9 @@
 """Train and eval transforms, and the batch transform that feeds an Arrow split to a DataLoader.
 
 Preprocessing always follows the model's pretrained config (input size, crop_pct, interpolation, mean, std),
-so the same numbers hold in training, evaluation, prediction and for anyone loading the model with timm.
+so the same numbers hold in training, evaluation, prediction and for anyone loading the model with timm. A
+model's colour constancy (``data_cfg["color_constancy"]``, :mod:`derm_accel.data.color`) is the first step of
+every transform here, on the whole decoded image.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from timm.data import DEFAULT_CROP_PCT, create_transform
+from torchvision import transforms as transforms_v1
 from torchvision.transforms import RandomResizedCrop as _RandomResizedCropParams
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from derm_accel.data.color import color_constancy_step
 from derm_accel.data.decode import MAX_DECODE_PIXELS, MAX_PIXELS, open_bounded, to_rgb
 
 IMAGE_COLUMN = "image"
@@ -96,7 +100,8 @@ class RandomResizedCropFlip:
 def train_transform(
     data_cfg: dict[str, Any], aug: AugmentConfig | None = None, *, normalize: bool = True
 ) -> Callable[[torch.Tensor | Image.Image], torch.Tensor]:
-    """RandomResizedCrop + flips (+ optional rotation and colour jitter), then the model's normalisation.
+    """Colour constancy (if the model has one), RandomResizedCrop + flips (+ optional rotation and colour
+    jitter), then the model's normalisation.
 
     Takes uint8 CHW tensors (what :func:`decode_tensor` gives, the fast path) or PIL images.
     ``normalize=False`` stops at uint8 tensors: the training loop then normalises whole batches on its device
@@ -122,6 +127,12 @@ def train_transform(
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(data_cfg["mean"]), std=list(data_cfg["std"])),
         ]
+    return _compose(color_constancy_step(data_cfg), steps)
+
+
+def _compose(first: Callable[[Any], Any] | None, steps: list[Any]) -> Any:
+    """``steps`` run after ``first`` (the colour constancy step, or None): one callable."""
+    steps = ([first] if first is not None else []) + steps
     return steps[0] if len(steps) == 1 else v2.Compose(steps)
 
 
@@ -141,9 +152,12 @@ class BatchNormalize:
 
 
 def eval_transform(data_cfg: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize to input_size / crop_pct, centre crop, normalise: timm's own eval transform."""
+    """Colour constancy (if the model has one), then timm's own eval transform: resize to input_size /
+    crop_pct, centre crop, normalise."""
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    return create_transform(**{k: data_cfg[k] for k in keys if k in data_cfg}, is_training=False)
+    timm_eval = create_transform(**{k: data_cfg[k] for k in keys if k in data_cfg}, is_training=False)
+    step = color_constancy_step(data_cfg)
+    return timm_eval if step is None else transforms_v1.Compose([step, *timm_eval.transforms])
 
 
 class ResizeCenterCrop:
@@ -180,7 +194,8 @@ def eval_input(data_cfg: dict[str, Any]) -> tuple[Callable[[Any], torch.Tensor],
     interpolation = _INTERPOLATION.get(data_cfg.get("interpolation", "bicubic"))
     if height == width and data_cfg.get("crop_mode", "center") == "center" and interpolation is not None:
         resize = math.floor(height / (data_cfg.get("crop_pct") or DEFAULT_CROP_PCT))  # timm's scale_size
-        return ResizeCenterCrop(height, resize, interpolation), decode_tensor
+        crop = ResizeCenterCrop(height, resize, interpolation)
+        return _compose(color_constancy_step(data_cfg), [crop]), decode_tensor
     return eval_transform(data_cfg), decode_image
 
 

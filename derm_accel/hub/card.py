@@ -18,8 +18,10 @@ from derm_accel.core.artifacts import METRIC_NAMES, METRICS, RECIPE, TRAINING_IN
 from derm_accel.core.errors import InputError
 from derm_accel.core.escape import md_code, md_text
 from derm_accel.core.fileio import read_optional_json, read_optional_yaml
+from derm_accel.data.color import numpy_snippet
 from derm_accel.evaluation.ood import render_ood_section
 from derm_accel.evaluation.subgroups import model_card_section as subgroup_card_section
+from derm_accel.models.build import declared_color_constancy
 from derm_accel.models.tta import declared_tta
 
 CARD_TAGS = ["dermatology", "medical", "timm", "image-classification", "derm-accel"]
@@ -410,13 +412,26 @@ none` for the single view). The timm snippet below is the single view; to match 
 """
 
 
-def _section_how_to_use(repo_id: str, labels: list[str], tta: str | None = None) -> str:
+def _color_note(color: dict | None) -> str:
+    if not color:
+        return ""
+    return (
+        f"\nThis model expects **{color['method'].replace('_', ' ').title()} colour constancy** (power "
+        f"{color['power']:g}; `config.json`: `derm_accel.color_constancy`) on the whole image before timm's "
+        "transform: derm-accel's predict, evaluate, serve, demo and ONNX export apply it; with timm alone, run "
+        "the marked lines below (timm does not know this step).\n"
+    )
+
+
+def _section_how_to_use(repo_id: str, labels: list[str], tta: str | None = None, color: dict | None = None) -> str:
+    color_lines = numpy_snippet(color, "image") if color else ""
+    imports = "import numpy as np\n" if color else ""
     return f"""## How to use
-{_TTA_NOTE if tta == "flip" else ""}
+{_TTA_NOTE if tta == "flip" else ""}{_color_note(color)}
 With timm alone:
 
 ```python
-import timm
+{imports}import timm
 import torch
 from PIL import Image
 
@@ -426,7 +441,7 @@ transform = timm.data.create_transform(**config)
 labels = model.pretrained_cfg["label_names"]
 
 image = Image.open("lesion.jpg").convert("RGB")
-with torch.no_grad():
+{color_lines}with torch.no_grad():
     probs = model(transform(image).unsqueeze(0)).softmax(-1)[0]
 top = probs.topk(3)
 print([(labels[i], round(p, 3)) for p, i in zip(top.values.tolist(), top.indices.tolist())])
@@ -551,7 +566,7 @@ def build_model_card(
         *filter(None, [subgroup_card_section(metrics, report_files)]),
         section_out_of_domain(config, metrics, report_files),
         LIMITATIONS,
-        _section_how_to_use(repo_id, labels, declared_tta(config)),
+        _section_how_to_use(repo_id, labels, declared_tta(config), declared_color_constancy(config)),
         section_citation(repo_id, config["architecture"]),
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")

@@ -16,6 +16,7 @@ from pathlib import Path
 from derm_accel.core.fileio import staged_dir
 from derm_accel.hub.ensemble_card import build_ensemble_card
 from derm_accel.hub.staging import check_model_dir, check_out_dir, check_report_dir, copy_model_files, copy_report
+from derm_accel.models.build import declared_color_constancy
 from derm_accel.models.ensemble import check_members, read_ensemble, write_ensemble
 
 FOLD = re.compile(r"fold_\d+")
@@ -35,7 +36,14 @@ def check_compatible(members: list[Path]) -> None:
     """Members must predict the same classes in the same order and preprocess images the same way; checked on
     ``config.json`` before anything is uploaded (:func:`derm_accel.models.ensemble.check_members`)."""
     configs = [(m / "config.json", json.loads((m / "config.json").read_text())) for m in members]
-    check_members([(str(path), c.get("label_names"), c.get("pretrained_cfg") or {}) for path, c in configs])
+    check_members([(str(path), c.get("label_names"), preprocessing(c)) for path, c in configs])
+
+
+def preprocessing(config: dict) -> dict:
+    """A member's preprocessing as :func:`~derm_accel.models.build.data_config` gives it: its timm
+    ``pretrained_cfg`` plus its declared colour constancy."""
+    spec = declared_color_constancy(config)
+    return {**(config.get("pretrained_cfg") or {}), **({"color_constancy": spec} if spec else {})}
 
 
 def _note(folder: Path, members: list[Path]) -> str:

@@ -23,6 +23,7 @@ from timm.models import save_for_hf
 from derm_accel.core.artifacts import CONFIG_NAME, WEIGHTS_NAME
 from derm_accel.core.errors import InputError
 from derm_accel.core.fileio import staged_dir
+from derm_accel.models.tta import CONFIG_KEY
 
 
 class PretrainedWeightsError(InputError):
@@ -168,8 +169,22 @@ def honest_pretrained_cfg(pretrained_cfg: dict[str, Any], *, license: str | None
 
 
 def data_config(model: torch.nn.Module) -> dict[str, Any]:
-    """The preprocessing a model expects (input size, crop_pct, interpolation, mean, std)."""
-    return resolve_data_config({}, model=model)
+    """The preprocessing a model expects (input size, crop_pct, interpolation, mean, std), with its colour
+    constancy (``color_constancy``: the model's ``config.json`` ``derm_accel.color_constancy``) when it has one."""
+    cfg = resolve_data_config({}, model=model)
+    spec = getattr(model, "color_constancy", None)
+    if spec:
+        cfg["color_constancy"] = dict(spec)
+    return cfg
+
+
+def declared_color_constancy(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The colour constancy a model's ``config.json`` declares (``derm_accel.color_constancy``), or None.
+
+    Returned as written; :mod:`derm_accel.data.color` checks it when building the step, so a model that
+    declares a method this version lacks fails with a message rather than being preprocessed wrongly."""
+    spec = (config.get(CONFIG_KEY) or {}).get("color_constancy")
+    return dict(spec) if isinstance(spec, dict) else spec
 
 
 
@@ -181,11 +196,13 @@ def export_model(
     extra_files: dict[str, str | bytes] | None = None,
     license: str | None = None,
     tta: str | None = None,
+    color_constancy: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` in timm's Hub layout, atomically: a reader never sees half a folder.
 
     ``config.json`` describes the trained model only (:func:`honest_pretrained_cfg`), with ``license`` as its
-    license when given, and ``tta`` (:mod:`derm_accel.models.tta`) as the test-time augmentation it answers with.
+    license when given, ``tta`` (:mod:`derm_accel.models.tta`) as the test-time augmentation it answers with and
+    ``color_constancy`` (:mod:`derm_accel.data.color`) as the colour step its images get before timm's transform.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +226,9 @@ def export_model(
         config["pretrained_cfg"]["num_classes"] = model.num_classes
         config["pretrained_cfg"]["label_names"] = list(label_names)
         if tta is not None:
-            config["derm_accel"] = {**config.get("derm_accel", {}), "tta": tta}
+            config[CONFIG_KEY] = {**config.get(CONFIG_KEY, {}), "tta": tta}
+        if color_constancy:
+            config[CONFIG_KEY] = {**config.get(CONFIG_KEY, {}), "color_constancy": dict(color_constancy)}
         cfg_path.write_text(json.dumps(config, indent=2) + "\n")
         for name, content in (extra_files or {}).items():
             mode = "wb" if isinstance(content, bytes) else "w"

@@ -34,7 +34,7 @@ from derm_accel.models.tta import combine
 FORMAT = 1
 COMBINE = "mean_probability"
 _HUB_NAMES: dict[str, str] = {}  # local snapshot folder of a Hub ensemble member -> "ORG/NAME/fold_k"
-PREPROCESSING_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
+PREPROCESSING_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "color_constancy")
 
 
 class EnsembleError(InputError):
@@ -55,6 +55,8 @@ class Ensemble(torch.nn.Module):
         self.default_cfg = self.pretrained_cfg
         declared = {getattr(m, "default_tta", None) for m in members}  # derm_accel.tta: only if all agree
         self.default_tta = declared.pop() if len(declared) == 1 else None
+        # members share it (check_members); data_config(ensemble) then carries it like a single model's
+        self.color_constancy = getattr(members[0], "color_constancy", None)
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[batch, members, classes]`` raw logits of every member."""
@@ -198,7 +200,8 @@ def load_ensemble(sources: list[str], *, device: str | torch.device = "cpu") -> 
 
 def check_members(members: list[tuple[str, Any, dict[str, Any]]]) -> None:
     """``(name, label names, preprocessing config)`` per member: an ensemble feeds every member the same tensor
-    and averages class by class, so all must share classes (in order), input size, crop and normalisation."""
+    and averages class by class, so all must share classes (in order), input size, crop, colour constancy and
+    normalisation."""
     first, labels, cfg = members[0]
     for name, names, other in members[1:]:
         if names != labels:
@@ -210,7 +213,7 @@ def check_members(members: list[tuple[str, Any, dict[str, Any]]]) -> None:
         if diff:
             raise EnsembleError(
                 f"{name} preprocesses images differently from {first} ({diff}); an ensemble feeds every member the "
-                f"same tensor, so its members must share input size, crop and normalisation."
+                f"same tensor, so its members must share input size, crop, colour constancy and normalisation."
             )
 
 

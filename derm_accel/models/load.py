@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from derm_accel.core.artifacts import CONFIG_NAME, WEIGHTS_NAME
-from derm_accel.models.build import data_config
+from derm_accel.models.build import data_config, declared_color_constancy
 from derm_accel.models.tta import declared_tta
 
 
@@ -196,7 +196,9 @@ def load_model(source: str, *, device: str | torch.device = "cpu") -> tuple[torc
             f"NaN. Use a model whose training did not diverge."
         )
     model.load_state_dict(state, strict=True)
-    model.default_tta = declared_tta(_config_beside(weights, name))  # its config.json's derm_accel.tta
+    config = _config_beside(weights, name)
+    model.default_tta = declared_tta(config)  # its config.json's derm_accel.tta
+    model.color_constancy = declared_color_constancy(config)  # and derm_accel.color_constancy
     label_names = list(getattr(model, "pretrained_cfg", {}).get("label_names") or [])
     if not label_names:
         label_names = [str(i) for i in range(model.num_classes)]

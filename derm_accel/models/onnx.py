@@ -39,6 +39,8 @@ FORMATS = ("onnx",)
 PREPROCESSING_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's str_to_interp_mode
 CROP_MODES = ("center", "squash", "border")  # timm's eval transform
+# derm_accel.color_constancy: applied to the whole decoded image before timm's eval transform (derm_accel.data.color)
+COLOR_KEY = "color_constancy"
 
 
 class OnnxExportError(RunError):
@@ -112,9 +114,8 @@ def export_onnx(
             # onnxruntime backend of predict averages the flipped views around it)
             "tta": getattr(net, "default_tta", None),
             "preprocessing": {k: cfg[k] for k in PREPROCESSING_KEYS if k in cfg},
-            "preprocessing_note": "timm's eval transform: resize the shorter side to input_size / crop_pct, centre "
-            "crop to input_size, scale to [0, 1], subtract mean, divide by std "
-            "(timm.data.create_transform(**preprocessing))",
+            COLOR_KEY: cfg.get(COLOR_KEY),
+            "preprocessing_note": _preprocessing_note(cfg.get(COLOR_KEY)),
             "parity": {"max_abs_probability_diff": diff, "batch": check_batch, "inputs": "random normal"},
             "exported_from": shareable_path(model_source) if Path(model_source).exists() else str(model_source),
             "torch_version": torch.__version__,
@@ -203,6 +204,24 @@ def check_sidecar(meta: Any, session: Any, path: Path) -> None:
     if meta.get("tta") not in (None, TTA_OFF, *TTA_METHODS):
         bad("tta", meta.get("tta"), f"null or one of {[TTA_OFF, *TTA_METHODS]}")
     _check_preprocessing(meta.get("preprocessing"), shape, bad)
+    color = meta.get(COLOR_KEY)
+    if color is not None and not (
+        isinstance(color, dict) and isinstance(color.get("method"), str) and _positive_number(color.get("power"))
+    ):
+        bad(COLOR_KEY, color, "null or an object like {\"method\": \"shades_of_gray\", \"power\": 6}")
+
+
+def _preprocessing_note(color: dict | None) -> str:
+    timm_part = (
+        "timm's eval transform: resize the shorter side to input_size / crop_pct, centre crop to input_size, "
+        "scale to [0, 1], subtract mean, divide by std (timm.data.create_transform(**preprocessing))"
+    )
+    if not color:
+        return timm_part
+    return (
+        f"first {color['method']} colour constancy (power {color['power']:g}) on the whole decoded RGB image "
+        f"(derm_accel.data.color.shades_of_gray, or the numpy lines in the model card), then {timm_part}"
+    )
 
 
 def is_onnx_export(path: str | os.PathLike) -> bool:
@@ -240,6 +259,7 @@ class OnnxClassifier:
         self.default_cfg = self.pretrained_cfg
         self.num_classes = len(self.labels)
         self.default_tta = None if self.meta.get("tta") in (None, TTA_OFF) else self.meta["tta"]
+        self.color_constancy = self.meta.get(COLOR_KEY)  # data_config(self) carries it, as for a torch model
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(batch.detach().float().cpu().numpy())

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from derm_accel.core.errors import InputError
+from derm_accel.data.color import DEFAULT_POWER, color_constancy_spec
 from derm_accel.data.transforms import AugmentConfig
 
 BALANCE_MODES = ("none", "weighted_loss", "sampler")
@@ -58,6 +59,11 @@ class DataConfig:
     balance: str = "none"  # none | weighted_loss | sampler
     image_size: int | None = None  # None: the model's default input size
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Colour constancy on every image before anything else (derm_accel.data.color): null or shades_of_gray,
+    # with its Minkowski power (6 as in Barata et al. 2015). Recorded in config.json (derm_accel.color_constancy),
+    # so evaluate, predict, serve, the demo and the ONNX export apply it too.
+    color_constancy: str | None = None
+    color_constancy_power: float = DEFAULT_POWER
 
 
 @dataclass
@@ -306,6 +312,10 @@ def validate(recipe: Recipe) -> None:
         d.image_size is None or d.image_size >= 16,
         f"data.image_size must be null or >= 16, got {d.image_size}",
     )
+    try:
+        color_constancy_spec(d.color_constancy, d.color_constancy_power, where="data.color_constancy")
+    except InputError as exc:
+        raise RecipeError(f"{exc} (data.color_constancy_power sets the power)") from exc
     a = d.augment
     need(
         0 < a.scale[0] <= a.scale[1] <= 1,

@@ -26,6 +26,7 @@ from derm_accel.core.distributed import (
 from derm_accel.core.paths import shareable_path
 from derm_accel.core.tracking import JSONLTracker
 from derm_accel.data import loaders
+from derm_accel.data.color import color_constancy_spec
 from derm_accel.data.trained_rows import row_ids
 from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, train_decode_size, train_transform
 from derm_accel.models.build import create_model, data_config
@@ -281,6 +282,11 @@ def load_splits(d: DataConfig) -> tuple[Any, Any]:
 
 
 
+def recipe_color_constancy(recipe: Recipe) -> dict[str, Any] | None:
+    """The recipe's colour constancy as config.json records it, or None."""
+    return color_constancy_spec(recipe.data.color_constancy, recipe.data.color_constancy_power)
+
+
 def build_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
     """The recipe's timm model; ``data.image_size`` is recorded in its config, so evaluation and prediction
     use the same size."""
@@ -301,6 +307,8 @@ def build_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
     if size:
         model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, size, size)}
         model.default_cfg = model.pretrained_cfg
+    # data_config(model) carries it into every transform of the run; export_best writes it to config.json
+    model.color_constancy = recipe_color_constancy(recipe)
     return model
 
 

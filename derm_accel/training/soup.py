@@ -67,6 +67,7 @@ def write_soup(member_dirs: list[Path], out: str | os.PathLike) -> Path:
         extra_files={**extra, SOUP_INFO: json.dumps(info, indent=2) + "\n"},
         license=read_license(member_dirs[0]),
         tta=getattr(net, "default_tta", None),
+        color_constancy=getattr(net, "color_constancy", None),
     )
     write_merged_training_rows(member_dirs, folder)  # the soup learnt from every member's images
     return folder

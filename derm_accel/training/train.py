@@ -54,7 +54,16 @@ from derm_accel.training.checkpoints import (
     save_checkpoint,
 )
 from derm_accel.training.config import Recipe, load_recipe
-from derm_accel.training.setup import BEST_DIR, Run, flat_config, published_recipe, resume_checks, resume_state, setup
+from derm_accel.training.setup import (
+    BEST_DIR,
+    Run,
+    flat_config,
+    published_recipe,
+    recipe_color_constancy,
+    resume_checks,
+    resume_state,
+    setup,
+)
 
 
 class NonFiniteLossError(RunError):
@@ -362,6 +371,7 @@ def export_best(run: Run, state: TrainState, val_metrics: ValMetrics) -> None:
         run.label_names,
         license=run.recipe.license or run.dataset_license,
         tta=run.recipe.model.tta,
+        color_constancy=recipe_color_constancy(run.recipe),
         extra_files={
             RECIPE: published_recipe(run.recipe),
             VAL_METRICS: json.dumps(val_metrics, indent=2) + "\n",
