@@ -38,6 +38,7 @@ SCRIPTS = {
     "guard": "guard",
     "onnx": "onnx_runtime",
     "subgroups": "subgroups",
+    "scale": "scale",
 }
 KINDS = tuple(SCRIPTS)
 
@@ -165,6 +166,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         parser.add_argument(
             "--" + name.replace("_", "-"),
             type=_bool if kind_of is bool else kind_of,
+            **({"nargs": "?", "const": True} if kind_of is bool else {}),  # a bare --quick means on
             default=None,
             help=f"{'on/off ' if kind_of is bool else ''}(default {shown})",
         )

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from derm_accel.data.folds import make_fold_datasets
+from derm_accel.data.selection import load_converted
 from derm_accel.evaluation.cv_stats import classification_metrics, mean_sd_ci, paired_difference
 
 BASELINE = "plain"
@@ -76,12 +77,11 @@ CANDIDATES: dict[str, list[str]] = {
 def plain_fold(fold_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The plain loop: timm model, AdamW, RandomResizedCrop + flip, cross-entropy; last-epoch weights scored."""
     import timm
-    from datasets import load_from_disk
     from timm.data import create_transform, resolve_data_config
     from torchvision import transforms as T
 
     torch.manual_seed(args.seed)
-    data = load_from_disk(str(fold_dir))
+    data = load_converted(fold_dir)  # an index selection of the dataset (data/selection.py)
     num_classes = data["train"].features["label"].num_classes
     weights = Path(args.pretrained_file) / "model.safetensors"
     model = timm.create_model(
@@ -133,7 +133,6 @@ def recipe_dict(name: str, fold_dir: Path, run_dir: Path, args: argparse.Namespa
 def recipe_fold(name: str, fold_dir: Path, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Train with derm_accel.train on the fold, score RUN/best on the held-out fold (and with flip TTA)."""
     from accelerate import Accelerator
-    from datasets import load_from_disk
 
     from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, with_transform
     from derm_accel.evaluation.calibration import tta_probabilities
@@ -147,7 +146,7 @@ def recipe_fold(name: str, fold_dir: Path, run_dir: Path, args: argparse.Namespa
     net, _ = load_model(str(run / "best"))
     cfg = data_config(net)
     transform, decode = eval_input(cfg)
-    test = load_from_disk(str(fold_dir))["test"]
+    test = load_converted(fold_dir)["test"]
     min_size = decode_size(cfg["input_size"][-1], cfg.get("crop_pct"))
     split = with_transform(test, transform, min_size=min_size, decode=decode)
     result = predict_logits(

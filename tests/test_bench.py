@@ -267,7 +267,7 @@ def test_option_parsing():
     assert args.channels_last == "off,on" and args.batch_size == 2 and args.isolate is False and args.steps is None
     with pytest.raises(ValueError, match="Unknown benchmark"):
         run_bench("speed")
-    assert set(KINDS) == {"data", "steps", "train", "infer", "comm", "convert", "guard", "onnx", "subgroups"}
+    assert set(KINDS) == {"data", "steps", "train", "infer", "comm", "convert", "guard", "onnx", "subgroups", "scale"}
 
 
 def test_cli_options_are_coerced_to_the_bench_types():
@@ -412,3 +412,25 @@ def test_subgroups_bench_times_each_size_and_the_previous_implementation(tmp_pat
     assert isinstance(out["summary"]["subgroups_exponent"], float)
     text = (tmp_path / "b.md").read_text()
     assert "<!-- bench:subgroups:start -->" in text and "| 600 |" in text and "Fitted growth exponent" in text
+
+
+def test_scale_bench_fits_exponents_and_prepares_folds_without_decoding(tmp_path):
+    from benchmarks.scale import bench_scale, exponent, scale_markdown
+
+    assert exponent([1000, 2000, 4000], [1.0, 2.0, 4.0]) == 1.0
+    assert exponent([1000, 4000], [1.0, 16.0]) == 2.0
+    assert exponent([1000, 4000], [0.2, 0.5], floor=1.0) == 0.0  # rises under the floor count as flat
+    assert exponent([1000], [1.0]) is None
+    assert build_parser("scale").parse_args(["--quick"]).quick is True
+
+    results = bench_scale(stages="kfold", kfold_sizes="300,600", workdir=str(tmp_path))
+    rows = results["results"]
+    assert [r["rows"] for r in rows] == [300, 600] and all("error" not in r for r in rows)
+    for r in rows:  # groups read from the stored column; folds are index lists, not copies
+        assert r["images_decoded"] == 0 and r["arrow_files_in_fold_data"] == 0 and r["folds"] == 5
+        assert r["fold_data_mb"] < r["dataset_mb"]
+    assert results["summary"]["kfold"]["time_exponent"] is not None
+    table = scale_markdown({**results, "created": "now", "command": "python benchmarks/scale.py",
+                            "machine": {"cpu": "cpu", "usable_cores": 2, "torch": "t", "torchvision": "v",
+                                        "pillow": "p"}})
+    assert "k-fold preparation at 600 rows: 0 images decoded, 0 Arrow files" in table

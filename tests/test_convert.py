@@ -189,8 +189,13 @@ def test_no_content_in_two_splits_and_fractions_hold(tmp_path: Path) -> None:
         for h, path in zip(ds["content_hash"], ds["source_path"], strict=True):
             assert seen.setdefault(h, split) == split
             split_of[path] = split
+    group_of = {p: g for ds in data.values() for p, g in zip(ds["source_path"], ds["group_id"], strict=True)}
     for i in range(4):
         assert split_of[f"nevus/big_{i}.jpg"] == split_of[f"nevus/nevus_{i:04d}.jpg"]
+        assert group_of[f"nevus/big_{i}.jpg"] == group_of[f"nevus/nevus_{i:04d}.jpg"]  # stored for k-fold
+    assert group_of["nevus/big_0.jpg"] != group_of["nevus/big_1.jpg"]
+    for gid in set(group_of.values()):  # a stored group lies in one split
+        assert len({split_of[p] for p, g in group_of.items() if g == gid}) == 1
     assert report["duplicates"]["groups_with_near_copies"] >= 4
     for name in ("basal_cell_carcinoma", "melanoma"):  # singleton groups: within one image of the fractions
         counts = {s: report["splits"][s]["per_class"][name] for s in data}

@@ -69,10 +69,11 @@ def test_train_folds_writes_fold_runs_out_of_fold_predictions_and_report(tmp_pat
         rows = list(csv.DictReader(f))
     sources = [r["source_path"] for r in rows]
     assert len(rows) == 72 and len(set(sources)) == 72  # every image scored exactly once
-    from datasets import load_from_disk
+    from derm_accel.data.selection import load_converted
 
+    assert not list((run / "fold_data").rglob("*.arrow"))  # folds are index selections, not copies
     for k in (1, 2, 3):  # each image was scored by the model whose training folds did not hold it
-        fold = load_from_disk(str(run / "fold_data" / f"fold_{k}"))
+        fold = load_converted(run / "fold_data" / f"fold_{k}")
         held_out = set(fold["test"]["source_path"])
         assert held_out == {r["source_path"] for r in rows if r["fold"] == str(k)}
         assert not held_out & (set(fold["train"]["source_path"]) | set(fold["validation"]["source_path"]))
@@ -173,6 +174,7 @@ def test_train_folds_with_a_holdout_compares_members_ensemble_and_soup(tmp_path:
     from datasets import load_from_disk
     from safetensors.torch import load_file
 
+    from derm_accel.data.selection import load_converted
     from derm_accel.evaluation.inference import score_split
     from derm_accel.models.ensemble import Ensemble, load_models
     from derm_accel.training.kfold import train_folds
@@ -188,7 +190,7 @@ def test_train_folds_with_a_holdout_compares_members_ensemble_and_soup(tmp_path:
 
     held_out = set(load_from_disk(str(data))["test"]["source_path"])
     for k in (1, 2):  # the held-out split is in no fold, neither for training nor for scoring
-        fold = load_from_disk(str(run / "fold_data" / f"fold_{k}"))
+        fold = load_converted(run / "fold_data" / f"fold_{k}")
         assert not held_out & {p for split in fold.values() for p in split["source_path"]}
     h = json.loads((run / "cv_report.json").read_text())["holdout"]
     assert h["split"] == "test" and h["num_samples"] == len(held_out) == 9

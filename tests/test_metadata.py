@@ -110,6 +110,12 @@ def test_a_patient_with_many_images_never_crosses_splits(tmp_path):
         assert report["rows_total"] == 60 and report["duplicates"]["conflict_groups"] == []
         splits = {s: {r["patient"] for r in items} for s, items in _rows(out).items()}
         assert sum("P0" in patients for patients in splits.values()) == 1
+        groups = {r["patient"]: set() for items in _rows(out).values() for r in items}
+        for items in _rows(out).values():
+            for r in items:
+                groups[r["patient"]].add(r["group_id"])
+        assert all(len(g) == 1 for g in groups.values())  # the patient's unit is stored as one group_id
+        assert len(set().union(*groups.values())) == 41  # P0 and the 40 singletons
         counts = [len(items) for items in _rows(out).values()]
         assert max(counts) >= 20 and sum(counts) == 60
 

@@ -68,7 +68,8 @@ def card_body(report: dict[str, Any], *, title: str) -> str:
         f"{report['parameters']['max_size'] or 'unchanged'} px, EXIF orientation applied), `label`, "
         "`source_path` (relative to the source folder), `orig_width`, `orig_height` (after EXIF rotation), "
         "`content_hash` (sha256 of the decoded RGB pixels), `phash` (64-bit perceptual hash, "
-        "`imagehash.phash` of the upright image).",
+        "`imagehash.phash` of the upright image), `group_id` (rows with the same id are exact or near copies, "
+        "or share a patient/lesion: they lie in one split, and `train --folds` keeps them in one fold).",
         *card_lines(report),
         "",
         "## Images per class and split",

@@ -18,6 +18,7 @@ import contextlib
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -62,11 +63,12 @@ from derm_accel.data.report import (
     write_failure_report,
 )
 from derm_accel.data.scan import ScanError, ScanResult, Skip, SourceFile, load_class_map, scan_source
-from derm_accel.data.schema import dataset_features
+from derm_accel.data.schema import GROUP_COLUMN, dataset_features
 from derm_accel.data.split import SPLITS, stratified_group_split
 from derm_accel.data.tempdirs import make_temp_dir, remove_stale_temp_dirs
 
 CARD_TITLE = "Skin disease images"
+IN_FLIGHT_CHUNKS = 4  # results decoded but not yet written, per worker, in chunks: a few MB of JPEGs
 
 
 class ConvertError(InputError):
@@ -130,12 +132,28 @@ def _decoded_stream(
                 bar.update()
             return
         chunksize = max(1, min(32, len(files) // (num_proc * 16)))
+        window, stop = threading.BoundedSemaphore(IN_FLIGHT_CHUNKS * num_proc * chunksize), threading.Event()
         with multiprocessing.get_context().Pool(num_proc) as pool:
-            for result in pool.imap(decode_task, tasks, chunksize=chunksize):
-                yield result
-                bar.update()
+            try:
+                for result in pool.imap(decode_task, _throttled(tasks, window, stop), chunksize=chunksize):
+                    window.release()
+                    yield result
+                    bar.update()
+            finally:
+                stop.set()  # before the pool closes: its task thread may be waiting on the window
     finally:
         bar.close()
+
+
+def _throttled(tasks: Iterator[Any], window: threading.BoundedSemaphore, stop: threading.Event) -> Iterator[Any]:
+    """``tasks``, each handed out only once the window has room. ``Pool.imap`` queues every result its workers
+    finish until the caller takes it, with no limit: when writing rows is slower than decoding, encoded images
+    pile up in the main process (measured: ~20 KB an image). The caller releases the window per result taken."""
+    for task in tasks:
+        while not window.acquire(timeout=0.1):
+            if stop.is_set():
+                return
+        yield task
 
 
 def _stage(
@@ -297,6 +315,18 @@ def _find_duplicates(
     return paths, labels, splits_hint, resolution
 
 
+def _with_group_ids(staging: Dataset, kept: list[list[int]]) -> Dataset:
+    """The staged rows with their unit's number as ``group_id`` (the index of the unit in ``kept``: duplicate
+    groups joined with patients/lesions); rows that were dropped get -1 and are not selected into any split.
+    One int64 column held in RAM (8 bytes a row), so train --folds reads groups instead of decoding images."""
+    ids = np.full(len(staging), -1, dtype=np.int64)
+    if kept:
+        ids[np.concatenate([np.asarray(u, dtype=np.int64) for u in kept])] = np.repeat(
+            np.arange(len(kept), dtype=np.int64), [len(u) for u in kept]
+        )
+    return staging.add_column(GROUP_COLUMN, ids, feature=dataset_features([])[GROUP_COLUMN])
+
+
 def _assign_splits(
     kept: list[list[int]],
     labels: list[int],
@@ -423,7 +453,7 @@ def convert_folders(
     num_proc = num_proc if num_proc > 0 else (os.cpu_count() or 1)
     scan = _scan(src, class_map, metadata, follow_external_links)
 
-    features = with_metadata_features(dataset_features(scan.class_names), scan)
+    features = with_metadata_features(dataset_features(scan.class_names, with_group=False), scan)
     options = DecodeOptions(max_size=max_size, quality=quality)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_dirs(out, "tmp")  # left by a killed run; only folders provably ours
@@ -463,6 +493,7 @@ def convert_folders(
         all_files = [f.rel for f in scan.files] + [s.path for s in scan.skipped]
         check_accounting(all_files, kept_paths, skipped)
 
+        staging = _with_group_ids(staging, kept)
         # datasets cannot reload an empty split from disk, so a split with no rows is left out (and reported).
         dataset = DatasetDict({s: staging.select(rows_by_split[s]) for s in SPLITS if rows_by_split[s]})
         final = tmp / "out"

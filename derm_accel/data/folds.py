@@ -1,19 +1,20 @@
 """k-fold cross-validation on a converted dataset: folds, per-fold datasets, and statistics over folds.
 
 All splits of the converted dataset are pooled, then assigned to folds with scikit-learn's
-``StratifiedGroupKFold``: each fold keeps the class mix, and every duplicate group (exact copies and near
-copies, the same grouping ``convert`` uses) or patient (an optional column such as ``patient_id``) lies in one
-fold only, so no image is scored by a model that trained on its copy. Each fold is written as a normal
-converted dataset: ``train`` and ``validation`` (a grouped, stratified tenth of the training folds, for picking
-the best epoch) from the other folds, ``test`` the held-out fold.
+``StratifiedGroupKFold``: each fold keeps the class mix, and every unit convert grouped (exact and near copies,
+patients/lesions; its ``group_id`` column), joined with an optional column such as ``patient_id``, lies in one
+fold only, so no image is scored by a model that trained on its copy. Each fold is an index selection of the
+one stored dataset (:mod:`derm_accel.data.selection`; no image is copied): ``train`` and ``validation`` (a
+grouped, stratified tenth of the training folds, for picking the best epoch) from the other folds, ``test`` the
+held-out fold. Datasets converted before ``group_id`` existed get their groups recomputed from the stored images.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ import numpy as np
 
 from derm_accel.core.errors import InputError
 from derm_accel.data.decode import phash_variants
-from derm_accel.data.dedupe import UnionFind, group_images
+from derm_accel.data.dedupe import group_images
+from derm_accel.data.schema import GROUP_COLUMN
+from derm_accel.data.selection import DATASET_DICT_FILE, is_converted, source_layout, write_selection
 from derm_accel.data.split import stratified_group_split
 from derm_accel.data.transforms import decode_image
 
@@ -29,18 +32,24 @@ SPLITS = ("train", "validation", "test")
 DEFAULT_NEAR_THRESHOLD = 4  # convert's default
 INNER_VAL_FRAC = 0.1
 
+logger = logging.getLogger(__name__)
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    from datasets.utils import logging as ds_logging
 
-    enabled = ds_logging.is_progress_bar_enabled()
-    ds_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            ds_logging.enable_progress_bar()
+def column(rows: Any, name: str) -> np.ndarray:
+    """One column of a ``Dataset`` as a numpy array, through Arrow (``np.asarray(rows[name])`` walks the rows
+    one by one in Python: seconds at 245k rows)."""
+    return rows.with_format("arrow")[name].to_numpy()
+
+
+def _pooled(data: str | Path) -> tuple[Any, Any, np.ndarray]:
+    """The converted DatasetDict, its splits laid end to end (no copy), and the order that sorts them by path."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    if not (Path(data) / DATASET_DICT_FILE).exists():
+        raise FileNotFoundError(f"{data} is not a dataset written by `derm-accel convert` (no {DATASET_DICT_FILE})")
+    dataset = load_from_disk(str(data))
+    pooled = concatenate_datasets([dataset[s] for s in dataset])
+    return dataset, pooled, np.argsort(column(pooled, "source_path"), kind="stable")
 
 
 def pooled_rows(data: str | Path) -> Any:
@@ -49,14 +58,8 @@ def pooled_rows(data: str | Path) -> Any:
     Sorting makes the fold assignment independent of how convert split the rows, so two conversions of the
     same folders (e.g. at two image sizes) get the same folds.
     """
-    from datasets import concatenate_datasets, load_from_disk
-
-    if not (Path(data) / "dataset_dict.json").exists():
-        raise FileNotFoundError(f"{data} is not a dataset written by `derm-accel convert` (no dataset_dict.json)")
-    dataset = load_from_disk(str(data))
-    pooled = concatenate_datasets([dataset[s] for s in dataset])
-    order = np.argsort(np.asarray(pooled["source_path"], dtype=object), kind="stable")
-    return pooled.select(order.tolist())
+    _, pooled, order = _pooled(data)
+    return pooled.select(order)
 
 
 def near_threshold(data: str | Path) -> int:
@@ -67,35 +70,74 @@ def near_threshold(data: str | Path) -> int:
     return DEFAULT_NEAR_THRESHOLD
 
 
-def duplicate_groups(rows: Any, threshold: int = DEFAULT_NEAR_THRESHOLD, group_column: str | None = None) -> np.ndarray:
-    """A group id per row: convert's duplicate grouping, joined with ``group_column`` (e.g. patient) if given.
+def first_member_ids(labels: np.ndarray) -> np.ndarray:
+    """Group ids renumbered 0, 1, ... in the order of each group's first row, so one partition always gets
+    the same ids (and so the same folds) whatever numbers it came with."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
 
-    Exact copies share ``content_hash``; near copies have pHashes within ``threshold`` bits in any of the 8
-    orientations (recomputed from the stored images, as convert does from the originals).
-    """
+
+def joined_groups(groups: np.ndarray, keys: Sequence[Any] | None = None) -> np.ndarray:
+    """``groups`` joined with ``keys`` (rows sharing a non-empty key join one group, with all their groups):
+    connected components over rows, O(n); ids as :func:`first_member_ids` gives them."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    groups = np.asarray(groups)
+    if keys is None:
+        return first_member_ids(groups)
+    n = len(groups)
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    src, dst = [np.arange(n)], [first[inverse.reshape(-1)]]
+    keys = np.asarray(keys, dtype=object)
+    valid = np.flatnonzero([k is not None and k != "" for k in keys])
+    if len(valid):
+        _, first_key, key_inverse = np.unique(keys[valid].astype(str), return_index=True, return_inverse=True)
+        src.append(valid)
+        dst.append(valid[first_key[key_inverse.reshape(-1)]])
+    rows, cols = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
+    _, components = connected_components(graph, directed=False)
+    return first_member_ids(components)
+
+
+def recomputed_groups(rows: Any, threshold: int = DEFAULT_NEAR_THRESHOLD) -> np.ndarray:
+    """Convert's duplicate grouping redone from the stored images (for datasets without ``group_id``): exact
+    copies share ``content_hash``; near copies have pHashes within ``threshold`` bits in any of the 8
+    orientations. Decodes every image (about 1 ms each)."""
     from datasets import Image as ImageFeature
 
     images = rows.cast_column("image", ImageFeature(decode=False))["image"]
     variants = np.array([phash_variants(decode_image(cell)) for cell in images], dtype=np.uint64)
     phashes = [f"{int(v):016x}" for v in variants[:, 0]]
-    groups = group_images(rows["content_hash"], phashes, threshold, variants)
-    uf = UnionFind(len(rows))
-    for group in groups:
-        for i in group[1:]:
-            uf.union(group[0], i)
-    if group_column is not None:
-        if group_column not in rows.column_names:
-            raise ValueError(
-                f"group column '{group_column}' is not in the dataset (columns: {', '.join(rows.column_names)})"
-            )
-        first: dict[Any, int] = {}
-        for i, key in enumerate(rows[group_column]):
-            if key is not None and key != "":
-                uf.union(first.setdefault(key, i), i)
     ids = np.empty(len(rows), dtype=np.int64)
-    for gid, members in enumerate(uf.groups()):
+    for gid, members in enumerate(group_images(list(column(rows, "content_hash")), phashes, threshold, variants)):
         ids[members] = gid
     return ids
+
+
+def duplicate_groups(rows: Any, threshold: int = DEFAULT_NEAR_THRESHOLD, group_column: str | None = None) -> np.ndarray:
+    """A group id per row: convert's grouping (the ``group_id`` column), joined with ``group_column`` (e.g.
+    patient) if given. A dataset converted before convert stored ``group_id`` has its groups recomputed from
+    its images (:func:`recomputed_groups`), with a warning that says so."""
+    if group_column is not None and group_column not in rows.column_names:
+        raise ValueError(
+            f"group column '{group_column}' is not in the dataset (columns: {', '.join(rows.column_names)})"
+        )
+    if GROUP_COLUMN in rows.column_names:
+        groups = column(rows, GROUP_COLUMN)
+    else:
+        logger.warning(
+            "This dataset has no '%s' column (converted by an earlier derm-accel): recomputing its duplicate "
+            "groups from the stored images (%d images, about 1 ms each). Convert it again to skip this.",
+            GROUP_COLUMN,
+            len(rows),
+        )
+        groups = recomputed_groups(rows, threshold)
+    keys = rows.with_format("arrow")[group_column].to_pylist() if group_column else None
+    return joined_groups(groups, keys)
 
 
 def assign_folds(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
@@ -128,39 +170,53 @@ def inner_validation(labels: np.ndarray, groups: np.ndarray, rows: np.ndarray, s
         test_frac=0.0,
         seed=seed,
     )
-    return np.array(sorted(r for g, s in zip(keys, splits, strict=True) if s == "validation" for r in member_groups[g]))
+    chosen = (r for g, s in zip(keys, splits, strict=True) if s == "validation" for r in member_groups[g])
+    return np.array(sorted(chosen), dtype=np.int64)
 
 
-def write_fold(rows: Any, fold_of: np.ndarray, groups: np.ndarray, fold: int, out: str | Path, seed: int = 0) -> Path:
-    """Write fold ``fold`` as a converted dataset at ``out``: train/validation from the other folds, test held out."""
-    from datasets import DatasetDict
-
-    labels = np.asarray(rows["label"])
+def fold_parts(labels: np.ndarray, fold_of: np.ndarray, groups: np.ndarray, fold: int, seed: int = 0) -> dict:
+    """The rows of fold ``fold``'s splits: train/validation from the other folds, test the held-out fold."""
     rest = np.flatnonzero(fold_of != fold)
     val = inner_validation(labels, groups, rest, seed + fold)
-    parts = {
-        "train": np.setdiff1d(rest, val),
-        "validation": val,
-        "test": np.flatnonzero(fold_of == fold),
-    }
+    return {"train": np.setdiff1d(rest, val), "validation": val, "test": np.flatnonzero(fold_of == fold)}
+
+
+def write_fold(
+    labels: np.ndarray, fold_of: np.ndarray, groups: np.ndarray, fold: int, out: str | Path, *,
+    base: np.ndarray, layout: dict[str, Any], seed: int = 0,
+) -> Path:
+    """Fold ``fold`` as an index selection at ``out`` (``base[i]``: row ``i``'s index in the source's splits
+    laid end to end; ``layout``: :func:`selection.source_layout`). An older fold folder there is replaced."""
+    parts = fold_parts(labels, fold_of, groups, fold, seed)
     out = Path(out)
-    shutil.rmtree(out, ignore_errors=True)
-    with _quiet():
-        DatasetDict({s: rows.select(parts[s].tolist()) for s in SPLITS}).save_to_disk(str(out))
+    shutil.rmtree(out, ignore_errors=True)  # also a full copy written by an earlier derm-accel
+    write_selection(out, layout, {s: base[parts[s]] for s in SPLITS})
     return out
+
+
+def drop_holdout(held: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, int]:
+    """The rows to keep outside a held-out split (mask ``held``): not held out, and in no group with a held-out
+    row (else a copy of a held-out image, or the same patient, would train the models judged on it); and the
+    number of rows dropped as such copies."""
+    keep = ~held & ~np.isin(groups, np.unique(groups[held]))
+    return keep, int((~held & ~keep).sum())
+
+
+def _check_holdout(dataset: Any, data: str | Path, holdout: str) -> None:
+    if holdout not in dataset:
+        raise InputError(f"{data} has no '{holdout}' split to hold out (it has {sorted(dataset)}); fix --holdout.")
 
 
 def without_holdout(rows: Any, groups: np.ndarray, data: str | Path, holdout: str) -> tuple[Any, np.ndarray, int]:
     """The rows outside the ``holdout`` split, less those that share a duplicate or patient group with a held-out
-    row (else a copy of a held-out image, or the same patient, would train the models judged on it)."""
+    row (see :func:`drop_holdout`)."""
     from datasets import load_from_disk
 
     dataset = load_from_disk(str(data))
-    if holdout not in dataset:
-        raise InputError(f"{data} has no '{holdout}' split to hold out (it has {sorted(dataset)}); fix --holdout.")
-    held = np.isin(np.asarray(rows["source_path"], dtype=object), np.asarray(dataset[holdout]["source_path"]))
-    keep = ~held & ~np.isin(groups, np.unique(groups[held]))
-    return rows.select(np.flatnonzero(keep).tolist()), groups[keep], int((~held & ~keep).sum())
+    _check_holdout(dataset, data, holdout)
+    held = np.isin(column(rows, "source_path"), column(dataset[holdout], "source_path"))
+    keep, dropped = drop_holdout(held, groups)
+    return rows.select(np.flatnonzero(keep)), groups[keep], dropped
 
 
 def make_fold_datasets(
@@ -173,18 +229,24 @@ def make_fold_datasets(
     trained: Sequence[Path] = (),
     holdout: str | None = None,
 ) -> list[Path]:
-    """``out_dir/fold_1 .. fold_K``: one converted dataset per fold (reused when the assignment is unchanged).
+    """``out_dir/fold_1 .. fold_K``: one index selection of ``data`` per fold (reused when the assignment is
+    unchanged); ``out_dir/folds.json`` records the assignment (each row's path, fold and group).
 
     ``trained`` lists fold runs that already exist: a changed assignment is then refused, since their models
     may have trained on images that the new folds hold out. ``holdout`` names a split kept out of every fold.
     """
     out_dir = Path(out_dir)
-    rows = pooled_rows(data)  # the holdout too: duplicate and patient groups are found across all splits
+    dataset, pooled, base = _pooled(data)
+    rows = pooled.select(base)  # the holdout too: duplicate and patient groups are found across all splits
     groups = duplicate_groups(rows, near_threshold(data), group_column)
     near_holdout = 0
     if holdout:
-        rows, groups, near_holdout = without_holdout(rows, groups, data, holdout)
-    fold_of = assign_folds(np.asarray(rows["label"]), groups, folds, seed)
+        _check_holdout(dataset, data, holdout)
+        start = sum(len(dataset[s]) for s in list(dataset)[: list(dataset).index(holdout)])
+        keep, near_holdout = drop_holdout((base >= start) & (base < start + len(dataset[holdout])), groups)
+        base, groups = base[keep], groups[keep]
+    labels = column(pooled, "label")[base]
+    fold_of = assign_folds(labels, groups, folds, seed)
     assignment = {
         "data": str(Path(data).resolve()),
         "folds": folds,
@@ -192,7 +254,7 @@ def make_fold_datasets(
         "group_column": group_column,
         # absent when unset: earlier manifests stay valid
         **({"holdout": holdout, "dropped_as_copies_of_holdout": near_holdout} if holdout else {}),
-        "source_paths": list(rows["source_path"]),
+        "source_paths": column(pooled, "source_path")[base].tolist(),
         "fold": fold_of.tolist(),
         "group": groups.tolist(),
     }
@@ -205,13 +267,12 @@ def make_fold_datasets(
             f"the seed, --group-column, --holdout or the images changed), so their models may have seen the new "
             f"held-out images. Use a new output_dir (--set output_dir=runs/NEW), or delete those fold runs."
         )
+    layout = source_layout(dataset, data)
     paths = []
     for k in range(folds):
         path = out_dir / f"fold_{k + 1}"
-        if fresh or not (path / "dataset_dict.json").is_file():
-            write_fold(rows, fold_of, groups, k, path, seed)
+        if fresh or not is_converted(path):  # an unchanged fold kept as it is (also an earlier full copy)
+            write_fold(labels, fold_of, groups, k, path, base=base, layout=layout, seed=seed)
         paths.append(path)
     manifest.write_text(json.dumps(assignment) + "\n")
     return paths
-
-

@@ -146,6 +146,7 @@ def write_dataset(
                 rows["orig_height"].append(size)
                 rows["content_hash"].append(hashlib.sha256(data).hexdigest())
                 rows["phash"].append("")
+                rows["group_id"].append(seed)  # every rendered image is its own unit
         splits[split] = Dataset.from_dict(rows, features=features)
     DatasetDict(splits).save_to_disk(str(root))
     return Path(root)

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from derm_accel.data.selection import load_converted
 from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, with_transform
 from derm_accel.evaluation.calibration import tta_probabilities
 from derm_accel.models.build import data_config
@@ -188,12 +189,11 @@ def score_split(
 ) -> dict[str, Any]:
     """Probabilities of ``model_dir`` on ``data[split]`` (every process gets all rows)."""
     from accelerate import Accelerator
-    from datasets import load_from_disk
 
     net, labels = load_model(str(model_dir))
     cfg = data_config(net)
     transform, decode = eval_input(cfg)
-    test = load_from_disk(str(data))[split]
+    test = load_converted(data)[split]
     min_size = decode_size(cfg["input_size"][-1], cfg.get("crop_pct"))
     split = with_transform(test, transform, min_size=min_size, decode=decode)
     result = predict_logits(

@@ -19,6 +19,7 @@ from accelerate.utils import broadcast_object_list
 from derm_accel.core.distributed import use_cpu_ranks_without_gpu
 from derm_accel.core.errors import InputError
 from derm_accel.core.paths import fit_name
+from derm_accel.data.selection import load_converted
 from derm_accel.data.trained_rows import refuse_trained_on
 from derm_accel.data.transforms import (
     IMAGE_COLUMN,
@@ -63,12 +64,12 @@ class LabelMismatchError(InputError):
 
 def load_split(data: str | os.PathLike, split: str) -> tuple[Any, Any]:
     """The DatasetDict written by ``derm-accel convert`` and one of its splits, with clear errors."""
-    from datasets import ClassLabel, DatasetDict, load_from_disk
+    from datasets import ClassLabel, DatasetDict
 
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"No dataset at {path}. Pass the folder written by `derm-accel convert`.")
-    dataset = load_from_disk(str(path))
+    dataset = load_converted(path)
     if not isinstance(dataset, DatasetDict):
         raise ValueError(f"{path} holds a single split; expected a DatasetDict with train/validation/test.")
     if split not in dataset:

@@ -30,6 +30,7 @@ from sklearn.covariance import LedoitWolf
 from sklearn.model_selection import KFold
 
 from derm_accel.core.device import default_device
+from derm_accel.data.selection import is_converted, load_converted
 from derm_accel.guard.model import DomainGuard, GuardError, save_guard
 from derm_accel.guard.scoring import Scored, risk_coverage, score_batches, split_batches
 from derm_accel.models.build import data_config
@@ -256,17 +257,15 @@ def fit_model_guard(
     Only a class-stratified sample of at most ``max_fit_images`` training images is decoded and scored; the
     validation split is scored batch by batch into guard scores and logits, its features never kept.
     """
-    from datasets import load_from_disk
-
     if max_fit_images < MIN_FIT_IMAGES:
         raise GuardError(f"max_fit_images must be at least {MIN_FIT_IMAGES}, got {max_fit_images}")
     check_settings(in_domain_share, target_error, target_coverage)  # before any image is scored
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json); pass RUN/best")
-    if not (Path(data) / "dataset_dict.json").is_file():
+    if not is_converted(data):
         raise FileNotFoundError(f"{data} is not a dataset written by `derm-accel convert` (no dataset_dict.json)")
-    dataset = load_from_disk(str(data))
+    dataset = load_converted(data)  # or a k-fold index selection of one
     for name in (train_split, val_split):
         if name not in dataset:
             raise GuardError(f"{data} has no '{name}' split (it has {sorted(dataset)})")

@@ -1,12 +1,12 @@
 """k-fold training as one run: ``derm-accel train --recipe R --folds K``.
 
-``RUN/fold_data/fold_k`` holds each fold's dataset (:mod:`derm_accel.data.folds`: the held-out fold is its ``test``
-split), ``RUN/fold_k`` is a normal run on it (with ``best/``), ``RUN/oof_predictions.csv`` the out-of-fold
-probabilities of every image (each scored by the one model that never saw it), and ``RUN/cv_report.json`` /
-``cv_report.md`` the metrics per fold, their mean ± sd with a t-interval, and the pooled out-of-fold metrics.
-A fold already scored is kept when the command runs again; one interrupted mid-training is resumed from its
-latest checkpoint. Under ``accelerate launch`` every process runs every fold (train() shards the batches);
-files are written by the main process.
+``RUN/fold_data/fold_k`` holds each fold's dataset (:mod:`derm_accel.data.folds`: the held-out fold is its
+``test`` split; an index selection of ``data.path``, no image copied), ``RUN/fold_k`` is a normal run on it
+(with ``best/``), ``RUN/oof_predictions.csv`` the out-of-fold probabilities of every image (each scored by the
+one model that never saw it), and ``RUN/cv_report.json`` / ``cv_report.md`` the metrics per fold, their
+mean ± sd with a t-interval, and the pooled out-of-fold metrics. A fold already scored is kept when the command
+runs again; one interrupted mid-training is resumed from its latest checkpoint. Under ``accelerate launch``
+every process runs every fold (train() shards the batches); files are written by the main process.
 """
 
 from __future__ import annotations

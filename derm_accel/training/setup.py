@@ -27,6 +27,7 @@ from derm_accel.core.paths import shareable_path
 from derm_accel.core.tracking import JSONLTracker
 from derm_accel.data import loaders
 from derm_accel.data.color import color_constancy_spec
+from derm_accel.data.selection import is_converted, load_converted
 from derm_accel.data.trained_rows import row_ids
 from derm_accel.data.transforms import BatchNormalize, decode_size, eval_input, train_decode_size, train_transform
 from derm_accel.models.build import create_model, data_config
@@ -265,14 +266,12 @@ def build_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
 
 def load_splits(d: DataConfig) -> tuple[Any, Any]:
     """The train and validation splits of the converted DatasetDict at ``data.path``."""
-    from datasets import load_from_disk
-
-    if not (Path(d.path) / "dataset_dict.json").exists():
+    if not is_converted(d.path):
         raise FileNotFoundError(
             f"data.path={d.path} is not a dataset written by `derm-accel convert` (no dataset_dict.json). "
             f"Convert your class folders first or fix data.path."
         )
-    dataset = load_from_disk(d.path)
+    dataset = load_converted(d.path)  # or a k-fold index selection of one
     for split in (d.train_split, d.val_split):
         if split not in dataset:
             raise RecipeError(
