@@ -509,3 +509,30 @@ def test_split_folders_beside_other_folders_are_refused(tmp_path: Path) -> None:
     write_sample(src / "extras", num_classes=2, per_class=1, size=32)
     with pytest.raises(ConvertError, match=r"mixes split folders \['test', 'train'\] with other folders \['extras'\]"):
         convert_folders(src, tmp_path / "out", progress=False)
+
+
+def test_decoding_hands_out_tasks_only_as_results_are_taken() -> None:
+    """Pool.imap queues finished results without limit; the window keeps at most its size in flight."""
+    import threading
+    import time
+
+    from derm_accel.data.convert import _throttled
+
+    window, stop = threading.BoundedSemaphore(3), threading.Event()
+    handed: list[int] = []
+    feeder = threading.Thread(target=lambda: handed.extend(_throttled(iter(range(10)), window, stop)))
+    feeder.start()
+
+    def settles_at(count: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(handed) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # long enough for a fourth task to be handed out if nothing held it back
+        assert len(handed) == count
+
+    settles_at(3)
+    window.release()  # one result taken: one more task
+    settles_at(4)
+    stop.set()  # the pool closing: the feeder leaves its wait
+    feeder.join(timeout=5)
+    assert not feeder.is_alive() and handed == [0, 1, 2, 3]
