@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo
 from datasets.arrow_writer import ArrowWriter
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
@@ -193,6 +194,18 @@ def _stage(
         writer.finalize()
     variant_array = np.frombuffer(variants, dtype=np.uint64).reshape(len(row_files), len(ORIENTATIONS))
     return Dataset.from_file(str(path), info=info), row_files, failed, variant_array
+
+
+def _system_arrow_pool() -> Any:
+    """Make the C library's allocator pyarrow's pool while convert writes; return the pool to put back.
+
+    pyarrow's default pool (mimalloc) keeps the pages of the image batches it has freed: measured, the main
+    process grew ~5.7 KB per image (48 px JPEGs; more with larger ones) over the staging and save passes, where
+    with the system allocator it stays at its per-row record (~1.5 KB: paths, hashes, labels for grouping).
+    Buffers remember their pool, so putting the previous one back is safe."""
+    before = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    return before
 
 
 @contextlib.contextmanager
@@ -458,6 +471,7 @@ def convert_folders(
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_dirs(out, "tmp")  # left by a killed run; only folders provably ours
     tmp = make_temp_dir(out, "tmp")
+    arrow_pool = _system_arrow_pool()
     try:
         info = DatasetInfo(
             description="Skin disease images converted from class folders by derm-accel.",
@@ -538,6 +552,7 @@ def convert_folders(
         build_card(report, title=CARD_TITLE).save(final / "README.md")
         replace_dir(final, out)  # an old OUT is only removed once the new one is there
     finally:
+        pa.set_memory_pool(arrow_pool)
         shutil.rmtree(tmp, ignore_errors=True)
 
     if push_to_hub:

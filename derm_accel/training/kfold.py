@@ -25,7 +25,8 @@ from derm_accel.core.artifacts import FOLD_DATA
 from derm_accel.core.distributed import use_cpu_ranks_without_gpu
 from derm_accel.core.errors import InputError
 from derm_accel.core.fileio import atomic_write_json, atomic_write_text
-from derm_accel.data.folds import make_fold_datasets
+from derm_accel.data.folds import column, make_fold_datasets
+from derm_accel.data.selection import load_converted
 from derm_accel.evaluation.cv_stats import classification_metrics, mean_sd_ci
 from derm_accel.evaluation.inference import score_split
 from derm_accel.evaluation.report import write_predictions_csv
@@ -90,11 +91,9 @@ def _digest(value: Any) -> str:
 
 def fold_assignment(recipe: Recipe, fold_data: Path, k: int, folds: int) -> dict[str, Any]:
     """What fold ``k`` trains on and holds out: a hash of its splits' images and one of the recipe."""
-    from datasets import load_from_disk
-
-    dataset = load_from_disk(str(fold_data))
+    dataset = load_converted(fold_data)  # an index selection of data.path (or a copy written by an earlier version)
     members = {
-        split: sorted(zip(dataset[split]["source_path"], dataset[split]["content_hash"], strict=True))
+        split: sorted(zip(column(dataset[split], "source_path"), column(dataset[split], "content_hash"), strict=True))
         for split in sorted(dataset)
     }
     return {
