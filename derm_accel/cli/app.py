@@ -63,7 +63,9 @@ def _choices(name: str, *values: str) -> type[Enum]:
 Conflicts = _choices("Conflicts", "drop", "keep-majority")
 TTA = _choices("TTA", "flip", "none")
 Backend = _choices("Backend", "torch", "onnxruntime")
-BenchKind = _choices("BenchKind", "data", "steps", "train", "infer", "comm", "convert", "guard", "onnx", "subgroups", "scale")
+BenchKind = _choices(
+    "BenchKind", "data", "steps", "train", "infer", "comm", "convert", "guard", "onnx", "subgroups", "scale"
+)
 ExportFormat = _choices("ExportFormat", "onnx")
 
 
