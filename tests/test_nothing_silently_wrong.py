@@ -364,10 +364,9 @@ def test_a_fold_run_of_another_assignment_is_refused_even_without_fold_data(tmp_
     """train --folds 2, rm -rf RUN/fold_data (it looks like a cache), train --folds 3: refused, naming the fold."""
     import shutil
 
-    from datasets import load_from_disk
-
     from derm_accel.core.errors import InputError
     from derm_accel.data.folds import make_fold_datasets
+    from derm_accel.data.selection import load_converted
     from derm_accel.training.config import load_recipe
     from derm_accel.training.kfold import FOLD_ASSIGNMENT, check_fold_runs, fold_assignment
     from tests.train_utils import make_dataset, tiny_recipe
@@ -377,7 +376,7 @@ def test_a_fold_run_of_another_assignment_is_refused_even_without_fold_data(tmp_
     recipe = load_recipe(tiny_recipe(data, run))
     make_fold_datasets(data, fold_data, 2)
     check_fold_runs(run, fold_data, recipe, 2, adopt=False)  # nothing trained yet: nothing to refuse
-    old_train = set(load_from_disk(str(fold_data / "fold_1"))["train"]["source_path"])
+    old_train = set(load_converted(fold_data / "fold_1")["train"]["source_path"])
     for k in (1, 2):  # what train_folds records in each fold run before its first step
         (run / f"fold_{k}").mkdir()
         (run / f"fold_{k}" / FOLD_ASSIGNMENT).write_text(json.dumps(fold_assignment(recipe, fold_data / f"fold_{k}",
@@ -386,7 +385,7 @@ def test_a_fold_run_of_another_assignment_is_refused_even_without_fold_data(tmp_
 
     shutil.rmtree(fold_data)
     make_fold_datasets(data, fold_data, 3, trained=trained)  # no manifest left to compare with
-    leaked = old_train & set(load_from_disk(str(fold_data / "fold_1"))["test"]["source_path"])
+    leaked = old_train & set(load_converted(fold_data / "fold_1")["test"]["source_path"])
     assert leaked  # the kept fold_1 model trained on images the new fold 1 holds out
     with pytest.raises(InputError) as info:
         check_fold_runs(run, fold_data, recipe, 3, adopt=False)
