@@ -3,9 +3,11 @@ and directly on its building blocks (guard verdicts, the model card summary, Gra
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -64,35 +67,134 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def demo_url(model_dir: Path) -> Iterator[str]:
-    """`derm-accel demo` as a user starts it, in its own process."""
+MAX_UPLOAD_MB = 1
+
+
+def start_demo(model_dir: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
+    """`derm-accel demo` as a user starts it, in its own process, its temporary files under ``tmp`` (TMPDIR)
+    and its output in ``tmp/demo.log`` (a file, never a pipe that could fill up)."""
     port = _free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "derm_accel", "demo", "--model", str(model_dir), "--port", str(port), "--no-share"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-    )
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "TMPDIR": str(tmp)}
+    env.pop("GRADIO_TEMP_DIR", None)
+    with open(tmp / "demo.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "derm_accel", "demo", "--model", str(model_dir), "--port", str(port),
+             "--no-share", "--max-upload-mb", str(MAX_UPLOAD_MB)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     while True:
         try:
             with urllib.request.urlopen(url, timeout=5):
-                break
+                return proc, url
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise AssertionError(f"derm-accel demo did not start:\n{proc.communicate()[0]}") from None
+                proc.wait(30)
+                raise AssertionError(f"derm-accel demo did not start:\n{(tmp / 'demo.log').read_text()}") from None
             time.sleep(0.5)
+
+
+def demo_folder(tmp: Path) -> Path:
+    """The one folder the demo keeps its files in."""
+    (folder,) = tmp.glob("derm-accel-demo-*")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("demo-tmp")
+
+
+@pytest.fixture(scope="module")
+def demo_url(model_dir: Path, demo_tmp: Path) -> Iterator[str]:
+    proc, url = start_demo(model_dir, demo_tmp)
     yield url
     proc.terminate()
     proc.wait(30)
 
 
+def _no_server_path(text: str, folder: Path) -> None:
+    assert str(folder) not in text and str(folder.parent) not in text, text[:2000]
+
+
+def test_uploads_over_the_limit_are_refused_and_no_server_path_reaches_the_client(
+    demo_url: str, demo_tmp: Path, model_dir: Path, lesion: Path
+) -> None:
+    big = httpx.post(f"{demo_url}gradio_api/upload", files={"files": ("big.jpg", b"\xff\xd8" + b"0" * 2**21)})
+    assert big.status_code == 413  # over --max-upload-mb 1, refused while it streams in
+    folder = demo_folder(demo_tmp)
+    assert not list(folder.rglob("big.jpg"))
+    small = httpx.post(f"{demo_url}gradio_api/upload", files={"files": (lesion.name, lesion.read_bytes())})
+    assert small.status_code == 200
+    (shown,) = small.json()
+    assert shown.startswith("demo-files/") and shown.endswith(lesion.name)  # not the server's absolute path
+    _no_server_path(small.text, folder)
+    stored = folder / shown.removeprefix("demo-files/")
+    assert stored.read_bytes() == lesion.read_bytes()
+    served = httpx.get(f"{demo_url}gradio_api/file={shown}")  # the masked name still fetches the file
+    assert served.status_code == 200 and served.content == lesion.read_bytes()
+    for page in ("", "config", "gradio_api/info"):
+        text = httpx.get(f"{demo_url}{page}").text
+        _no_server_path(text, folder)
+        assert str(model_dir) not in text  # nor where the model lies
+
+
+def test_an_answered_upload_is_deleted_and_its_answer_names_no_server_path(
+    demo_url: str, demo_tmp: Path, model_dir: Path, lesion: Path
+) -> None:
+    from gradio_client import Client, handle_file
+
+    folder = demo_folder(demo_tmp)
+    client = Client(demo_url, verbose=False, download_files=False)
+    answer = client.predict(handle_file(str(lesion)), api_name="/classify")
+    _, verdict, heat, raw = answer
+    expected = predict(str(lesion), model=str(model_dir))[0]
+    assert raw["label"] == expected["label"] and "Top class" in verdict
+    assert heat["path"].startswith("demo-files/") and heat["url"].split("file=")[1].startswith("demo-files/")
+    _no_server_path(json.dumps(answer), folder)
+    assert not list(folder.rglob(lesion.name)), "the upload outlived its answer"
+    assert sorted(p.name for p in folder.rglob("*.jpg")) == ["example0.jpg", "example1.jpg"]  # examples stay
+
+
+def test_the_demo_removes_every_file_it_kept_when_it_stops(model_dir: Path, tmp_path: Path, lesion: Path) -> None:
+    proc, url = start_demo(model_dir, tmp_path / "tmp")
+    try:
+        folder = demo_folder(tmp_path / "tmp")
+        shown = httpx.post(f"{url}gradio_api/upload", files={"files": ("patient_smith.jpg", lesion.read_bytes())})
+        assert (folder / shown.json()[0].removeprefix("demo-files/")).is_file()
+    finally:
+        proc.send_signal(signal.SIGTERM)  # what kill, systemd and containers send
+        proc.wait(60)
+    assert not folder.exists(), (tmp_path / "tmp" / "demo.log").read_text()
+
+
+def test_bad_max_upload_mb_is_refused_before_the_model_loads(model_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from derm_accel.cli import app
+    from derm_accel.serving.serve import MAX_UPLOAD_MB as SERVE_DEFAULT
+
+    result = CliRunner().invoke(app, ["demo", "--model", str(model_dir), "--max-upload-mb", "inf"])
+    assert result.exit_code == 2 and "--max-upload-mb must be a finite number of megabytes" in result.output
+    defaults = {cmd: next(p.default for p in _command(app, cmd).params if p.name == "max_upload_mb")
+                for cmd in ("demo", "serve")}
+    assert defaults == {"demo": SERVE_DEFAULT, "serve": SERVE_DEFAULT}
+
+
+def _command(app, name: str):
+    import typer.main
+
+    return typer.main.get_command(app).commands[name]
+
+
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} not found: apt-get install -y chromium")
 @pytest.mark.skipif(not DERM_SAMPLE.is_dir(), reason=f"real dermoscopic sample not found at {DERM_SAMPLE}")
 def test_browser_upload_shows_the_top_class_of_predict(
-    demo_url: str, model_dir: Path, lesion: Path, tmp_path: Path
+    demo_url: str, demo_tmp: Path, model_dir: Path, lesion: Path, tmp_path: Path
 ) -> None:
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download)")
     expected = predict(str(lesion), model=str(model_dir))[0]
@@ -100,6 +202,8 @@ def test_browser_upload_shows_the_top_class_of_predict(
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            responses: list = []  # every answer the browser got; the text ones may name no server path
+            page.on("response", lambda r: responses.append(r))
             page.goto(demo_url)
             notice = page.locator("#notice").inner_text()
             assert "Not a medical device" in notice
@@ -110,6 +214,9 @@ def test_browser_upload_shows_the_top_class_of_predict(
             heading = page.locator("#classes").inner_text().splitlines()
             page.locator("#gradcam img").wait_for(timeout=30_000)
             page.screenshot(path=tmp_path / "demo.png", full_page=True)
+            kinds = [(r, r.headers.get("content-type") or "") for r in responses]
+            texts = [r.text() for r, kind in kinds
+                     if r.ok and ("json" in kind or kind.startswith("text/")) and "event-stream" not in kind]
         finally:
             browser.close()
     shown = re.search(r"Top class: (\S+) \(probability ([0-9.]+)\)", verdict)
@@ -119,6 +226,10 @@ def test_browser_upload_shows_the_top_class_of_predict(
     assert f"{round(expected['probability'] * 100)}%" in heading
     assert "no domain guard" in verdict
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert texts
+    for text in texts:
+        _no_server_path(text, demo_folder(demo_tmp))
+        assert str(model_dir) not in text
 
 
 def test_demo_model_answers_like_predict_with_a_gradcam(model_dir: Path, lesion: Path) -> None:

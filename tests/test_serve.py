@@ -6,8 +6,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import json
+import select
+import shutil
 import socket
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -128,8 +132,41 @@ def test_a_slow_client_does_not_block_the_others(url: str, lesion: Path) -> None
         slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"\xff\xd8" + b"0" * 8)
         answers = [httpx.post(f"{url}/predict", content=lesion.read_bytes(), timeout=30) for _ in range(3)]
         assert [a.status_code for a in answers] == [200] * 3
-        reply = slow.recv(4096).decode()  # the stalled request is dropped after body_timeout, not held forever
-    assert reply.startswith("HTTP/1.1 408") and "sent nothing" in reply
+        reply = _read_response(slow).decode()  # the stalled request is dropped after body_timeout, not held forever
+    assert reply.startswith("HTTP/1.1 408") and "did not arrive whole" in reply
+    assert reply.endswith("}") and "request dropped" in reply  # the whole JSON body, not its first TCP read
+
+
+def test_a_body_trickling_in_gets_408_at_the_whole_body_deadline(url: str) -> None:
+    """One byte every 0.3 s never stalls for body_timeout, but the body must be whole body_timeout after the
+    request began."""
+    host, port = url.removeprefix("http://").split(":")
+    start = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=30) as slow:
+        slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        while not select.select([slow], [], [], 0.3)[0] and time.monotonic() - start < 4 * BODY_TIMEOUT:
+            slow.sendall(b"0")
+        elapsed = time.monotonic() - start
+        reply = _read_response(slow).decode()
+    assert reply.startswith("HTTP/1.1 408") and "did not arrive whole" in reply
+    assert BODY_TIMEOUT <= elapsed < BODY_TIMEOUT + 1.5
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One whole HTTP response (headers, then Content-Length bytes of body, or up to the server's close), however
+    many TCP reads it arrives in."""
+    data = b""
+    while True:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            lengths = [line.split(b":", 1)[1] for line in head.split(b"\r\n")[1:]
+                       if line.lower().startswith(b"content-length:")]
+            if lengths and len(body) >= int(lengths[0]):
+                return data
+        chunk = sock.recv(4096)
+        if not chunk:  # the server closed the connection: that is the whole response
+            return data
+        data += chunk
 
 
 def _bomb() -> bytes:
@@ -161,6 +198,8 @@ def test_bad_uploads_get_4xx_with_a_message_and_the_server_stays_up(url: str) ->
     assert "empty" in cases["empty multipart"].json()["error"]
     assert "'file'" in cases["no file field"].json()["error"]
     assert "pixel" in cases["bomb"].json()["error"]
+    for name, response in cases.items():  # messages for people: no Python object reprs like <_io.BytesIO ...>
+        assert " at 0x" not in response.text and "<_io" not in response.text, (name, response.text)
     buf = io.BytesIO()
     render(0, 1, 64).save(buf, format="PNG")
     assert httpx.post(f"{url}/predict", content=buf.getvalue()).status_code == 200
@@ -198,6 +237,90 @@ def test_a_failing_forward_pass_answers_500_and_the_server_keeps_serving(
     failed = client.post("/predict", content=lesion.read_bytes())
     assert failed.status_code == 500 and "out of memory" in failed.json()["error"]
     assert client.post("/predict", content=lesion.read_bytes()).status_code == 200
+
+
+def test_schema_documents_typed_answers_and_errors(model_dir: Path) -> None:
+    schema = TestClient(create_app(str(model_dir))).get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+
+    def resolved(node: dict) -> dict:
+        return components[node["$ref"].rsplit("/", 1)[1]] if "$ref" in node else node
+
+    def answer(path: str, status: str) -> dict:
+        return resolved(schema["paths"][path]["post"]["responses"][status]["content"]["application/json"]["schema"])
+
+    one = answer("/predict", "200")
+    fields = {"label", "probability", "top_k", "ood_score", "in_domain", "abstain", "reason"}
+    assert set(one["properties"]) == fields and set(one["required"]) == fields
+    assert one["properties"]["probability"]["type"] == "number" and one["properties"]["abstain"]["type"] == "boolean"
+    assert {t.get("type") for t in one["properties"]["in_domain"]["anyOf"]} == {"boolean", "null"}
+    top = resolved(one["properties"]["top_k"]["items"])
+    assert set(top["properties"]) == {"label", "probability"}
+    batch = answer("/predict/batch", "200")
+    assert batch["type"] == "array"
+    kinds = [resolved(k) for k in batch["items"]["anyOf"]]
+    assert [set(k["properties"]) for k in kinds] == [fields | {"filename"}, {"filename", "error"}]
+    for path, status in [("/predict", "400"), ("/predict", "413"), ("/predict", "422"), ("/predict/batch", "413")]:
+        assert answer(path, status)["properties"] == {"error": {"type": "string", "title": "Error",
+                                                                "description": "What went wrong and what to change."}}
+    health = resolved(schema["paths"]["/health"]["get"]["responses"]["200"]["content"]["application/json"]["schema"])
+    assert set(health["properties"]) == {"status", "model", "labels", "domain_guard"}
+
+
+def test_connections_over_the_cap_get_503_and_the_server_recovers(model_dir: Path, lesion: Path) -> None:
+    server = BackgroundServer(create_app(str(model_dir)), max_connections=2)
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]  # open, sending nothing
+        time.sleep(0.2)  # let the server accept them
+        refused = httpx.post(f"{server.url}/predict", content=lesion.read_bytes(), timeout=10)
+        assert refused.status_code == 503
+        for s in held:
+            s.close()
+        deadline = time.monotonic() + 10
+        while (status := httpx.post(f"{server.url}/predict", content=lesion.read_bytes(), timeout=10).status_code) \
+                == 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status == 200
+    finally:
+        server.stop()
+
+
+def test_bad_option_values_are_refused_by_name_in_megabytes(model_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from derm_accel.cli import app
+
+    for value, shown in [("inf", "got inf"), ("-1", "got -1.0"), ("nan", "got nan"), ("0", "got 0.0")]:
+        result = CliRunner().invoke(app, ["serve", "--model", str(model_dir), "--max-upload-mb", value])
+        assert result.exit_code == 2, (value, result.output)
+        assert "--max-upload-mb must be a finite number of megabytes above 0" in result.output
+        assert shown in result.output
+        assert "Traceback" not in result.output and "1048576" not in result.output
+    result = CliRunner().invoke(app, ["serve", "--model", str(model_dir), "--max-connections", "0"])
+    assert result.exit_code == 2 and "--max-connections must be at least 1" in result.output
+
+
+def test_an_ensemble_member_whose_config_names_another_architecture_is_refused_by_name(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    from derm_accel.models.ensemble import EnsembleError, write_ensemble
+
+    run = tmp_path / "run"
+    for member in ("fold_1", "fold_2"):
+        shutil.copytree(model_dir, run / member)
+    torch.manual_seed(1)
+    other = create_model("test_efficientnet", len(LABELS))
+    other.pretrained_cfg = dict(other.pretrained_cfg, input_size=(3, 64, 64))
+    other_dir = export_model(other, tmp_path / "other", LABELS)
+    shutil.copy(other_dir / "config.json", run / "fold_2" / "config.json")  # config of another architecture
+    assert json.loads((run / "fold_2" / "config.json").read_text())["architecture"] == "test_efficientnet"
+    write_ensemble(run, ["fold_1", "fold_2"])
+    with pytest.raises(EnsembleError) as refused:
+        create_app(str(run))
+    message = str(refused.value)
+    assert "fold_2" in message and "test_efficientnet" in message and "different models" in message
+    assert "fold_1" not in message.split(":")[0]
 
 
 def test_schema_lists_the_endpoints_and_both_body_kinds(model_dir: Path) -> None:

@@ -1,15 +1,23 @@
 """push --space: a Gradio Space whose app.py loads the model by its Hub id, staged (--dry-run) and pushed to the
-in-repo Hub server, then run against that server: its page answers like predict on the local model folder."""
+in-repo Hub server, then built as a Space build does it (a fresh venv, `pip install -r requirements.txt` with
+only that file at hand) and run against that server: its page answers like predict on the local model folder."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import Result
+from packaging.version import Version
 from typer.testing import CliRunner
 
 from tests.hub_fixtures import hub_env, run_python, write_model_dir
@@ -48,7 +56,8 @@ def test_dry_run_stages_a_space_that_loads_the_model_by_id(model_dir: Path, tmp_
     space = tmp_path / "staged-space"
     assert f"staged Space: {space}" in proc.stdout
     assert sorted(p.relative_to(space).as_posix() for p in space.rglob("*") if p.is_file()) == [
-        "README.md", "app.py", "examples/lesion.jpg", "requirements.txt"
+        "README.md", "app.py", f"derm_accel-{importlib.metadata.version('derm-accel')}-py3-none-any.whl",
+        "examples/lesion.jpg", "requirements.txt",
     ]
     meta = _front_matter((space / "README.md").read_text())
     assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py"
@@ -57,7 +66,19 @@ def test_dry_run_stages_a_space_that_loads_the_model_by_id(model_dir: Path, tmp_
     app = (space / "app.py").read_text()
     compile(app, "app.py", "exec")
     assert f'MODEL_ID = "{REPO_ID}"' in app and "build_demo(MODEL_ID, examples='examples')" in app
-    assert (space / "requirements.txt").read_text().startswith("derm-accel[demo]==")
+    wheels = sorted(space.glob("*.whl"))
+    assert [w.name for w in wheels] == [f"derm_accel-{importlib.metadata.version('derm-accel')}-py3-none-any.whl"]
+    lines = [line for line in (space / "requirements.txt").read_text().splitlines() if not line.startswith("#")]
+    url = f"https://huggingface.co/spaces/{SPACE_ID}/resolve/main/{wheels[0].name}"
+    assert lines[0] == f"derm-accel[demo] @ {url}#sha256={hashlib.sha256(wheels[0].read_bytes()).hexdigest()}"
+    pins = dict(line.split("==") for line in lines[1:])
+    for name in ("torch", "torchvision", "timm", "accelerate", "huggingface-hub", "gradio", "fastapi"):
+        assert Version(pins[name]) == Version(Version(importlib.metadata.version(name)).public), name
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        names = set(wheel.namelist())
+    shipped = {"derm_accel/py.typed", "derm_accel/serving/demo.py", "derm_accel/evaluation/derm_metrics/README.md"}
+    assert shipped <= names
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     assert not any(p.name == "app.py" for p in (tmp_path / "staged").rglob("*"))  # the model upload stays clean
 
 
@@ -70,22 +91,42 @@ def test_bad_space_ids_are_refused_before_anything_is_staged(model_dir: Path, tm
     assert bad.exit_code == 2 and "not a valid Hub repo id" in bad.output and not (tmp_path / "b").exists()
 
 
-def test_pushed_space_runs_against_the_hub_and_answers_like_predict(model_dir: Path, tmp_path: Path) -> None:
+def _fresh_venv(folder: Path) -> Path:
+    """A new venv whose interpreter also sees this environment's installed distributions (through a .pth file):
+    a real install and resolver run for derm-accel's wheel and the pins, without downloading torch and Gradio
+    again. pip itself runs from this environment (`pip --python`)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120)
+    python = folder / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    outer = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (Path(site) / "tested_environment.pth").write_text("".join(f"{p}\n" for p in sorted(outer)))
+    return python
+
+
+def _pip(python: Path, *args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "--disable-pip-version-check",
+                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"pip {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_pushed_space_installs_in_a_fresh_venv_and_answers_like_predict(model_dir: Path, tmp_path: Path) -> None:
     image = model_dir / "examples" / "lesion.jpg"
+    mount, app_dir = tmp_path / "mount", tmp_path / "app"  # a Space build sees requirements.txt alone
+    mount.mkdir()
+    app_dir.mkdir()
     with LocalHubServer(token=TOKEN) as hub:
         env = hub_env(hub.url, tmp_path / "hf_home", HF_TOKEN=TOKEN, GRADIO_ANALYTICS_ENABLED="False")
         # A fresh interpreter (HF_ENDPOINT set before huggingface_hub's import) with an empty Hub cache: push
-        # with the CLI, download app.py from the Space, run it as the Space would (without launching) and
-        # classify through the page's own event handler.
+        # with the CLI, then fetch the Space's requirements.txt and app.py as its build does.
         code = f"""
-import json, runpy
+import shutil
 from derm_accel.cli import app
 app(["push", {str(model_dir)!r}, "--repo-id", {REPO_ID!r}, "--space", {SPACE_ID!r}], standalone_mode=False)
 from huggingface_hub import hf_hub_download
-space = runpy.run_path(hf_hub_download({SPACE_ID!r}, "app.py", repo_type="space"), run_name="space_app")
-handler = next(iter(space["demo"].fns.values())).fn
-scores, verdict, heat, raw = handler({str(image)!r})
-print("RAW=" + json.dumps(raw))
+shutil.copy(hf_hub_download({SPACE_ID!r}, "requirements.txt", repo_type="space"), {str(mount)!r})
+shutil.copy(hf_hub_download({SPACE_ID!r}, "app.py", repo_type="space"), {str(app_dir)!r})
 """
         ran = run_python(code, env, timeout=300)
         assert f"pushed Space: {hub.url}/spaces/{SPACE_ID}" in ran.stdout
@@ -94,8 +135,31 @@ print("RAW=" + json.dumps(raw))
         assert space.repo_type == "space" and space.sdk == "gradio"
         files = set(hub.state.files(SPACE_ID, repo_type="space"))
         assert files >= {"README.md", "app.py", "requirements.txt", "examples/lesion.jpg"}
+        assert any(f.startswith("derm_accel-") and f.endswith(".whl") for f in files)
         assert "model.safetensors" in hub.state.files(REPO_ID)
-    raw = json.loads(ran.stdout.split("RAW=")[1])
+
+        # The build: a fresh venv, `pip install -r requirements.txt` from the mount, no package index (the wheel
+        # comes from the Space repo; every pin must already be met, else pip would need the index and fail).
+        bare = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # the venv imports the installed wheel only
+        python = _fresh_venv(tmp_path / "venv")
+        installed = _pip(python, "install", "--no-index", "-r", "requirements.txt", cwd=mount, env=bare)
+        assert "Successfully installed derm-accel" in installed.stdout
+        _pip(python, "check", cwd=mount, env=bare)
+
+        run_app = f"""
+import json, runpy
+import derm_accel
+space = runpy.run_path("app.py", run_name="space_app")
+handler = next(iter(space["demo"].fns.values())).fn
+scores, verdict, heat, raw = handler({str(image)!r})
+print("FILE=" + derm_accel.__file__)
+print("RAW=" + json.dumps(raw))
+"""
+        proc = subprocess.run([str(python), "-c", run_app], cwd=app_dir, env=bare, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split("FILE=")[1].splitlines()[0].startswith(str(tmp_path / "venv"))
+    raw = json.loads(proc.stdout.split("RAW=")[1])
     from derm_accel.inference.predict import predict
 
     expected = predict(str(image), model=str(model_dir))[0]

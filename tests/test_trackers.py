@@ -28,8 +28,19 @@ def test_log_with_defaults_and_refusals(tmp_path: Path) -> None:
     assert load_recipe(recipe).train.log_with == ["tensorboard"]
     assert load_recipe(recipe, ["train.log_with=wandb"]).train.log_with == ["wandb"]
     assert load_recipe(recipe, ["train.log_with=[]"]).train.log_with == []
-    with pytest.raises(RecipeError, match=r"unknown tracker.*trackio"):
+    with pytest.raises(RecipeError, match=r"unknown tracker.*tensorboard"):  # the list is Accelerate's
         load_recipe(recipe, ["train.log_with=[tensorbord]"])
+
+
+def test_the_trackers_are_accelerates_own(tmp_path: Path) -> None:
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    import derm_accel.training.config as config
+
+    recipe = tiny_recipe(tmp_path / "data", tmp_path / "run")
+    assert set(config.TRACKERS) == {str(name) for name in LOGGER_TYPE_TO_CLASS} and "all" not in config.TRACKERS
+    for name in config.TRACKERS:  # every tracker Accelerate integrates is accepted
+        assert load_recipe(recipe, [f"train.log_with={name}"]).train.log_with == [name]
 
 
 def test_mlflow_tracker_gets_the_same_metrics_as_the_jsonl_log(tmp_path: Path, monkeypatch) -> None:

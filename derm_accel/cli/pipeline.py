@@ -294,8 +294,9 @@ def push(
         str | None, typer.Option(help="Also create this Gradio Space (ORG/NAME-demo): the demo, loading the model.")
     ] = None,
     space_requirement: Annotated[
-        str | None, typer.Option(help="How the Space installs derm-accel (a pip requirement line; default: "
-                                      "derm-accel[demo] at this version).")
+        str | None, typer.Option(help="How the Space installs derm-accel: one pip requirement line that becomes "
+                                      "its requirements.txt (default: a wheel of this derm-accel staged in the "
+                                      "Space, and its dependencies pinned at the versions installed here).")
     ] = None,
 ) -> None:
     """Publish weights (safetensors), a timm config.json, the evaluation and a model card to the Hub; with

@@ -110,15 +110,21 @@ def serve(
         list[str] | None,
         typer.Option(help="Origin allowed to call the API from a browser (repeatable; '*' for any). Default: none."),
     ] = None,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest request body accepted (413 above it).")] = 32.0,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body accepted, in MB (413 above it).")] = 32.0,
+    max_connections: Annotated[
+        int, typer.Option(help="Most connections open at once (a request on one more gets 503).")
+    ] = 64,
 ) -> None:
     """HTTP API (FastAPI): POST /predict (multipart `file` or raw bytes), POST /predict/batch, GET /health,
     OpenAPI at /docs. Answers like `predict --json`. For research tools, not clinics."""
-    from derm_accel.serving.serve import create_app, run  # loaded when the command runs: the CLI starts without torch
+    # loaded when the command runs: the CLI starts without torch
+    from derm_accel.serving.serve import check_max_connections, create_app, run, upload_limit_bytes
 
-    api = create_app(model, top_k=top_k, cors_origins=cors_origin or (), max_bytes=int(max_upload_mb * 2**20))
+    max_bytes = upload_limit_bytes(max_upload_mb)  # bad option values are refused before the model loads
+    check_max_connections(max_connections)
+    api = create_app(model, top_k=top_k, cors_origins=cors_origin or (), max_bytes=max_bytes)
     typer.echo(f"serving {model} on http://{host}:{port} (POST /predict, POST /predict/batch, GET /health, /docs)")
-    run(api, host=host, port=port)
+    run(api, host=host, port=port, max_connections=max_connections)
 
 
 
@@ -140,12 +146,17 @@ def demo(
     examples: Annotated[
         Path | None, typer.Option(help="Folder of example images (default: the model folder's examples/).")
     ] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted, in MB (as serve).")] = 32.0,
 ) -> None:
     """A web page on the model (Gradio): upload or webcam, top classes, Grad-CAM, the domain guard's verdict,
-    the model card. Same answers as `predict`. Research use only; needs `pip install "derm-accel[demo]"`."""
+    the model card. Same answers as `predict`. Research use only; needs `pip install "derm-accel[demo]"`.
+    Uploads are deleted once answered, and every file of the page when it stops."""
     from derm_accel.serving.demo import build_demo, launch  # loaded when the command runs: the CLI starts without torch
+    from derm_accel.serving.serve import upload_limit_bytes  # (the same)
 
-    launch(build_demo(model, top_k=top_k, examples=examples), server_name=host, server_port=port, share=share)
+    upload_limit_bytes(max_upload_mb)  # a bad value is refused before the model loads
+    launch(build_demo(model, top_k=top_k, examples=examples), server_name=host, server_port=port, share=share,
+           max_upload_mb=max_upload_mb)
 
 
 

@@ -137,17 +137,17 @@ def prepared_model(
 
         if isinstance(model, (list, tuple)):
             raise InputError("--backend onnxruntime runs one exported model; pass one --model (or use torch).")
-        net = OnnxClassifier(os.fspath(model))
-        labels, guard = net.labels, None
+        net: Any = OnnxClassifier(os.fspath(model))
+        labels, domain_guard = net.labels, None
     else:
-        net, labels, guard = cached_model(model, device, guard=guard)
+        net, labels, domain_guard = cached_model(model, device, guard=guard)
     cfg = data_config(net)
     min_size = decode_size(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct"))
     from derm_accel.models.tta import (
         resolve,  # heavy: torch, timm stay off `import derm_accel`
     )
 
-    return PreparedModel(net, labels, eval_transform(cfg), min_size, guard, resolve(tta, net))
+    return PreparedModel(net, labels, eval_transform(cfg), min_size, domain_guard, resolve(tta, net))
 
 
 def classify_batch(

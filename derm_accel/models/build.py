@@ -80,8 +80,9 @@ def _weights_and_config(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
 
 
 
-def load_backbone_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load ImageNet weights into ``model``, re-initialising only its classifier; fail loudly otherwise."""
+def load_backbone_weights(model: Any, path: str | os.PathLike) -> None:
+    """Load ImageNet weights into ``model`` (a timm model: its ``pretrained_cfg`` is read and replaced, which
+    ``nn.Module``'s attribute types do not describe), re-initialising only its classifier; fail loudly otherwise."""
     weights, config = _weights_and_config(path)
     arch = config.get("architecture")
     model_arch = getattr(model, "pretrained_cfg", {}).get("architecture")
@@ -168,7 +169,7 @@ def honest_pretrained_cfg(pretrained_cfg: dict[str, Any], *, license: str | None
 
 
 
-def data_config(model: torch.nn.Module) -> dict[str, Any]:
+def data_config(model: Any) -> dict[str, Any]:
     """The preprocessing a model expects (input size, crop_pct, interpolation, mean, std), with its colour
     constancy (``color_constancy``: the model's ``config.json`` ``derm_accel.color_constancy``) when it has one."""
     cfg = resolve_data_config({}, model=model)
@@ -215,7 +216,7 @@ def export_model(
     with staged_dir(out_dir) as tmp:
         save_for_hf(
             model,
-            tmp,
+            str(tmp),
             model_config={"label_names": list(label_names)},
             safe_serialization=True,
         )

@@ -51,7 +51,7 @@ class Ensemble(torch.nn.Module):
         self.members = torch.nn.ModuleList(members)
         self.member_names = list(names)
         self.num_classes = len(label_names)
-        self.pretrained_cfg = {**members[0].pretrained_cfg, "label_names": list(label_names)}
+        self.pretrained_cfg = {**getattr(members[0], "pretrained_cfg", {}), "label_names": list(label_names)}
         self.default_cfg = self.pretrained_cfg
         declared = {getattr(m, "default_tta", None) for m in members}  # derm_accel.tta: only if all agree
         self.default_tta = declared.pop() if len(declared) == 1 else None
@@ -191,11 +191,18 @@ def check_not_trained_on(source: Any, data: str | os.PathLike, split: str) -> No
 
 def load_ensemble(sources: list[str], *, device: str | torch.device = "cpu") -> tuple[Ensemble, list[str]]:
     """Load every member and check that they can be averaged: same classes, same preprocessing."""
-    loaded = [load_model(source, device=device) for source in sources]
+    loaded = [_load_member(source, device) for source in sources]
     check_members([(s, names, data_config(net)) for s, (net, names) in zip(sources, loaded, strict=True)])
     labels = loaded[0][1]
     ensemble = Ensemble([net for net, _ in loaded], [display_name(s) for s in sources], labels)
     return ensemble.to(device).eval(), list(labels)
+
+
+def _load_member(source: str, device: str | torch.device) -> tuple[torch.nn.Module, list[str]]:
+    try:
+        return load_model(source, device=device)
+    except (InputError, FileNotFoundError) as e:  # say which member, whichever way the members were named
+        raise EnsembleError(f"ensemble member {display_name(source)}: {e}") from e
 
 
 def check_members(members: list[tuple[str, Any, dict[str, Any]]]) -> None:

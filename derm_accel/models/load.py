@@ -17,8 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 from derm_accel.core.artifacts import CONFIG_NAME, WEIGHTS_NAME
+from derm_accel.core.errors import InputError
 from derm_accel.models.build import data_config, declared_color_constancy
 from derm_accel.models.tta import declared_tta
+
+
+class WeightsMismatchError(InputError):
+    """A model folder whose model.safetensors does not fit the architecture its config.json names."""
 
 
 def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -124,7 +129,7 @@ def check_model_folder(model_dir: str | os.PathLike) -> None:
     weights, config_path = model_dir / WEIGHTS_NAME, model_dir / CONFIG_NAME
     arch = read_config(model_dir).get("architecture")
     try:
-        model = timm.create_model(f"local-dir:{model_dir.resolve()}", pretrained=False)
+        model: Any = timm.create_model(f"local-dir:{model_dir.resolve()}", pretrained=False)  # timm attributes
     except Exception as e:
         raise ValueError(f"{config_path}: timm cannot build architecture {arch!r} from it ({e}).") from e
     state = load_file(str(weights), device="cpu")
@@ -187,7 +192,7 @@ def load_model(source: str, *, device: str | torch.device = "cpu") -> tuple[torc
                 f"{weights} not found; derm-accel loads only {WEIGHTS_NAME} (never pickled .bin/.pth files). "
                 f"A model folder from `derm-accel train` holds {WEIGHTS_NAME} and config.json."
             )
-    model = timm.create_model(name, pretrained=False)
+    model: Any = timm.create_model(name, pretrained=False)  # gains timm's and derm-accel's attributes
     state = load_file(str(weights), device="cpu")
     bad = nonfinite_tensors(state)
     if bad:
@@ -195,8 +200,18 @@ def load_model(source: str, *, device: str | torch.device = "cpu") -> tuple[torc
             f"{weights}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); its predictions would be "
             f"NaN. Use a model whose training did not diverge."
         )
-    model.load_state_dict(state, strict=True)
     config = _config_beside(weights, name)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # missing, unexpected or misshapen tensors
+        architecture = config.get("architecture") if isinstance(config, dict) else None
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).splitlines()[0])
+        first = first if len(first) <= 200 else first[:200] + " ..."
+        raise WeightsMismatchError(
+            f"{weights} does not fit the architecture {architecture or name} that its config.json names "
+            f"({first}): the two files come from different models. Put back the config.json that was written "
+            "with these weights (or the weights written with this config)."
+        ) from e
     model.default_tta = declared_tta(config)  # its config.json's derm_accel.tta
     model.color_constancy = declared_color_constancy(config)  # and derm_accel.color_constancy
     label_names = list(getattr(model, "pretrained_cfg", {}).get("label_names") or [])

@@ -9,8 +9,14 @@ unless a proxy sits in front.
     POST /predict/batch   several images, multipart (field ``files``, repeated): one answer per file, in order
     GET  /docs            the OpenAPI description (the schema itself is /openapi.json)
 
-Bounds: a body over ``max_bytes`` gets 413 (before it is read when Content-Length says so); a client that
-stops sending for ``body_timeout`` seconds gets 408; at most ``DECODE_SLOTS`` images are decoded at once, each
+Answers and errors are pydantic models (:class:`Prediction`, :class:`FilePrediction`, :class:`FileError`,
+:class:`ErrorBody`, :class:`Health`), so ``/openapi.json`` documents every field and clients can be generated
+from it.
+
+Bounds: a body over ``max_bytes`` gets 413 (before it is read when Content-Length says so); a body that has not
+arrived whole ``body_timeout`` seconds after its request began gets 408, however it trickles in; a server run by
+:func:`run` or :class:`BackgroundServer` holds at most ``max_connections`` connections (a request on one more
+gets uvicorn's 503); at most ``DECODE_SLOTS`` images are decoded at once, each
 within the decode budget of :func:`derm_accel.data.transforms.decode_image`, and their decoded pixels together
 within ``DECODE_BUDGET_BYTES`` (a :class:`~derm_accel.data.decode.PixelBudget`: a large image waits for room,
 503 after ``body_timeout``); forward passes take turns on the one model. Bad uploads get 4xx with a message,
@@ -20,28 +26,94 @@ failures 500; the server keeps serving either way.
 from __future__ import annotations
 
 import asyncio
+import json
+import math
+import re
 import socket
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 # FastAPI reads the endpoint signatures' annotations, so the names they use live at module level.
 from fastapi import File, Query, Request, UploadFile
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from derm_accel.core.device import default_device
+from derm_accel.core.errors import InputError
 from derm_accel.core.paths import shareable_path
 from derm_accel.core.version import __version__
 from derm_accel.data.decode import PixelBudget, decoded_bytes
 from derm_accel.data.transforms import decode_image, open_image
 from derm_accel.inference.predict import classify_batch, prepared_model
 
-MAX_BYTES = 32 * 2**20  # a phone photo is a few MB; anything far larger is refused before it is read
+MAX_UPLOAD_MB = 32.0  # a phone photo is a few MB; anything far larger is refused before it is read (serve, demo)
+MAX_BYTES = int(MAX_UPLOAD_MB * 2**20)
 MAX_BATCH_FILES = 64
+MAX_CONNECTIONS = 64
 DECODE_SLOTS = 4
 DECODE_BUDGET_BYTES = 256 * 2**20  # decoded pixels held at once, over all requests (two of the largest images)
 BODY_TIMEOUT_S = 30.0
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")  # e.g. PIL naming its <_io.BytesIO object at 0x..>
+
+
+class ClassScore(BaseModel):
+    label: str = Field(description="A class of the model.")
+    probability: float = Field(ge=0, le=1, description="Its softmax probability (after the model's TTA).")
+
+
+class Prediction(BaseModel):
+    """One image's answer: the fields of `derm-accel predict --json` without `path`."""
+
+    label: str = Field(description="The most probable class.")
+    probability: float = Field(ge=0, le=1, description="Its probability.")
+    top_k: list[ClassScore] = Field(description="The most probable classes, most probable first.")
+    ood_score: float | None = Field(
+        description="The domain guard's score: higher is less like the training images; null without a guard."
+    )
+    in_domain: bool | None = Field(
+        description="Whether the image looks like the training images (ood_score at most the guard's threshold); "
+        "null when the model has no domain guard."
+    )
+    abstain: bool = Field(description="True when the answer should not be trusted (out of domain, low confidence).")
+    reason: str | None = Field(description="Why it abstains, or why the guard did not check; null otherwise.")
+
+
+class FilePrediction(Prediction):
+    filename: str = Field(description="The uploaded file's name.")
+
+
+class FileError(BaseModel):
+    filename: str = Field(description="The uploaded file's name.")
+    error: str = Field(description="Why this file got no answer (e.g. not a readable image).")
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="What went wrong and what to change.")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str = Field(description="The model served (a Hub id, or the folder's name).")
+    labels: list[str] = Field(description="Its classes, in output order.")
+    domain_guard: bool = Field(description="Whether answers carry a domain guard's verdict.")
+
+
+def upload_limit_bytes(max_upload_mb: float) -> int:
+    """``--max-upload-mb`` in bytes, refused unless a finite number of megabytes above 0 (serve and demo)."""
+    if not isinstance(max_upload_mb, (int, float)) or not math.isfinite(max_upload_mb) or max_upload_mb <= 0:
+        raise InputError(
+            f"--max-upload-mb must be a finite number of megabytes above 0 (e.g. {MAX_UPLOAD_MB:g}), got "
+            f"{max_upload_mb!r}"
+        )
+    return max(1, int(max_upload_mb * 2**20))
+
+
+def check_max_connections(max_connections: int) -> int:
+    if max_connections < 1:
+        raise InputError(f"--max-connections must be at least 1 (e.g. {MAX_CONNECTIONS}), got {max_connections}")
+    return max_connections
 
 _RAW_BODY = {"schema": {"type": "string", "format": "binary"}}
 _PREDICT_BODY = {
@@ -61,7 +133,7 @@ _PREDICT_BODY = {
         "image/png": _RAW_BODY,
     },
 }
-_ERROR = {"content": {"application/json": {"example": {"error": "not a readable image: ..."}}}}
+_ERROR = {"model": ErrorBody, "content": {"application/json": {"example": {"error": "not a readable image: ..."}}}}
 
 
 class ClientError(HTTPException):
@@ -70,14 +142,15 @@ class ClientError(HTTPException):
     An HTTPException, so that FastAPI passes it through its body parsing unchanged."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(status, message)
+        super().__init__(status, _OBJECT_REPR.sub("the upload", message))  # no Python object reprs for clients
 
     def __str__(self) -> str:
         return str(self.detail)
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for bodies over ``max_bytes`` (declared or streamed), 408 for a client that stalls."""
+    """ASGI middleware: 413 for bodies over ``max_bytes`` (declared or streamed), 408 for a body not whole
+    ``timeout`` seconds after the request began (one deadline for the whole body, not one per chunk)."""
 
     def __init__(self, app: Any, max_bytes: int, timeout: float) -> None:
         self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
@@ -89,16 +162,23 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await _send_error(send, 413, f"body of {int(declared):,} bytes is over the {self.max_bytes:,}-byte "
                                                 "limit; send a smaller image (a phone photo is a few MB)")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         received = 0
-        started = False
+        started = complete = False
 
         async def limited_receive() -> dict:
-            nonlocal received
+            nonlocal received, complete
+            if complete:  # the body is in: later receives only wait for a disconnect
+                return await receive()
             try:
-                message = await asyncio.wait_for(receive(), self.timeout)
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
             except asyncio.TimeoutError:
-                raise ClientError(408, f"the client sent nothing for {self.timeout:g} s; request dropped") from None
-            received += len(message.get("body", b""))
+                raise ClientError(408, f"the request body did not arrive whole within {self.timeout:g} s of the "
+                                       "request; request dropped") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
             if received > self.max_bytes:
                 raise ClientError(413, f"body over the {self.max_bytes:,}-byte limit; send a smaller image")
             return message
@@ -117,8 +197,6 @@ class BodyLimit:
 
 
 async def _send_error(send: Any, status: int, message: str) -> None:
-    import json
-
     body = json.dumps({"error": message}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"connection", b"close")]
@@ -208,8 +286,7 @@ def create_app(
             except TimeoutError as e:
                 raise ClientError(503, f"{name}: the server is busy decoding other images ({e}); retry") from e
             except Exception as e:  # a bad upload is the client's error, never the server's end
-                raise ClientError(400, f"{name}: not a readable image ({type(e).__name__}: {e}); "
-                                       "send a JPEG or PNG file") from e
+                raise ClientError(400, f"{name}: not a readable image ({_reason(e)}); send a JPEG or PNG file") from e
 
     async def classify(tensors: list[Any], k: int) -> list[dict[str, Any]]:
         async with forward:
@@ -218,19 +295,19 @@ def create_app(
                     lambda: classify_batch(prepared, tensors, top_k=k, device=device)
                 )
             except Exception as e:  # e.g. out of memory: answer, and keep serving
-                raise ClientError(500, f"{type(e).__name__}: {e}") from e
+                raise ClientError(500, _reason(e)) from e
 
     @app.get("/health", summary="Liveness, the model and its classes")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": shown, "labels": prepared.labels, "domain_guard": prepared.guard is not None}
+    async def health() -> Health:
+        return Health(status="ok", model=shown, labels=prepared.labels, domain_guard=prepared.guard is not None)
 
     @app.post(
         "/predict",
         summary="Classify one image (multipart field `file`, or the raw bytes as the body)",
         openapi_extra={"requestBody": _PREDICT_BODY},
-        responses={400: _ERROR, 408: _ERROR, 413: _ERROR, 500: _ERROR},
+        responses={400: _ERROR, 408: _ERROR, 413: _ERROR, 422: _ERROR, 500: _ERROR, 503: _ERROR},
     )
-    async def predict_one(request: Request, top_k: int | None = Query(None, ge=1)) -> dict[str, Any]:
+    async def predict_one(request: Request, top_k: int | None = Query(None, ge=1)) -> Prediction:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             async with request.form(max_files=1) as form:
                 upload = form.get("file")
@@ -241,16 +318,16 @@ def create_app(
         else:
             name, data = "body", await request.body()
         x = await decode(data, name)
-        return (await classify([x], k_of(top_k)))[0]
+        return Prediction(**(await classify([x], k_of(top_k)))[0])
 
     @app.post(
         "/predict/batch",
         summary="Classify several images (multipart, field `files` repeated); one answer per file, in order",
-        responses={408: _ERROR, 413: _ERROR, 500: _ERROR},
+        responses={408: _ERROR, 413: _ERROR, 422: _ERROR, 500: _ERROR, 503: _ERROR},
     )
     async def predict_batch(
         files: list[UploadFile] = File(..., description="The image files."), top_k: int | None = Query(None, ge=1)
-    ) -> list[dict[str, Any]]:
+    ) -> list[FilePrediction | FileError]:
         if len(files) > MAX_BATCH_FILES:
             raise ClientError(413, f"{len(files)} files in one batch; send at most {MAX_BATCH_FILES}")
         names = [f.filename or f"file {i}" for i, f in enumerate(files)]
@@ -263,23 +340,44 @@ def create_app(
         good = [x for x in decoded if not isinstance(x, ClientError)]
         answers = iter(await classify(good, k_of(top_k)) if good else [])
         return [
-            {"filename": name, "error": str(x)} if isinstance(x, ClientError) else {"filename": name, **next(answers)}
+            FileError(filename=name, error=str(x)) if isinstance(x, ClientError)
+            else FilePrediction(filename=name, **next(answers))
             for name, x in zip(names, decoded, strict=True)
         ]
 
     return app
 
 
+def _reason(error: Exception) -> str:
+    """An exception as a client may read it: its kind and message, without Python object reprs."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):  # its message names the file object by repr
+        return "UnidentifiedImageError: not a JPEG, PNG or other image format Pillow reads"
+    return _OBJECT_REPR.sub("the upload", f"{type(error).__name__}: {error}")
+
+
+def _uvicorn_config(app: Any, max_connections: int, **config: Any) -> Any:
+    import uvicorn
+
+    check_max_connections(max_connections)
+    # uvicorn answers 503 to a request when its open connections, that one's own included, reach the limit.
+    return uvicorn.Config(app, limit_concurrency=max_connections + 1, **config)
+
+
 class BackgroundServer:
     """uvicorn serving ``app`` from a thread (tests, notebooks): ``url`` is ready when the constructor returns."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **config: Any) -> None:
+    def __init__(
+        self, app: Any, host: str = "127.0.0.1", port: int = 0, *, max_connections: int = MAX_CONNECTIONS,
+        **config: Any,
+    ) -> None:
         import uvicorn
 
         self.socket = socket.create_server((host, port))
         bound = self.socket.getsockname()[1]
         self.url = f"http://{host}:{bound}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
+        self.server = uvicorn.Server(_uvicorn_config(app, max_connections, log_level="warning", **config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
         self.thread.start()
         while not self.server.started and self.thread.is_alive():
@@ -293,8 +391,8 @@ class BackgroundServer:
         self.socket.close()
 
 
-def run(app: Any, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until interrupted."""
+def run(app: Any, host: str = "127.0.0.1", port: int = 8000, *, max_connections: int = MAX_CONNECTIONS) -> None:
+    """Serve until interrupted, with at most ``max_connections`` open connections."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.Server(_uvicorn_config(app, max_connections, host=host, port=port, log_level="info")).run()

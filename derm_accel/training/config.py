@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
 from derm_accel.core.errors import InputError
 from derm_accel.data.color import DEFAULT_POWER, color_constancy_spec
@@ -26,8 +27,9 @@ BALANCE_MODES = ("none", "weighted_loss", "sampler")
 MIXED_PRECISION = (None, "no", "fp16", "bf16")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "constant")
-# The trackers Accelerate integrates (accelerate.tracking.LOGGER_TYPE_TO_CLASS); each needs its own package.
-TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
+# The trackers the installed Accelerate integrates, from its own registry (a newer Accelerate brings new ones);
+# each needs its own package.
+TRACKERS = tuple(sorted(str(name) for name in LOGGER_TYPE_TO_CLASS))
 
 
 class RecipeError(InputError):

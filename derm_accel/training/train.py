@@ -206,7 +206,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
     run.train_dl.set_epoch(epoch)  # reseeds the sampler: the order depends only on (seed, epoch)
     loader = acc.skip_first_batches(run.train_dl, state.batches_done) if state.batches_done else run.train_dl
     epoch_loss = _MeanLoss(acc.device, prior=tuple(state.partial_epoch_loss))
-    window, images, stop = _MeanLoss(acc.device), 0, None
+    window, images, stop, left_early = _MeanLoss(acc.device), 0, None, False
     started, paused = time.perf_counter(), 0.0
     with tqdm(
         total=run.updates_per_epoch,
@@ -230,6 +230,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
                 _log_step(run, state, epoch, window.reduce(acc), progress)
                 window = _MeanLoss(acc.device)
             if t.max_steps_per_epoch and math.ceil(state.batches_done / o.grad_accum) >= t.max_steps_per_epoch:
+                left_early = True
                 break
             stop = STEP_LIMIT if _step_limit_reached(run, state) else None
             if stop or (t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0):
@@ -238,9 +239,10 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> EpochStats:
                 checkpoint(run, state)
                 paused += time.perf_counter() - pause
             if stop:
+                left_early = True
                 break
-    if hasattr(loader, "end"):
-        loader.end()  # in case the loop was left early: unregister it from Accelerate's gradient state
+    if left_early and hasattr(loader, "end"):
+        loader.end()  # unregister it from Accelerate's gradient state (an exhausted loader does so itself)
     if stop:
         return EpochStats(stop)
     seconds = time.perf_counter() - started - paused
