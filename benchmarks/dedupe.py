@@ -14,8 +14,11 @@ Three parts, one run:
   rows, files dropped by reason, groups, the largest group outside lesion units, lesion units across splits.
 * **scale**: grouping ``sizes`` signatures (default 10k / 50k / 245k), each in a fresh process (wall time and peak
   RSS of ``group_images`` + ``resolve_groups``). Stand-in images: random views of the real images (rotated by any
-  angle, zoomed 1.25-1.6x at a random place, maybe mirrored, drawn at 200x150), 5% of them given an edited copy
-  as above, a fifth of those copies under another label, so drops by reason show the conflicts that must appear.
+  angle, zoomed 1.25-1.6x or as far as the turned window needs to stay inside the image, at a random place, maybe
+  mirrored, drawn at 200x150), 5% of them given an edited copy
+  as above, a fifth of those copies under another label, so drops by reason show the conflicts that must appear
+  (views of one real image share its label, as photos of one lesion do). Groups that join views of different
+  real images count the false links at that size.
   The growth exponent is fitted to the times and peak RSS.
 
     python benchmarks/dedupe.py --update-docs
@@ -47,7 +50,7 @@ if not __package__:  # run as `python benchmarks/dedupe.py`: import benchmarks.*
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO_ROOT, as_list, markdown_table, parse_bool, provenance_lines
-from derm_accel.data.decode import DecodeOptions, decode_bytes
+from derm_accel.data.decode import DecodeOptions, content_hash, decode_bytes, near_copy_signature
 from derm_accel.data.dedupe import (
     VERIFY_MIN_SCORE,
     VERIFY_MIN_SCORE_CROP,
@@ -173,6 +176,21 @@ def _pair_names(a: np.ndarray, b: np.ndarray, scores: np.ndarray, index: np.ndar
     ]
 
 
+def _plain_correlation(sig: Signatures, cands: Any) -> np.ndarray:
+    """Correlation of the two thumbnails in the orientation that matched, with no crop alignment: the baseline."""
+    s = sig.thumbnails.shape[1]
+    grid = np.arange(s * s).reshape(s, s)
+    turned = (grid, grid[:, ::-1], grid[::-1, :], np.rot90(grid, 1), np.rot90(grid, 2), np.rot90(grid, 3),
+              grid.T, np.rot90(grid, 2).T)
+    index = np.stack([t.ravel() for t in turned])  # decode.ORIENTATIONS order
+    flat = sig.thumbnails.reshape(len(sig), -1)
+    a = flat[cands.a].astype(np.float64)
+    b = np.take_along_axis(flat[cands.b], index[cands.orientation], axis=1).astype(np.float64)
+    a -= a.mean(axis=1, keepdims=True)
+    b -= b.mean(axis=1, keepdims=True)
+    return (a * b).sum(axis=1) / np.sqrt(np.maximum((a * a).sum(axis=1) * (b * b).sum(axis=1), 1e-9))
+
+
 def bench_quality(data_root: Path, sources: list[str], planted: int, threshold: int, seed: int) -> dict[str, Any]:
     """Recall, pair precision and rejected pairs on real images with planted copies (see the module docstring)."""
     rng = np.random.default_rng(seed)
@@ -221,6 +239,24 @@ def bench_quality(data_root: Path, sources: list[str], planted: int, threshold: 
         for t in ("copy", "same_file", "same_lesion", "different")
     }
     different = np.flatnonzero(truth == "different")
+    copy_pairs = np.flatnonzero(truth == "copy")
+    plain = _plain_correlation(sig, cands)
+    copy_kind = np.where(kinds_arr[cands.a] == "original", kinds_arr[cands.b], kinds_arr[cands.a])
+    checks = {
+        name: {
+            "different_max": round(float(values[different].max()), 3) if len(different) else None,
+            "different_p99_9": round(float(np.percentile(values[different], 99.9)), 3) if len(different) else None,
+            "copy_min_by_edit": {
+                k: round(float(values[copy_pairs][copy_kind[copy_pairs] == k].min()), 3)
+                for k in EDITS if (copy_kind[copy_pairs] == k).any()
+            },
+        }
+        for name, values in (("plain_correlation", plain), ("verification_score", scores))
+    }
+    checks["profile_rejected"] = {
+        "different": round(float((scores[different] == -1).mean()), 3) if len(different) else None,
+        "copy": int((scores[copy_pairs] == -1).sum()),
+    }
     closest_rejected = different[~accepted[different]]
     closest_rejected = closest_rejected[np.argsort(-scores[closest_rejected])[:8]]
     wrongly_accepted = different[accepted[different]]
@@ -250,6 +286,7 @@ def bench_quality(data_root: Path, sources: list[str], planted: int, threshold: 
         "pair_precision": round(
             (table["copy"]["verified"] + table["same_file"]["verified"]) / max(1, verified_known), 4
         ),
+        "checks": checks,
         "closest_rejected_different": _pair_names(cands.a, cands.b, scores, closest_rejected, meta),
         "accepted_different": _pair_names(cands.a, cands.b, scores, wrongly_accepted, meta),
         "largest_group": max(len(g) for g in grouping.groups),
@@ -338,26 +375,44 @@ def bench_convert_ham(data_root: Path, workdir: Path) -> dict[str, Any]:
 _VIEW_SIZE = (200, 150)
 
 
+_SOURCE_CACHE: dict[str, Image.Image] = {}
+
+
+def _source(path: str) -> Image.Image:
+    """The decoded real image (tasks come sorted by source, so a one-image cache serves most of them)."""
+    if path not in _SOURCE_CACHE:
+        _SOURCE_CACHE.clear()
+        with Image.open(path) as im:
+            _SOURCE_CACHE[path] = im.convert("RGB")
+    return _SOURCE_CACHE[path]
+
+
 def _view(args: tuple[str, int, int]) -> tuple[str, Any, int, str, Any]:
     """A stand-in image: a random view of a real one; sometimes with an edited copy. Returns the view's content
     hash and signature, whether a copy was planted (-1 none, 0 same label, 1 other label) and the copy's."""
     path, seed, planted = args
     rng = np.random.default_rng(seed)
-    with Image.open(path) as im:
-        image = im.convert("RGB")
-    zoom = rng.uniform(1.25, 1.6)
+    image = _source(path)
     w, h = image.size
-    view = image.rotate(rng.uniform(0, 360), Image.Resampling.BILINEAR)
-    cw, ch = w / zoom, h / zoom
-    left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-    view = view.resize(_VIEW_SIZE, Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
+    # One affine map from the output to the source: a window of 1/zoom of the sides, turned by any angle, placed
+    # where it lies wholly inside the source (no fill at the corners).
+    angle = rng.uniform(0, 2 * np.pi)
+    cos, sin = np.cos(angle), np.sin(angle)
+    span_x, span_y = w * abs(cos) + h * abs(sin), w * abs(sin) + h * abs(cos)  # turned window's box at zoom 1
+    zoom = max(rng.uniform(1.25, 1.6), 1.02 * max(span_x / w, span_y / h))
+    cx = rng.uniform(span_x / zoom / 2, w - span_x / zoom / 2)
+    cy = rng.uniform(span_y / zoom / 2, h - span_y / zoom / 2)
+    sx, sy = w / zoom / _VIEW_SIZE[0], h / zoom / _VIEW_SIZE[1]
+    a, b, d, e = cos * sx, -sin * sy, sin * sx, cos * sy
+    c = cx - a * _VIEW_SIZE[0] / 2 - b * _VIEW_SIZE[1] / 2
+    f = cy - d * _VIEW_SIZE[0] / 2 - e * _VIEW_SIZE[1] / 2
+    view = image.transform(_VIEW_SIZE, Image.Transform.AFFINE, (a, b, c, d, e, f), Image.Resampling.BILINEAR)
     if rng.random() < 0.5:
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    c, s = _decode(_encode(view, rng, quality=90))
     if planted < 0:
-        return c, s, -1, "", None
+        return content_hash(view), near_copy_signature(view), -1, "", None
     copy_content, copy_signature = _decode(edited_copy(view, EDITS[seed % len(EDITS)], rng))
-    return c, s, planted, copy_content, copy_signature
+    return content_hash(view), near_copy_signature(view), planted, copy_content, copy_signature
 
 
 def make_stand_ins(data_root: Path, sources: list[str], n: int, folder: Path, seed: int = 0) -> Path:
@@ -374,25 +429,32 @@ def make_stand_ins(data_root: Path, sources: list[str], n: int, folder: Path, se
     picks = rng.integers(0, len(images), n_views)
     planted = np.full(n_views, -1)
     planted[rng.choice(n_views, copies, replace=False)] = (rng.random(copies) < 0.2).astype(int)  # 1: relabelled
-    labels = rng.integers(0, 9, n)  # 9 classes, as derm-sample
+    source_label = rng.integers(0, 9, len(images))  # 9 classes, as derm-sample; views of one image share its label
+    labels = np.empty(n, np.int64)
+    labels[:n_views] = source_label[picks]
+    source = np.full(n, -1)
+    source[:n_views] = picks
     copy_of = np.full(n, -1)
     sig = Signatures.allocate(n, folder)
     content = np.empty(n, dtype=object)
-    tasks = [(str(images[p]["path"]), int(seed * 10_000_000 + i), int(planted[i])) for i, p in enumerate(picks)]
-    row = n_views
+    order = np.argsort(picks, kind="stable")  # work by source, so each worker decodes a source once
+    tasks = [(str(images[picks[i]]["path"]), int(seed * 10_000_000 + i), int(planted[i])) for i in order.tolist()]
+    planted_copies = []
     with multiprocessing.Pool(min(2, os.cpu_count() or 1)) as pool:
-        for i, (c, s, kind, cc, cs) in enumerate(pool.imap(_view, tasks, chunksize=64)):
+        for i, (c, s, kind, cc, cs) in zip(order.tolist(), pool.imap(_view, tasks, chunksize=64), strict=True):
             content[i] = c
             sig.put(i, s)
             if kind >= 0:
-                content[row], copy_of[row] = cc, i
-                sig.put(row, cs)
-                labels[row] = labels[i] if kind == 0 else (labels[i] + 1) % 9
-                row += 1
+                planted_copies.append((i, kind, cc, cs))
+    for row, (i, kind, cc, cs) in enumerate(sorted(planted_copies, key=lambda t: t[0]), n_views):
+        content[row], copy_of[row], source[row] = cc, i, picks[i]  # copies follow the order of their views
+        sig.put(row, cs)
+        labels[row] = labels[i] if kind == 0 else (labels[i] + 1) % 9
     np.save(folder / "variants.npy", sig.variants)
     np.save(folder / "windows.npy", sig.windows)
     np.save(folder / "labels.npy", labels)
     np.save(folder / "copy_of.npy", copy_of)
+    np.save(folder / "source.npy", source)
     (folder / "content.json").write_text(json.dumps(content.tolist()))
     sig.thumbnails.flush()
     done.write_text(json.dumps({"n": n, "seed": seed}))
@@ -416,12 +478,15 @@ sig = Signatures(load("variants")[rows], load("windows")[rows], load("thumbnails
 every_content = json.loads(open(f"{folder}/content.json").read())
 content = [every_content[r] for r in rows.tolist()]
 labels = np.load(f"{folder}/labels.npy")[rows].tolist()
+source = np.load(f"{folder}/source.npy")[rows]
 start = time.perf_counter()
 grouping = group_images(content, sig, threshold)
 resolution = resolve_groups(grouping.groups, labels=labels, class_names=[str(i) for i in range(9)],
     paths=[str(i) for i in range(len(rows))], content_hashes=content, splits=[None] * len(rows))
 seconds = time.perf_counter() - start
+mixed = [g for g in grouping.groups if len(set(source[g].tolist())) > 1]
 print(json.dumps({"n": len(rows), "planted": int((copy_of[rows] >= 0).sum()), "seconds": seconds,
+    "groups_joining_sources": len(mixed), "images_in_them": sum(len(g) for g in mixed),
     "groups": len(grouping.groups), "largest_group": max(len(g) for g in grouping.groups),
     "candidates": grouping.candidates, "verified": grouping.verified,
     "dropped": dict(Counter(s.reason for s in resolution.skipped.values()))}))
@@ -504,6 +569,17 @@ def dedupe_markdown(results: dict[str, Any]) -> str:
         ("candidate pair is", "candidates", "verified", "rejected"),
         [(t, v["candidates"], v["verified"], v["candidates"] - v["verified"]) for t, v in q["pairs"].items()],
     )
+    checks = q["checks"]
+    edits = list(checks["verification_score"]["copy_min_by_edit"])
+    check_table = markdown_table(
+        ("score", "different images: max", "p99.9", *[f"copies, {e}: min" for e in edits]),
+        [
+            (name.replace("_", " "), *[f"{checks[name][k]:.3f}" for k in ("different_max", "different_p99_9")],
+             *[f"{checks[name]['copy_min_by_edit'][e]:.3f}" if e in checks[name]["copy_min_by_edit"] else ""
+               for e in edits])
+            for name in ("plain_correlation", "verification_score")
+        ],
+    )
     rejected = ", ".join(f"{'/'.join(p['images'])} {p['score']}" for p in q["closest_rejected_different"][:5])
     accepted = ", ".join(f"{'/'.join(p['images'])} {p['score']}" for p in q["accepted_different"]) or "none"
     lines = [
@@ -525,6 +601,15 @@ def dedupe_markdown(results: dict[str, Any]) -> str:
         f"Closest rejected pairs of different images (score): {rejected}. Accepted pairs of different images: "
         f"{accepted}.",
         "",
+        "Scores of the candidate pairs (plain correlation: the thumbnails in the matched orientation, no crop "
+        "alignment; verification score: convert's check, -1 where the profiles already disagree; a copy pair "
+        "counted under the edit of its copy):",
+        "",
+        check_table,
+        "",
+        f"The profile test alone rejected {checks['profile_rejected']['different']:.0%} of the candidates of "
+        f"different images and {checks['profile_rejected']['copy']} copy pairs.",
+        "",
     ]
     ham = results["results"]["convert_ham10000_dev"]
     if ham:
@@ -544,10 +629,11 @@ def dedupe_markdown(results: dict[str, Any]) -> str:
         "**Scale** (stand-in signatures, grouping + conflict resolution in a fresh process):",
         "",
         markdown_table(
-            ("signatures", "seconds", "peak RSS (MB)", "candidates", "verified", "groups", "largest group",
-             "dropped by reason"),
-            [(r["n"], r["seconds"], r["peak_rss_mb"], r["candidates"], r["verified"], r["groups"],
-              r["largest_group"], ", ".join(f"{k} {v}" for k, v in sorted(r["dropped"].items())) or "none")
+            ("signatures", "planted copies", "seconds", "peak RSS (MB)", "candidates", "verified", "groups",
+             "largest group", "groups joining different images (images)", "dropped by reason"),
+            [(r["n"], r["planted"], r["seconds"], r["peak_rss_mb"], r["candidates"], r["verified"], r["groups"],
+              r["largest_group"], f"{r['groups_joining_sources']} ({r['images_in_them']})",
+              ", ".join(f"{k} {v}" for k, v in sorted(r["dropped"].items())) or "none")
              for r in scale["rows"]],
         ),
         "",
