@@ -52,12 +52,11 @@ if not __package__:  # run as `python benchmarks/dedupe.py`: import benchmarks.*
 from benchmarks.common import REPO_ROOT, as_list, markdown_table, parse_bool, provenance_lines
 from derm_accel.data.decode import DecodeOptions, content_hash, decode_bytes, near_copy_signature
 from derm_accel.data.dedupe import (
-    VERIFY_MIN_SCORE,
-    VERIFY_MIN_SCORE_CROP,
     Signatures,
     candidate_pairs,
     connected_groups,
     group_images,
+    judge,
     verify,
 )
 
@@ -231,17 +230,22 @@ def bench_quality(data_root: Path, sources: list[str], planted: int, threshold: 
     # Every candidate with its score and truth (the same search and check group_images ran).
     unique_rows = np.sort(np.unique(np.asarray(content, dtype=object), return_index=True)[1])
     cands = candidate_pairs(sig, threshold, unique_rows)
-    scores = verify(sig, cands)
-    accepted = scores >= np.where(cands.window < 0, VERIFY_MIN_SCORE, VERIFY_MIN_SCORE_CROP)
-    truth = _truth(cands.a, cands.b, meta)
+    pairs = judge(cands, verify(sig, cands), len(content))
+    scores, accepted = pairs.score, pairs.verified
+    truth = _truth(pairs.a, pairs.b, meta)
     table = {
         t: {"candidates": int((truth == t).sum()), "verified": int((accepted & (truth == t)).sum())}
         for t in ("copy", "same_file", "same_lesion", "different")
     }
     different = np.flatnonzero(truth == "different")
     copy_pairs = np.flatnonzero(truth == "copy")
-    plain = _plain_correlation(sig, cands)
-    copy_kind = np.where(kinds_arr[cands.a] == "original", kinds_arr[cands.b], kinds_arr[cands.a])
+    # Baseline: plain correlation in the matched orientation, the better of a pair's hypotheses (pairs come
+    # from judge() in the order of their keys).
+    keys = cands.pair_keys(len(content))
+    by_key = np.argsort(keys, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(keys[by_key]) != 0])
+    plain = np.maximum.reduceat(_plain_correlation(sig, cands)[by_key], starts)
+    copy_kind = np.where(kinds_arr[pairs.a] == "original", kinds_arr[pairs.b], kinds_arr[pairs.a])
     checks = {
         name: {
             "different_max": round(float(values[different].max()), 3) if len(different) else None,
@@ -287,8 +291,8 @@ def bench_quality(data_root: Path, sources: list[str], planted: int, threshold: 
             (table["copy"]["verified"] + table["same_file"]["verified"]) / max(1, verified_known), 4
         ),
         "checks": checks,
-        "closest_rejected_different": _pair_names(cands.a, cands.b, scores, closest_rejected, meta),
-        "accepted_different": _pair_names(cands.a, cands.b, scores, wrongly_accepted, meta),
+        "closest_rejected_different": _pair_names(pairs.a, pairs.b, scores, closest_rejected, meta),
+        "accepted_different": _pair_names(pairs.a, pairs.b, scores, wrongly_accepted, meta),
         "largest_group": max(len(g) for g in grouping.groups),
         "false_merge_groups": new_false[0],
         "false_merge_images": new_false[1],

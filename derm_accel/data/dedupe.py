@@ -121,7 +121,7 @@ class Signatures:
     @classmethod
     def allocate(cls, n: int, folder: Path | None = None) -> Signatures:
         shape = (n, THUMBNAIL_SIZE, THUMBNAIL_SIZE)
-        if folder is None:
+        if folder is None or n == 0:  # a file cannot map zero bytes
             thumbnails = np.zeros(shape, dtype=np.uint8)
         else:
             thumbnails = np.lib.format.open_memmap(Path(folder) / "thumbnails.npy", "w+", np.uint8, shape)
@@ -206,9 +206,9 @@ def near_duplicate_pairs(hashes: np.ndarray, threshold: int) -> Iterator[tuple[i
 
 @dataclass
 class Candidates:
-    """Candidate near-copy pairs, one row per unordered pair, with the hypothesis that proposed it: window
-    ``window[p]`` of image ``a[p]`` (-1: the full frame) looks like image ``b[p]`` in orientation
-    ``orientation[p]``, their pHashes ``bits[p]`` apart."""
+    """Candidate near-copy pairs with the hypothesis that proposed each: window ``window[p]`` of image ``a[p]``
+    (-1: the full frame) looks like image ``b[p]`` in orientation ``orientation[p]``, their pHashes ``bits[p]``
+    apart. An unordered pair has at most two rows: its best full-frame and its best crop-window hypothesis."""
 
     a: np.ndarray
     b: np.ndarray
@@ -222,14 +222,19 @@ class Candidates:
     def take(self, index: np.ndarray) -> Candidates:
         return Candidates(self.a[index], self.b[index], self.window[index], self.orientation[index], self.bits[index])
 
+    def pair_keys(self, n: int) -> np.ndarray:
+        """One int64 per row naming its unordered pair of rows (0..n-1)."""
+        return np.minimum(self.a, self.b).astype(np.int64) * n + np.maximum(self.a, self.b)
+
 
 def _best_per_pair(a: np.ndarray, b: np.ndarray, window: np.ndarray, orientation: np.ndarray, bits: np.ndarray,
                    n: int) -> Candidates:
-    """One hypothesis per unordered pair: fewest bits, then the full frame before a crop window."""
-    key = np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b)
-    order = np.lexsort((window, bits, key))  # window -1 (full frame) sorts first
+    """Per unordered pair, the full-frame hypothesis and the crop-window one with the fewest bits (if any)."""
+    c = Candidates(a, b, window, orientation, bits)
+    key = c.pair_keys(n) * 2 + (window >= 0)
+    order = np.lexsort((window, bits, key))
     first = order[np.r_[True, key[order][1:] != key[order][:-1]]] if len(order) else order
-    return Candidates(a[first], b[first], window[first], orientation[first], bits[first])
+    return c.take(first)
 
 
 def candidate_pairs(signatures: Signatures, threshold: int, rows: np.ndarray | None = None) -> Candidates:
@@ -249,7 +254,7 @@ def candidate_pairs(signatures: Signatures, threshold: int, rows: np.ndarray | N
     q_window = np.tile(np.arange(-1, n_windows), len(rows))
     q_values = np.concatenate([signatures.variants[rows, :1], signatures.windows[rows]], axis=1).ravel()
     found: list[Candidates] = []
-    n = int(rows.max()) + 1 if len(rows) else 0
+    n = len(signatures)
     for q, e, bits in hamming_join(q_values, e_values, threshold):
         a, b = q_rows[q], e_rows[e]
         keep = a != b
@@ -438,20 +443,48 @@ def group_images(
         raise ValueError(f"{len(signatures)} signatures for {n} images")
     # One representative per content: exact copies are joined already, near copies of one are copies of all.
     candidates = candidate_pairs(signatures, threshold, np.sort(first))
-    scores = verify(signatures, candidates)
-    ok = scores >= np.where(candidates.window < 0, VERIFY_MIN_SCORE, VERIFY_MIN_SCORE_CROP)
-    rejected = np.flatnonzero(~ok)
-    closest = rejected[np.argsort(-scores[rejected], kind="stable")[:_CLOSEST_REJECTED]]
-    groups = connected_groups(n, np.r_[exact_a, candidates.a[ok]], np.r_[exact_b, candidates.b[ok]])
+    pairs = judge(candidates, verify(signatures, candidates), n)
+    rejected = np.flatnonzero(~pairs.verified)
+    closest = rejected[np.argsort(-pairs.score[rejected], kind="stable")[:_CLOSEST_REJECTED]]
+    ok = pairs.verified
+    groups = connected_groups(n, np.r_[exact_a, pairs.a[ok]], np.r_[exact_b, pairs.b[ok]])
     return Grouping(
         groups,
-        candidates=len(candidates),
+        candidates=len(pairs.a),
         verified=int(ok.sum()),
         closest_rejected=[
-            (int(candidates.a[p]), int(candidates.b[p]), float(scores[p]), int(candidates.bits[p])) for p in closest
+            (int(pairs.a[p]), int(pairs.b[p]), float(pairs.score[p]), int(pairs.bits[p])) for p in closest
         ],
     )
 
+
+@dataclass
+class Judged:
+    """One row per candidate pair: its best verification score, the pHash bits of that hypothesis, and whether
+    any hypothesis passed its bar."""
+
+    a: np.ndarray
+    b: np.ndarray
+    score: np.ndarray
+    bits: np.ndarray
+    verified: np.ndarray
+
+
+def judge(candidates: Candidates, scores: np.ndarray, n: int) -> Judged:
+    """Candidate rows (up to two hypotheses a pair) folded into pairs: verified when a full-frame hypothesis
+    reaches ``VERIFY_MIN_SCORE`` or a crop-window one ``VERIFY_MIN_SCORE_CROP``."""
+    passed = scores >= np.where(candidates.window < 0, VERIFY_MIN_SCORE, VERIFY_MIN_SCORE_CROP)
+    keys = candidates.pair_keys(n)
+    order = np.lexsort((-scores, keys))  # per pair, its best score first
+    first = order[np.r_[True, keys[order][1:] != keys[order][:-1]]] if len(order) else order
+    verified_keys = keys[passed]
+    return Judged(
+        candidates.a[first],
+        candidates.b[first],
+        scores[first],
+        candidates.bits[first],
+        np.isin(keys[first], verified_keys),
+    )
 
 @dataclass
 class Resolution:
