@@ -313,7 +313,8 @@ _BLURS = np.stack([_blur_matrix(s) for s in _DOG_SIGMAS]).astype(np.float32)
 
 
 def _apply(left: np.ndarray, x: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """``left @ x @ right.T`` for a stack of images, with one (S, S) or per-image (P, S, S) matrix on each side."""
+    """``left @ x @ right.T`` for a stack of images, with one (S, S) or per-image (P, S, S) matrix on each side
+    (numpy's stacked matmul: measured faster here than one large product over reshaped stacks)."""
     return np.matmul(np.matmul(left, x), np.swapaxes(right, -1, -2))
 
 
