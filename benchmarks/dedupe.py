@@ -51,14 +51,8 @@ if not __package__:  # run as `python benchmarks/dedupe.py`: import benchmarks.*
 
 from benchmarks.common import REPO_ROOT, as_list, markdown_table, parse_bool, provenance_lines
 from derm_accel.data.decode import DecodeOptions, content_hash, decode_bytes, near_copy_signature
-from derm_accel.data.dedupe import (
-    Signatures,
-    candidate_pairs,
-    connected_groups,
-    group_images,
-    judge,
-    verify,
-)
+from derm_accel.data.dedupe import connected_groups, group_images
+from derm_accel.data.near_copies import Signatures, candidate_pairs, judge, verify
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 EDITS = ("jpeg", "png", "resize", "orientation", "crop", "brightness", "contrast", "colour_cast", "combined")
@@ -469,7 +463,8 @@ _SCALE_CHILD = """
 import json, sys, time
 from collections import Counter
 import numpy as np
-from derm_accel.data.dedupe import Signatures, group_images, resolve_groups
+from derm_accel.data.dedupe import group_images, resolve_groups
+from derm_accel.data.near_copies import Signatures
 folder, n, threshold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 copy_of = np.load(f"{folder}/copy_of.npy")
 views = np.flatnonzero(copy_of < 0)

@@ -146,7 +146,7 @@ def _grouping_input(n: int, near: bool, folder: Path) -> tuple[list[str], Any]:
     """Content hashes and near-copy signatures (file-backed under ``folder``) of ``n`` made-up images: spread
     hashes and unrelated noise thumbnails, or (``near``) n/8 images each with 7 near copies, every orientation's
     and crop window's hash flipped by up to 2 bits and the thumbnail by a little noise, so the copies verify."""
-    from derm_accel.data.dedupe import Signatures
+    from derm_accel.data.near_copies import Signatures
 
     rng = np.random.default_rng(n)
     sig = Signatures.allocate(n, folder)

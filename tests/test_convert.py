@@ -322,7 +322,7 @@ def test_conflict_policies() -> None:
 
 
 def test_near_duplicate_index_matches_brute_force() -> None:
-    from derm_accel.data.dedupe import near_duplicate_pairs
+    from derm_accel.data.near_copies import near_duplicate_pairs
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**63, 60, dtype=np.uint64)
@@ -437,7 +437,8 @@ def test_phash_variants_match_imagehash_and_orientations() -> None:
 
 def test_group_images_joins_flipped_and_rotated_copies() -> None:
     from derm_accel.data.decode import near_copy_signature
-    from derm_accel.data.dedupe import Signatures, group_images
+    from derm_accel.data.dedupe import group_images
+    from derm_accel.data.near_copies import Signatures
 
     images = [_oblong(100), _oblong(100).transpose(Image.Transpose.ROTATE_90), _oblong(101)]
     images.append(images[2].transpose(Image.Transpose.TRANSVERSE))

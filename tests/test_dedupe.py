@@ -17,7 +17,8 @@ from PIL import Image, ImageEnhance
 
 from derm_accel.data.convert import convert_folders
 from derm_accel.data.decode import DecodeOptions, content_hash, decode_bytes, near_copy_signature, strip_jpeg_metadata
-from derm_accel.data.dedupe import LARGE_GROUP, Signatures, candidate_pairs, group_images, resolve_groups
+from derm_accel.data.dedupe import LARGE_GROUP, group_images, resolve_groups
+from derm_accel.data.near_copies import Signatures, candidate_pairs
 from tests.conftest import DERM_SAMPLE, SHARED
 
 HAM_DEV = SHARED / "data" / "ham10000-dev"

@@ -45,14 +45,7 @@ from derm_accel.data.decode import (
     decode_file,
     decode_task,
 )
-from derm_accel.data.dedupe import (
-    CONFLICT_POLICIES,
-    DUPLICATES_HOW,
-    LARGE_GROUP,
-    Signatures,
-    group_images,
-    resolve_groups,
-)
+from derm_accel.data.dedupe import CONFLICT_POLICIES, DUPLICATES_HOW, LARGE_GROUP, group_images, resolve_groups
 from derm_accel.data.metadata import (
     MetadataSpec,
     join_groups,
@@ -61,6 +54,7 @@ from derm_accel.data.metadata import (
     unit_label,
     with_metadata_features,
 )
+from derm_accel.data.near_copies import Signatures
 from derm_accel.data.publish import push_dataset
 from derm_accel.data.report import (
     REPORT_NAME,

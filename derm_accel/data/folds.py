@@ -23,7 +23,8 @@ import numpy as np
 
 from derm_accel.core.errors import InputError
 from derm_accel.data.decode import near_copy_signature
-from derm_accel.data.dedupe import Signatures, group_images
+from derm_accel.data.dedupe import group_images
+from derm_accel.data.near_copies import Signatures
 from derm_accel.data.schema import GROUP_COLUMN
 from derm_accel.data.selection import DATASET_DICT_FILE, is_converted, source_layout, write_selection
 from derm_accel.data.split import stratified_group_split
