@@ -35,6 +35,7 @@ SCRIPTS = {
     "infer": "infer",
     "comm": "ddp_comm",
     "convert": "convert",
+    "dedupe": "dedupe",
     "guard": "guard",
     "onnx": "onnx_runtime",
     "subgroups": "subgroups",

@@ -142,15 +142,26 @@ def _flip_bits(values: np.ndarray, rng: np.random.Generator, max_bits: int) -> n
     return out
 
 
-def _grouping_input(n: int, near: bool) -> tuple[list[str], list[str], np.ndarray]:
+def _grouping_input(n: int, near: bool, folder: Path) -> tuple[list[str], Any]:
+    """Content hashes and near-copy signatures (file-backed under ``folder``) of ``n`` made-up images: spread
+    hashes and unrelated noise thumbnails, or (``near``) n/8 images each with 7 near copies, every orientation's
+    and crop window's hash flipped by up to 2 bits and the thumbnail by a little noise, so the copies verify."""
+    from derm_accel.data.near_copies import Signatures
+
     rng = np.random.default_rng(n)
-    if near:  # n/8 images, each with 7 near copies: every orientation's hash flipped by up to 2 bits
-        base = np.repeat(np.stack([_hashes(-(-n // 8), rng) for _ in range(8)], axis=1), 8, axis=0)[:n]
-        variants = np.stack([_flip_bits(base[:, k], rng, 2) for k in range(8)], axis=1)
-    else:
-        variants = np.stack([_hashes(n, rng) for _ in range(8)], axis=1)
-    content = [f"{i:064x}" for i in range(n)]
-    return content, [f"{int(v):016x}" for v in variants[:, 0]], variants
+    sig = Signatures.allocate(n, folder)
+    copies = 8 if near else 1
+    originals = -(-n // copies)
+    for columns, target in ((sig.variants.shape[1], sig.variants), (sig.windows.shape[1], sig.windows)):
+        base = np.repeat(np.stack([_hashes(originals, rng) for _ in range(columns)], axis=1), copies, axis=0)[:n]
+        target[:] = np.stack([_flip_bits(base[:, k], rng, 2 if near else 0) for k in range(columns)], axis=1)
+    block = 8192 - 8192 % copies  # thumbnails in blocks of whole copy groups: a few MB of noise at once
+    for start in range(0, n, block):
+        rows = np.arange(start, min(start + block, n))
+        own = rng.integers(0, 256, (-(-len(rows) // copies), *sig.thumbnails.shape[1:]), dtype=np.int16)
+        noise = rng.integers(-3, 4, (len(rows), *own.shape[1:]), dtype=np.int16) if near else 0
+        sig.thumbnails[rows] = np.clip(own[(rows - start) // copies] + noise, 0, 255).astype(np.uint8)
+    return [f"{i:064x}" for i in range(n)], sig
 
 
 def _predictions(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -254,8 +265,13 @@ def _prepare(stage: str, n: int, work: Path) -> tuple[Callable[[], dict[str, Any
     if stage in ("grouping", "grouping_near"):
         from derm_accel.data.dedupe import group_images
 
-        content, phashes, variants = _grouping_input(n, stage == "grouping_near")
-        return (lambda: {"groups": len(group_images(content, phashes, 4, variants))}), lambda: None
+        folder = work / f"signatures_{stage}_{n}"
+        folder.mkdir(parents=True, exist_ok=True)
+        content, signatures = _grouping_input(n, stage == "grouping_near", folder)
+        return (
+            (lambda: {"groups": len(group_images(content, signatures, 4).groups)}),
+            lambda: shutil.rmtree(folder, ignore_errors=True),
+        )
     if stage == "kfold":
         return _prepare_kfold(n, work)
     if stage == "metrics":

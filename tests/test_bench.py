@@ -267,7 +267,9 @@ def test_option_parsing():
     assert args.channels_last == "off,on" and args.batch_size == 2 and args.isolate is False and args.steps is None
     with pytest.raises(ValueError, match="Unknown benchmark"):
         run_bench("speed")
-    assert set(KINDS) == {"data", "steps", "train", "infer", "comm", "convert", "guard", "onnx", "subgroups", "scale"}
+    assert set(KINDS) == {
+        "data", "steps", "train", "infer", "comm", "convert", "dedupe", "guard", "onnx", "subgroups", "scale"
+    }
 
 
 def test_cli_options_are_coerced_to_the_bench_types():

@@ -322,7 +322,7 @@ def test_conflict_policies() -> None:
 
 
 def test_near_duplicate_index_matches_brute_force() -> None:
-    from derm_accel.data.dedupe import near_duplicate_pairs
+    from derm_accel.data.near_copies import near_duplicate_pairs
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**63, 60, dtype=np.uint64)
@@ -436,22 +436,22 @@ def test_phash_variants_match_imagehash_and_orientations() -> None:
 
 
 def test_group_images_joins_flipped_and_rotated_copies() -> None:
-    from derm_accel.data.decode import phash_variants
+    from derm_accel.data.decode import near_copy_signature
     from derm_accel.data.dedupe import group_images
+    from derm_accel.data.near_copies import Signatures
 
     images = [_oblong(100), _oblong(100).transpose(Image.Transpose.ROTATE_90), _oblong(101)]
     images.append(images[2].transpose(Image.Transpose.TRANSVERSE))
     images.append(render(1, 7, 64))
-    variants = np.array([phash_variants(im) for im in images], dtype=np.uint64)
-    phashes = [f"{v:016x}" for v in variants[:, 0]]
+    signatures = Signatures.of([near_copy_signature(im) for im in images])
     content = [f"c{i}" for i in range(len(images))]
-    assert group_images(content, phashes, 4, variants) == [[0, 1], [2, 3], [4]]
-    assert group_images(content, phashes, 0, variants) == [[0, 1], [2, 3], [4]]
-    # Upright hashes alone miss them; a negative threshold turns near matching off altogether.
-    assert group_images(content, phashes, 4) == [[i] for i in range(5)]
-    assert group_images(content, phashes, -1, variants) == [[i] for i in range(5)]
-    with pytest.raises(ValueError, match="shape"):
-        group_images(content, phashes, 4, variants[:3])
+    assert group_images(content, signatures, 4).groups == [[0, 1], [2, 3], [4]]
+    assert group_images(content, signatures, 0).groups == [[0, 1], [2, 3], [4]]
+    # No signatures, or a negative threshold, turns near matching off altogether.
+    assert group_images(content, None, 4).groups == [[i] for i in range(5)]
+    assert group_images(content, signatures, -1).groups == [[i] for i in range(5)]
+    with pytest.raises(ValueError, match="signatures"):
+        group_images(content, signatures.head(3), 4)
 
 
 def test_flipped_and_rotated_copies_share_a_split(tmp_path: Path) -> None:

@@ -64,7 +64,8 @@ Conflicts = _choices("Conflicts", "drop", "keep-majority")
 TTA = _choices("TTA", "flip", "none")
 Backend = _choices("Backend", "torch", "onnxruntime")
 BenchKind = _choices(
-    "BenchKind", "data", "steps", "train", "infer", "comm", "convert", "guard", "onnx", "subgroups", "scale"
+    "BenchKind", "data", "steps", "train", "infer", "comm", "convert", "dedupe", "guard", "onnx", "subgroups",
+    "scale",
 )
 ExportFormat = _choices("ExportFormat", "onnx")
 

@@ -38,8 +38,12 @@ def convert(
     max_size: Annotated[
         int, typer.Option(help="Shorter side of stored images in px (never upscaled; 0 = keep).")
     ] = 320,
-    quality: Annotated[int, typer.Option(help="JPEG quality of stored images.")] = 95,
-    near_threshold: Annotated[int, typer.Option(help="Perceptual-hash distance (bits) for near duplicates.")] = 4,
+    quality: Annotated[
+        int, typer.Option(help="JPEG quality of re-encoded images (a source JPEG that needs no change is kept).")
+    ] = 95,
+    near_threshold: Annotated[
+        int, typer.Option(help="Perceptual-hash distance (bits) that makes two images near-copy candidates.")
+    ] = 4,
     conflicts: Annotated[Conflicts, typer.Option(help="Duplicates with different labels.")] = Conflicts("drop"),
     num_proc: Annotated[int, typer.Option(help="Worker processes for decoding and hashing.")] = 1,
     license: Annotated[str | None, typer.Option(help="License of the images, recorded in the dataset card.")] = None,

@@ -103,10 +103,12 @@ def card_body(report: dict[str, Any], *, title: str) -> str:
         near = "near-copy matching was turned off. "
     else:
         near = (
-            f"near copies have perceptual hashes within {threshold} bits, also after a horizontal or "
-            "vertical flip, a 90, 180 or 270 degree rotation or a transpose (each image's pHash is computed "
-            "in all 8 orientations for grouping; the `phash` column holds the upright one), so augmented "
-            "copies made that way are grouped with their original. "
+            f"near copies are pairs whose perceptual hashes lie within {threshold} bits, also after a horizontal "
+            "or vertical flip, a 90, 180 or 270 degree rotation, a transpose or a crop of up to ~10% (each image's "
+            "pHash is computed in all 8 orientations and for 15 crop windows; the `phash` column holds the upright "
+            "one), and whose thumbnails, aligned that way, agree in detail: a close hash alone never groups two "
+            "images, so different lesions that look alike stay apart, while re-encoded, resized, cropped, "
+            "brightened or flipped copies are grouped with their original. "
         )
     lines += [
         "",

@@ -13,8 +13,8 @@ leaves an OUT that loads as complete.
 
 from __future__ import annotations
 
-import array
 import contextlib
+import logging
 import multiprocessing
 import os
 import shutil
@@ -22,6 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +40,12 @@ from derm_accel.data.card import build_card
 from derm_accel.data.decode import (
     MAX_DECODE_PIXELS,
     MAX_PIXELS,
-    ORIENTATIONS,
     Decoded,
     DecodeOptions,
     decode_file,
     decode_task,
 )
-from derm_accel.data.dedupe import CONFLICT_POLICIES, DUPLICATES_HOW, group_images, resolve_groups
+from derm_accel.data.dedupe import CONFLICT_POLICIES, DUPLICATES_HOW, LARGE_GROUP, group_images, resolve_groups
 from derm_accel.data.metadata import (
     MetadataSpec,
     join_groups,
@@ -54,6 +54,7 @@ from derm_accel.data.metadata import (
     unit_label,
     with_metadata_features,
 )
+from derm_accel.data.near_copies import Signatures
 from derm_accel.data.publish import push_dataset
 from derm_accel.data.report import (
     REPORT_NAME,
@@ -70,6 +71,12 @@ from derm_accel.data.tempdirs import make_temp_dir, remove_stale_temp_dirs
 
 CARD_TITLE = "Skin disease images"
 IN_FLIGHT_CHUNKS = 4  # results decoded but not yet written, per worker, in chunks: a few MB of JPEGs
+logger = logging.getLogger(__name__)
+STORED_HOW = (
+    "An RGB JPEG that needs no resize (shorter side at most max_size), no EXIF rotation and no colour conversion "
+    "is stored as the source file's own JPEG stream, its metadata segments (EXIF, XMP, comments...) removed and "
+    "its compressed pixels unchanged; every other image is re-encoded as JPEG at the given quality."
+)
 
 
 class ConvertError(InputError):
@@ -157,21 +164,33 @@ def _throttled(tasks: Iterator[Any], window: threading.BoundedSemaphore, stop: t
         yield task
 
 
+@dataclass
+class Staged:
+    """Pass 1's outcome: the staged rows, each row's file index, the files that failed (by index), each row's
+    near-copy signature (file-backed, in the temporary folder; never published) and how many rows keep the
+    source file's own JPEG."""
+
+    rows: Dataset
+    row_files: list[int]
+    failed: dict[int, Decoded]
+    signatures: Signatures
+    originals: int
+
+
 def _stage(
-    scan: ScanResult, info: DatasetInfo, path: Path, options: DecodeOptions, num_proc: int, progress: bool
-) -> tuple[Dataset, list[int], dict[int, Decoded], np.ndarray]:
-    """Pass 1: write every decodable file as a row of one Arrow file. Returns it, each row's file index,
-    the failed files by index and each row's pHash in every orientation (uint64, (rows, 8)): kept in RAM
-    (64 bytes a row) for duplicate grouping only, not published."""
+    scan: ScanResult, info: DatasetInfo, tmp: Path, options: DecodeOptions, num_proc: int, progress: bool
+) -> Staged:
+    """Pass 1: write every decodable file as a row of one Arrow file (``tmp/staging.arrow``)."""
     features = info.features
     label_of = {name: i for i, name in enumerate(scan.class_names)}
     row_files: list[int] = []
-    variants = array.array("Q")
+    signatures = Signatures.allocate(len(scan.files), tmp)
     failed: dict[int, Decoded] = {}
+    originals = 0
     # Small batches: rows hold encoded images, so RAM stays at a few MB whatever the number of files.
-    with ArrowWriter(features=features, path=str(path), writer_batch_size=100) as writer:
+    with ArrowWriter(features=features, path=str(tmp / "staging.arrow"), writer_batch_size=100) as writer:
         for result in _decoded_stream(scan.files, options, num_proc, progress):
-            if result.jpeg is None:
+            if result.jpeg is None or result.signature is None:
                 failed[result.index] = result
                 continue
             source = scan.files[result.index]
@@ -189,11 +208,12 @@ def _stage(
                     }
                 )
             )
+            signatures.put(len(row_files), result.signature)
             row_files.append(result.index)
-            variants.extend(result.phash_variants)
+            originals += result.original
         writer.finalize()
-    variant_array = np.frombuffer(variants, dtype=np.uint64).reshape(len(row_files), len(ORIENTATIONS))
-    return Dataset.from_file(str(path), info=info), row_files, failed, variant_array
+    rows = Dataset.from_file(str(tmp / "staging.arrow"), info=info)
+    return Staged(rows, row_files, failed, signatures.head(len(row_files)), originals)
 
 
 def _system_arrow_pool() -> Any:
@@ -300,24 +320,18 @@ def _scan(
 
 
 def _find_duplicates(
-    staging: Dataset,
-    scan: ScanResult,
-    row_files: list[int],
-    variants: np.ndarray,
-    *,
-    near_threshold: int,
-    conflicts: str,
+    staged: Staged, scan: ScanResult, *, near_threshold: int, conflicts: str
 ) -> tuple[list[str], list[int], list[str | None], Any]:
-    """Exact and near duplicates grouped (hash, pHash in every orientation), label conflicts resolved; the rows'
-    paths, labels and split folders (pre-split layouts) come with the resolution."""
+    """Exact and verified near copies grouped (see dedupe), label conflicts resolved; the rows' paths, labels and
+    split folders (pre-split layouts) come with the resolution."""
     files = scan.files
-    paths = [files[f].rel for f in row_files]
-    labels = staging["label"]
-    hashes = staging["content_hash"]
-    splits_hint = [files[f].split for f in row_files]
-    groups = group_images(hashes, staging["phash"], near_threshold, variants)
+    paths = [files[f].rel for f in staged.row_files]
+    labels = staged.rows["label"]
+    hashes = staged.rows["content_hash"]
+    splits_hint = [files[f].split for f in staged.row_files]
+    grouping = group_images(hashes, staged.signatures, near_threshold)
     resolution = resolve_groups(
-        groups,
+        grouping.groups,
         labels=labels,
         class_names=scan.class_names,
         paths=paths,
@@ -325,6 +339,16 @@ def _find_duplicates(
         splits=splits_hint,
         conflicts=conflicts,
     )
+    resolution.summary["near_copy_search"] = grouping.summary(paths)
+    for group in resolution.summary["large_groups"]:
+        logger.warning(
+            "a group of %d exact or near copies (more than %d): %s%s; see 'large_groups' in %s",
+            group["size"],
+            LARGE_GROUP,
+            ", ".join(group["paths"][:3]),
+            ", ..." if group["size"] > 3 else "",
+            REPORT_NAME,
+        )
     return paths, labels, splits_hint, resolution
 
 
@@ -386,6 +410,7 @@ def _report(
     skipped: list[Skip],
     files_total: int,
     rows_total: int,
+    stored: dict[str, int],
     grouping: Any,
     eval_only: bool,
     seed: int,
@@ -401,6 +426,9 @@ def _report(
         "layout": scan.layout,
         "files_total": files_total,
         "rows_total": rows_total,
+        # Staged rows whose image is the source JPEG's own stream (metadata segments removed) vs re-encoded;
+        # duplicates and conflicts dropped later are counted too.
+        "stored_images": {**stored, "how": STORED_HOW},
         "skipped_total": len(skipped),
         "class_names": class_names,
         "class_map": dict(scan.folders),
@@ -478,11 +506,13 @@ def convert_folders(
             license=license or "",
             features=features,
         )
-        staging, row_files, failed, variants = _stage(scan, info, tmp / "staging.arrow", options, num_proc, progress)
+        staged = _stage(scan, info, tmp, options, num_proc, progress)
+        staging, row_files, failed = staged.rows, staged.row_files, staged.failed
         paths, labels, splits_hint, resolution = _find_duplicates(
-            staging, scan, row_files, variants, near_threshold=near_threshold, conflicts=conflicts
+            staged, scan, near_threshold=near_threshold, conflicts=conflicts
         )
-        del variants
+        stored = {"source_jpeg": staged.originals, "reencoded": len(row_files) - staged.originals}
+        del staged
         kept, grouping = join_groups(resolution.kept, scan, row_files)  # patients/lesions: one split each
         class_names = scan.class_names
         empty = sorted({*range(len(class_names))} - {labels[i] for unit in kept for i in unit})
@@ -526,6 +556,7 @@ def convert_folders(
             skipped=skipped,
             files_total=len(all_files),
             rows_total=len(kept_paths),
+            stored=stored,
             grouping=grouping,
             eval_only=eval_only,
             seed=seed,

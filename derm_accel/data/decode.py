@@ -1,7 +1,12 @@
-"""Open, fully decode, normalise, hash and re-encode one image file.
+"""Open, fully decode, normalise, hash and store one image file.
 
 Runs in worker processes, so it only touches the file it is given and returns plain picklable values. Every
 failure becomes a reason string instead of an exception: one bad file must never stop a 245k-image run.
+
+The stored image is the source JPEG itself (its metadata segments removed, its compressed pixels untouched) when
+it is an RGB JPEG that needs no resize, no EXIF rotation and no colour conversion; anything else is re-encoded.
+Beside the hashes, each file gets its near-copy signature (:func:`near_copy_signature`): what duplicate grouping
+needs, about 1.2 KB.
 """
 
 from __future__ import annotations
@@ -40,9 +45,18 @@ class DecodeOptions:
     max_pixels: int = MAX_PIXELS
 
 
+@dataclass(frozen=True)
+class Signature:
+    """What near-copy grouping needs of one image (never published): see :func:`near_copy_signature`."""
+
+    variants: tuple[int, ...]  # pHash under each of ORIENTATIONS; index 0 is the published ``phash``
+    windows: tuple[int, ...]  # pHash of each of CROP_WINDOWS, upright
+    thumbnail: bytes  # THUMBNAIL_SIZE x THUMBNAIL_SIZE grey pixels (uint8, row-major): the image pHash is taken of
+
+
 @dataclass
 class Decoded:
-    """One file's outcome: ``jpeg`` and its hashes, or ``reason`` + ``detail`` saying why not."""
+    """One file's outcome: the stored ``jpeg`` and its hashes, or ``reason`` + ``detail`` saying why not."""
 
     index: int
     jpeg: bytes | None = None
@@ -50,10 +64,15 @@ class Decoded:
     height: int = 0
     content_hash: str = ""
     phash: str = ""
-    # pHash of the image under each of ORIENTATIONS (index 0 is ``phash``); used for grouping, never published.
-    phash_variants: tuple[int, ...] = ()
+    signature: Signature | None = None
+    # True when ``jpeg`` is the source file's own JPEG stream (metadata removed), False when re-encoded.
+    original: bool = False
     reason: str | None = None
     detail: str = ""
+
+    @property
+    def phash_variants(self) -> tuple[int, ...]:
+        return self.signature.variants if self.signature else ()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -116,6 +135,29 @@ def _orientations(pixels: np.ndarray) -> tuple[np.ndarray, ...]:
     )
 
 
+def _grey_square(rgb: Image.Image) -> np.ndarray:
+    """The 32x32 grey image pHash is taken of (imagehash's own steps: grey, then a Lanczos resize)."""
+    return np.asarray(rgb.convert("L").resize((_PHASH_SIZE, _PHASH_SIZE), Image.Resampling.LANCZOS))
+
+
+def _low_dct_bits(squares: np.ndarray) -> np.ndarray:
+    """pHash bits of a stack of 32x32 squares (k, 32, 32) as uint64: the 8x8 lowest DCT terms above their median."""
+    coeffs = scipy.fftpack.dct(scipy.fftpack.dct(squares, axis=1), axis=2)
+    low = coeffs[:, :_HASH_SIZE, :_HASH_SIZE].reshape(len(squares), -1)
+    bits = low > np.median(low, axis=1, keepdims=True)
+    return (bits * _BIT_WEIGHTS).sum(axis=1, dtype=np.uint64)
+
+
+def _variants_of(pixels: np.ndarray) -> tuple[int, ...]:
+    # Identity through imagehash's own 2-D calls, so the published hash matches it by construction; the
+    # other seven in one batched call.
+    identity = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)[None]
+    low = identity[:, :_HASH_SIZE, :_HASH_SIZE].reshape(1, -1)
+    upright = (low > np.median(low, axis=1, keepdims=True)) * _BIT_WEIGHTS
+    others = _low_dct_bits(np.stack(_orientations(pixels)[1:]))
+    return (int(upright.sum(axis=1, dtype=np.uint64)[0]), *(int(h) for h in others))
+
+
 def phash_variants(rgb: Image.Image) -> tuple[int, ...]:
     """64-bit pHash of ``rgb`` in each of the 8 ``ORIENTATIONS``, as ints; index 0 equals ``imagehash.phash``.
 
@@ -125,16 +167,49 @@ def phash_variants(rgb: Image.Image) -> tuple[int, ...]:
     orientation. A rotated non-square image has its sides swapped,
     which the square resize absorbs.
     """
-    small = rgb.convert("L").resize((_PHASH_SIZE, _PHASH_SIZE), Image.Resampling.LANCZOS)
-    pixels = np.asarray(small)
-    # Identity through imagehash's own 2-D calls, so the published hash matches it by construction; the
-    # other seven in one batched call.
-    identity = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)[None]
-    others = np.stack(_orientations(pixels)[1:])
-    others = scipy.fftpack.dct(scipy.fftpack.dct(others, axis=1), axis=2)
-    low = np.concatenate([identity, others])[:, :_HASH_SIZE, :_HASH_SIZE].reshape(len(ORIENTATIONS), -1)
-    bits = low > np.median(low, axis=1, keepdims=True)
-    return tuple(int(h) for h in (bits * _BIT_WEIGHTS).sum(axis=1, dtype=np.uint64))
+    return _variants_of(_grey_square(rgb))
+
+
+# Crops that near-copy search also hashes: (left, right, top, bottom) trims as fractions of the side. A copy
+# cropped by up to ~10% per side lies within a few bits of one of these windows of its original (the full
+# frame finds about a third of such crops, these 15 windows with it about 90%: docs/benchmarks.md, dedupe).
+_AXIS_TRIMS = ((0.0, 0.0), (0.05, 0.0), (0.0, 0.05), (0.025, 0.025))
+CROP_WINDOWS = tuple((lx, rx, ty, by) for (lx, rx) in _AXIS_TRIMS for (ty, by) in _AXIS_TRIMS)[1:]
+THUMBNAIL_SIZE = _PHASH_SIZE
+
+
+def resample_matrix(lo: float, hi: float, size: int = THUMBNAIL_SIZE) -> np.ndarray:
+    """(size, size) linear-interpolation matrix taking a row of ``size`` pixels to ``size`` samples of the span
+    [lo, hi] (fractions of the row; outside [0, 1] the edge pixel repeats)."""
+    centres = (lo + (np.arange(size) + 0.5) / size * (hi - lo)) * size - 0.5
+    x = np.clip(centres, 0, size - 1)
+    left = np.minimum(np.floor(x).astype(int), size - 2)
+    frac = x - left
+    m = np.zeros((size, size))
+    m[np.arange(size), left] = 1 - frac
+    m[np.arange(size), left + 1] += frac
+    return m
+
+
+def _window_matrices() -> tuple[np.ndarray, np.ndarray]:
+    rows = np.stack([resample_matrix(top, 1 - bottom) for (_, _, top, bottom) in CROP_WINDOWS])
+    cols = np.stack([resample_matrix(left, 1 - right) for (left, right, _, _) in CROP_WINDOWS])
+    return rows, cols
+
+
+_WINDOW_ROWS, _WINDOW_COLS = _window_matrices()
+
+
+def window_hashes(pixels: np.ndarray) -> tuple[int, ...]:
+    """pHash of each of ``CROP_WINDOWS`` of a 32x32 grey square, resampled from it (no second pass over the image)."""
+    squares = _WINDOW_ROWS @ pixels.astype(np.float64) @ _WINDOW_COLS.transpose(0, 2, 1)
+    return tuple(int(h) for h in _low_dct_bits(squares))
+
+
+def near_copy_signature(rgb: Image.Image) -> Signature:
+    """pHash in the 8 orientations, pHash of the crop windows and the grey thumbnail, all from one 32x32 square."""
+    pixels = _grey_square(rgb)
+    return Signature(_variants_of(pixels), window_hashes(pixels), pixels.tobytes())
 
 
 def target_size(width: int, height: int, max_size: int) -> tuple[int, int]:
@@ -257,6 +332,7 @@ def decode_bytes(index: int, data: bytes, options: DecodeOptions) -> Decoded:
             warnings.simplefilter("ignore")  # bomb warnings are handled below; EXIF chatter is noise
             image = open_bounded(data, max_pixels=options.max_pixels)  # too large: ImageTooLargeError
             original_size = image.info["original_size"]
+            as_stored = _is_plain_jpeg(image)
             image.load()
             # Broken EXIF: the pixels are still good, keep them as stored.
             with contextlib.suppress(Exception):
@@ -268,28 +344,117 @@ def decode_bytes(index: int, data: bytes, options: DecodeOptions) -> Decoded:
         return Decoded(index, reason=_classify_error(exc), detail=f"{type(exc).__name__}: {exc}")
     try:
         digest = content_hash(rgb)
-        variants = phash_variants(rgb)
+        signature = near_copy_signature(rgb)
         size = target_size(rgb.width, rgb.height, options.max_size)
-        # Bicubic (antialiased when shrinking) costs half of Lanczos here, the largest share of the work.
-        stored = rgb if size == rgb.size else rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
-        buf = io.BytesIO()
-        stored.save(buf, format="JPEG", quality=options.quality)
+        full_scale = rgb.size == original_size
+        stored_bytes = _original_jpeg(data, digest) if as_stored and full_scale and size == rgb.size else None
+        if stored_bytes is None:
+            # Bicubic (antialiased when shrinking) costs half of Lanczos here, the largest share of the work.
+            stored = rgb if size == rgb.size else rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
+            buf = io.BytesIO()
+            stored.save(buf, format="JPEG", quality=options.quality)
     except Exception as exc:  # e.g. out of memory on a huge image: report, don't stop the run
         return Decoded(index, reason="unreadable", detail=f"{type(exc).__name__}: {exc}")
     width, height = rgb.size
-    if (rgb.width * rgb.height) != original_size[0] * original_size[1]:
+    if not full_scale:
         # Decoded at reduced scale: record the original size, upright like ``rgb``.
         w0, h0 = original_size
         width, height = (w0, h0) if (rgb.width >= rgb.height) == (w0 >= h0) else (h0, w0)
     return Decoded(
         index,
-        jpeg=buf.getvalue(),
+        jpeg=stored_bytes if stored_bytes is not None else buf.getvalue(),
         width=width,
         height=height,
         content_hash=digest,
-        phash=f"{variants[0]:016x}",  # the same text as str(imagehash.phash(rgb))
-        phash_variants=variants,
+        phash=f"{signature.variants[0]:016x}",  # the same text as str(imagehash.phash(rgb))
+        signature=signature,
+        original=stored_bytes is not None,
     )
+
+
+def _is_plain_jpeg(image: Image.Image) -> bool:
+    """An RGB JPEG (not MPO, CMYK or grey) whose EXIF asks for no rotation: its pixels are already what we store."""
+    if image.format != "JPEG" or image.mode != "RGB":
+        return False
+    try:
+        return image.getexif().get(_EXIF_ORIENTATION, 1) in (1, None)
+    except Exception:  # unreadable EXIF: decode_bytes keeps the pixels as stored, but re-encodes them
+        return False
+
+
+def _original_jpeg(data: bytes, digest: str) -> bytes | None:
+    """The source JPEG without its metadata segments, if it decodes to exactly the pixels hashed as ``digest``."""
+    stripped = strip_jpeg_metadata(data)
+    if stripped is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(stripped)) as check:
+            same = check.format == "JPEG" and content_hash(to_rgb(check)) == digest
+    except Exception:
+        return None
+    return stripped if same else None
+
+
+_EXIF_ORIENTATION = 0x0112
+# Segments that decide how the pixels look: JFIF (APP0), an ICC colour profile (APP2) and Adobe's colour
+# transform flag (APP14). Every other APPn (EXIF, XMP, Photoshop/IPTC, maker notes...) and comments are metadata
+# that may carry GPS positions, device serials or names, so they are not copied into a published dataset.
+_KEPT_APP = {0xE0: (b"JFIF\x00",), 0xE2: (b"ICC_PROFILE\x00",), 0xEE: (b"Adobe",)}
+_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM and RST0-7 carry no length
+
+
+def strip_jpeg_metadata(data: bytes) -> bytes | None:
+    """``data`` (a JPEG) with its APPn metadata segments and comments removed and nothing after the end marker;
+    the compressed pixels are copied unchanged. None when the marker structure is not what JPEG prescribes."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    out = bytearray(b"\xff\xd8")
+    pos, n = 2, len(data)
+    while pos + 2 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:
+            out += b"\xff\xd9"
+            return bytes(out)
+        if marker in _STANDALONE:
+            out += data[pos : pos + 2]
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        end = pos + 2 + length
+        if pos + 4 > n or length < 2 or end > n:
+            return None
+        segment = data[pos:end]
+        is_app = 0xE0 <= marker <= 0xEF
+        if marker != 0xFE and (not is_app or segment[4:].startswith(_KEPT_APP.get(marker, ()))):
+            out += segment
+        pos = end
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker that is not RSTn
+            scan_end = _scan_end(data, pos)
+            if scan_end is None:
+                return None
+            out += data[pos:scan_end]
+            pos = scan_end
+    return None
+
+
+def _scan_end(data: bytes, pos: int) -> int | None:
+    """Index of the first marker after entropy-coded data starting at ``pos`` (0xFF00 stuffing and RSTn skipped)."""
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= len(data):
+            return None
+        following = data[pos + 1]
+        if following == 0x00 or 0xD0 <= following <= 0xD7:
+            pos += 2
+        elif following == 0xFF:
+            pos += 1
+        else:
+            return pos
 
 
 def decode_task(task: tuple[int, str, DecodeOptions]) -> Decoded:

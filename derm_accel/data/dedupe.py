@@ -1,40 +1,50 @@
 """Group exact and near-duplicate images, then decide which members stay.
 
 Groups are the unit of splitting: every member of a group lands in the same split, so no photo (or a resized,
-re-encoded, slightly edited, flipped or 90-degree rotated copy of it) can sit in train and test at once.
-
-Near duplicates are found with multi-index hashing: a 64-bit perceptual hash is cut into ``threshold + 1``
-bands; two hashes within ``threshold`` bits must agree exactly on at least one band (pigeonhole), so only
-hashes sharing a band value are compared. That keeps 245k images far from the O(n^2) all-pairs cost.
-Flips and rotations are matched by also indexing each image's pHash in the 8 orientations of the square
-(decode.ORIENTATIONS) and comparing every image's upright hash against all of them.
+re-encoded, slightly cropped, brightened, colour-cast, flipped or 90-degree rotated copy of it) can sit in train
+and test at once. Groups are the connected components of exact copies (same content hash) and of near copies
+that passed the pixel check (:mod:`derm_accel.data.near_copies`), so a group never grows through an unverified
+link; a group with several labels is a label conflict, resolved by policy.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
+from derm_accel.data.near_copies import (
+    VERIFY_MIN_SCORE,
+    VERIFY_MIN_SCORE_CROP,
+    Signatures,
+    candidate_pairs,
+    judge,
+    verify,
+)
 from derm_accel.data.scan import SPLIT_ORDER, Skip
 
 CONFLICT_POLICIES = ("drop", "keep-majority")
 DUPLICATES_HOW = (
-    "Exact copies (same content_hash) and near copies (phash within near_threshold bits, also after a "
-    "horizontal or vertical flip, a 90/180/270-degree rotation or a transpose: an image's hash is compared "
-    "with the other image's hash in all 8 orientations) are grouped with union-find; a group never spans "
-    "two splits. Exact copies within a class are kept once (later paths are "
-    "reported as 'duplicate'); near copies stay together in one split. Groups with different labels are "
-    "conflicts, resolved by the conflict policy. In pre-split sources, content found in several splits is "
-    "kept in the earliest split (train, validation, test) and reported as 'cross_split_duplicate' in the "
-    "later ones."
+    "Exact copies (same content_hash) are grouped. Near copies are found in two stages: pairs whose pHashes lie "
+    "within near_threshold bits (an image's upright pHash, or the pHash of one of 15 crop windows of it trimmed by "
+    "up to 5% per side, against the other image's pHash in all 8 orientations: flips, 90/180/270-degree "
+    "rotations, transposes) are only candidates; a candidate is a near copy when the two images' 32x32 grey "
+    "thumbnails, aligned in that orientation and crop, agree in detail (band-pass correlation at least "
+    "verify_min_score). Groups are the connected components of exact copies and verified near copies, so no "
+    "group grows through an unverified link, and a group never spans two splits. Exact copies within a class "
+    "are kept once (later paths are reported as 'duplicate'); near copies stay together in one split. Groups "
+    "with different labels are conflicts, resolved by the conflict policy. In pre-split sources, content found "
+    "in several splits is kept in the earliest split (train, validation, test) and reported as "
+    "'cross_split_duplicate' in the later ones."
 )
+LARGE_GROUP = 20  # more members than copies of one photo plausibly reach: reported and warned about
 _MAX_LISTED = 20  # paths listed per group in the report; the count is always complete
-_BLOCK_ELEMENTS = 1 << 22  # distances per block when comparing a large bucket (32 MB of uint64 XORs)
+_CLOSEST_REJECTED = 20  # rejected candidates listed in the report, best score first
 
 
 class UnionFind:
@@ -68,112 +78,72 @@ class UnionFind:
         return sorted(by_root.values(), key=lambda g: g[0])
 
 
-def _popcount(x: np.ndarray) -> np.ndarray:
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x)
-    bits = np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1)
-    return bits.sum(axis=-1)
+@dataclass
+class Grouping:
+    """Groups (sorted row lists, ordered by first row) and what near-copy search found on the way."""
+
+    groups: list[list[int]]
+    candidates: int = 0
+    verified: int = 0
+    closest_rejected: list[tuple[int, int, float, int]] = field(default_factory=list)  # (row, row, score, bits)
+
+    def summary(self, paths: Sequence[str] | None = None) -> dict[str, Any]:
+        def name(i: int) -> Any:
+            return paths[i] if paths is not None else i
+
+        return {
+            "near_candidates": self.candidates,
+            "near_verified": self.verified,
+            "near_rejected": self.candidates - self.verified,
+            "verify_min_score": {"full_frame": VERIFY_MIN_SCORE, "crop_window": VERIFY_MIN_SCORE_CROP},
+            "closest_rejected": [
+                {"paths": [name(i), name(j)], "score": round(score, 3), "phash_bits": bits}
+                for i, j, score, bits in self.closest_rejected
+            ],
+        }
 
 
-def _bucket_pairs(
-    hashes: np.ndarray, threshold: int, is_query: np.ndarray | None
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Multi-index search: index arrays (q, t) with ``hashes[q]`` within ``threshold`` bits of ``hashes[t]``,
-    q != t, q a query (every row when ``is_query`` is None). A pair may repeat across bands."""
-    n = len(hashes)
-    bands = min(threshold + 1, 64)
-    edges = np.linspace(0, 64, bands + 1).round().astype(int)
-    for lo, hi in itertools.pairwise(edges):
-        mask = np.uint64((1 << int(hi - lo)) - 1)
-        keys = (hashes >> np.uint64(lo)) & mask
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
-        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-        sizes = np.diff(np.r_[starts, n])
-        shared = sizes > 1
-        for start, size in zip(starts[shared].tolist(), sizes[shared].tolist(), strict=True):
-            members = order[start : start + size]
-            queries = members if is_query is None else members[is_query[members]]
-            if not len(queries):
-                continue
-            values = hashes[members]
-            step = max(1, _BLOCK_ELEMENTS // len(members))
-            for b in range(0, len(queries), step):
-                block = queries[b : b + step]
-                dist = _popcount(hashes[block][:, None] ^ values[None, :])
-                rows, cols = np.nonzero(dist <= threshold)
-                q, t = block[rows], members[cols]
-                keep = q != t
-                if keep.any():
-                    yield q[keep], t[keep]
-
-
-def near_duplicate_pairs(hashes: np.ndarray, threshold: int) -> Iterator[tuple[int, int]]:
-    """Pairs (i, j), i < j, of 64-bit hashes at Hamming distance <= ``threshold`` (a pair may repeat)."""
-    hashes = np.asarray(hashes, dtype=np.uint64)
-    if len(hashes) < 2 or threshold < 1:
-        return
-    for q, t in _bucket_pairs(hashes, threshold, None):
-        forward = q < t
-        yield from zip(q[forward].tolist(), t[forward].tolist(), strict=True)
+def connected_groups(n: int, a: np.ndarray, b: np.ndarray) -> list[list[int]]:
+    """Connected components of the graph on 0..n-1 with edges (a[k], b[k]): sorted members, by first member."""
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    order = np.argsort(labels, kind="stable")  # members ascending within each component
+    cuts = np.flatnonzero(np.diff(labels[order])) + 1
+    groups = [g.tolist() for g in np.split(order, cuts)] if n else []
+    return sorted(groups, key=lambda g: g[0])
 
 
 def group_images(
-    content_hashes: Sequence[str],
-    phashes: Sequence[str],
-    threshold: int,
-    variants: np.ndarray | None = None,
-) -> list[list[int]]:
-    """Union-find over exact copies (same content hash) and near copies (phash within ``threshold`` bits).
+    content_hashes: Sequence[str], signatures: Signatures | None, threshold: int
+) -> Grouping:
+    """Exact copies (same content hash) and verified near copies (see the module docstring), as groups.
 
-    ``variants`` (uint64, shape (n, 8), column 0 = ``phashes``; see ``decode.phash_variants``) also groups
-    flipped and 90-degree rotated copies: rows A and B are near copies when B's upright pHash lies within
-    ``threshold`` bits of A's pHash in some orientation. Without it only upright hashes are compared.
-    ``threshold < 0`` turns near-duplicate matching off (exact copies are still grouped).
+    ``threshold`` is the pHash distance (bits) that makes a candidate; ``threshold < 0`` or no ``signatures``
+    turns near-copy matching off (exact copies are still grouped). The same grouping serves ``convert`` and the
+    k-fold assignment (``folds.duplicate_groups``).
     """
     n = len(content_hashes)
-    uf = UnionFind(n)
-    first_by_key: dict[str, int] = {}
-    for i, key in enumerate(content_hashes):
-        uf.union(first_by_key.setdefault(key, i), i)
-    if threshold < 0 or not n:
-        return uf.groups()
-    first_by_phash: dict[str, int] = {}
-    for i, key in enumerate(phashes):
-        uf.union(first_by_phash.setdefault(key, i), i)
-    if variants is None:
-        unique = list(first_by_phash)
-        values = np.array([int(h, 16) for h in unique], dtype=np.uint64)
-        for a, b in near_duplicate_pairs(values, threshold):
-            uf.union(first_by_phash[unique[a]], first_by_phash[unique[b]])
-        return uf.groups()
-
-    variants = np.asarray(variants, dtype=np.uint64)
-    if variants.ndim != 2 or len(variants) != n:
-        raise ValueError(f"variants must have shape ({n}, k), got {variants.shape}")
-    # One row per upright pHash (rows sharing it are already joined above, so a cluster of near-identical
-    # images costs one entry, not k^2 pairs): every orientation's hash, tagged with its row. Equal
-    # (hash, row) entries, e.g. the flips of a symmetric image, are kept once. A row's upright hash is a
-    # query; queries are compared with all entries.
-    rows = np.fromiter(first_by_phash.values(), dtype=np.int64, count=len(first_by_phash))
-    owners = np.repeat(rows, variants.shape[1])
-    values = variants[rows].ravel()
-    order = np.lexsort((owners, values))
-    owners, values = owners[order], values[order]
-    fresh = np.r_[True, (values[1:] != values[:-1]) | (owners[1:] != owners[:-1])]
-    owners, values = owners[fresh], values[fresh]
-    is_query = values == variants[owners, 0]
-    # Cost, 245k rows, threshold 4, hashes spread at random: 8 x 245k = 2M entries, 5 bands of ~13 bits
-    # (8k buckets of ~240 entries, ~30 of them queries), so 5 x 245k x 240 = 3e8 popcounts in numpy
-    # blocks: a few seconds and tens of MB, against 5 x 2M x 240 = 2.4e9 for an all-entries self-join.
-    # Real hashes cluster, so buckets grow; the blocks keep memory bounded whatever their size.
-    for q, t in _bucket_pairs(values, threshold, is_query):
-        a, b = owners[q], owners[t]
-        keep = a != b
-        pairs = np.unique(np.stack([np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])], axis=1), axis=0)
-        for i, j in pairs.tolist():
-            uf.union(i, j)
-    return uf.groups()
+    _, first, inverse = np.unique(np.asarray(content_hashes, dtype=object), return_index=True, return_inverse=True)
+    exact_a, exact_b = first[inverse], np.arange(n)  # each row joined to the first row of its content
+    if signatures is None or threshold < 0 or n < 2:
+        return Grouping(connected_groups(n, exact_a, exact_b))
+    if len(signatures) != n:
+        raise ValueError(f"{len(signatures)} signatures for {n} images")
+    # One representative per content: exact copies are joined already, near copies of one are copies of all.
+    candidates = candidate_pairs(signatures, threshold, np.sort(first))
+    pairs = judge(candidates, verify(signatures, candidates), n)
+    rejected = np.flatnonzero(~pairs.verified)
+    closest = rejected[np.argsort(-pairs.score[rejected], kind="stable")[:_CLOSEST_REJECTED]]
+    ok = pairs.verified
+    groups = connected_groups(n, np.r_[exact_a, pairs.a[ok]], np.r_[exact_b, pairs.b[ok]])
+    return Grouping(
+        groups,
+        candidates=len(pairs.a),
+        verified=int(ok.sum()),
+        closest_rejected=[
+            (int(pairs.a[p]), int(pairs.b[p]), float(pairs.score[p]), int(pairs.bits[p])) for p in closest
+        ],
+    )
 
 
 @dataclass
@@ -215,6 +185,7 @@ def resolve_groups(
     skipped: dict[int, Skip] = {}
     conflict_groups: list[dict[str, Any]] = []
     cross_split: list[dict[str, Any]] = []
+    large: list[dict[str, Any]] = []
     multi = near_groups = exact_dropped = largest = 0
 
     for group in groups:
@@ -222,6 +193,14 @@ def resolve_groups(
         if len(group) == 1:
             kept.append(group)
             continue
+        if len(group) > LARGE_GROUP:
+            large.append(
+                {
+                    "size": len(group),
+                    "labels": dict(Counter(class_names[labels[i]] for i in group).most_common()),
+                    "paths": _listed([paths[i] for i in group]),
+                }
+            )
         multi += 1
         if len({content_hashes[i] for i in group}) > 1:
             near_groups += 1
@@ -241,7 +220,7 @@ def resolve_groups(
                     skipped[i] = Skip(
                         paths[i],
                         "conflict",
-                        f"same or near-identical image has different labels ({labels_text}); {resolution}",
+                        f"an exact or verified near copy of this image has another label ({labels_text}); {resolution}",
                     )
             conflict_groups.append(
                 {
@@ -292,5 +271,7 @@ def resolve_groups(
         "conflict_policy": conflicts,
         "conflict_groups": conflict_groups,
         "cross_split_groups": cross_split,
+        "large_group_threshold": LARGE_GROUP,
+        "large_groups": large,
     }
     return Resolution(kept=kept, skipped=skipped, summary=summary)

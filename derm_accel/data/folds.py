@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from derm_accel.core.errors import InputError
-from derm_accel.data.decode import phash_variants
+from derm_accel.data.decode import near_copy_signature
 from derm_accel.data.dedupe import group_images
+from derm_accel.data.near_copies import Signatures
 from derm_accel.data.schema import GROUP_COLUMN
 from derm_accel.data.selection import DATASET_DICT_FILE, is_converted, source_layout, write_selection
 from derm_accel.data.split import stratified_group_split
@@ -104,16 +106,22 @@ def joined_groups(groups: np.ndarray, keys: Sequence[Any] | None = None) -> np.n
 
 
 def recomputed_groups(rows: Any, threshold: int = DEFAULT_NEAR_THRESHOLD) -> np.ndarray:
-    """Convert's duplicate grouping redone from the stored images (for datasets without ``group_id``): exact
-    copies share ``content_hash``; near copies have pHashes within ``threshold`` bits in any of the 8
-    orientations. Decodes every image (about 1 ms each)."""
+    """Convert's duplicate grouping redone from the stored images (for datasets without ``group_id``): the same
+    function convert groups with (``dedupe.group_images``: exact copies share ``content_hash``, near copies are
+    pHash candidates verified on their thumbnails), the signatures computed from the stored images as convert
+    computes them from the originals and kept in a temporary file-backed array. Decodes every image (about 1 ms
+    each)."""
     from datasets import Image as ImageFeature
 
     images = rows.cast_column("image", ImageFeature(decode=False))["image"]
-    variants = np.array([phash_variants(decode_image(cell)) for cell in images], dtype=np.uint64)
-    phashes = [f"{int(v):016x}" for v in variants[:, 0]]
+    with tempfile.TemporaryDirectory(prefix="derm-accel-folds-") as folder:
+        signatures = Signatures.allocate(len(rows), Path(folder))
+        for i, cell in enumerate(images):
+            signatures.put(i, near_copy_signature(decode_image(cell)))
+        groups = group_images(list(column(rows, "content_hash")), signatures, threshold).groups
+        del signatures
     ids = np.empty(len(rows), dtype=np.int64)
-    for gid, members in enumerate(group_images(list(column(rows, "content_hash")), phashes, threshold, variants)):
+    for gid, members in enumerate(groups):
         ids[members] = gid
     return ids
 

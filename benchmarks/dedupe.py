@@ -1,0 +1,651 @@
+"""Benchmark near-duplicate grouping: is it right on real dermoscopy, and does it stay near-linear?
+
+Three parts, one run:
+
+* **quality**: the real images of derm-sample and ham10000-dev, plus ``planted`` edited copies of randomly chosen
+  ones (re-encoded as JPEG q50-q100 or PNG, resized 0.5x-2x, flipped/rotated/transposed, cropped by up to 10% of
+  each side, brightness or contrast +-10%, a colour cast of up to +-8% per channel, or several of these at
+  once). Every copy goes through convert's own decoding. Recall: the share of copies grouped with their original,
+  by edit. Candidate pairs (pHash within ``threshold`` bits) and verified pairs are counted by what they truly
+  are: a planted copy, the same file twice (derm-sample's 30), another photo of the same HAM lesion (lesion_id),
+  or different images; the closest rejected and accepted pairs of different images are listed. The pHash-only
+  grouping this replaces (candidates joined without verification) is scored on the same images.
+* **convert**: `derm-accel convert` of ham10000-dev with ``--preset ham10000`` in a fresh process (2 workers):
+  rows, files dropped by reason, groups, the largest group outside lesion units, lesion units across splits.
+* **scale**: grouping ``sizes`` signatures (default 10k / 50k / 245k), each in a fresh process (wall time and peak
+  RSS of ``group_images`` + ``resolve_groups``). Stand-in images: random views of the real images (rotated by any
+  angle, zoomed 1.25-1.6x or as far as the turned window needs to stay inside the image, at a random place, maybe
+  mirrored, drawn at 200x150), 5% of them given an edited copy
+  as above, a fifth of those copies under another label, so drops by reason show the conflicts that must appear
+  (views of one real image share its label, as photos of one lesion do). Groups that join views of different
+  real images count the false links at that size.
+  The growth exponent is fitted to the times and peak RSS.
+
+    python benchmarks/dedupe.py --update-docs
+    python benchmarks/dedupe.py --sizes 10000 --planted 300 --convert-ham off   # a quicker look
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+from PIL import Image, ImageEnhance
+
+if not __package__:  # run as `python benchmarks/dedupe.py`: import benchmarks.* from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import REPO_ROOT, as_list, markdown_table, parse_bool, provenance_lines
+from derm_accel.data.decode import DecodeOptions, content_hash, decode_bytes, near_copy_signature
+from derm_accel.data.dedupe import connected_groups, group_images
+from derm_accel.data.near_copies import Signatures, candidate_pairs, judge, verify
+
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+EDITS = ("jpeg", "png", "resize", "orientation", "crop", "brightness", "contrast", "colour_cast", "combined")
+_TRANSPOSES = tuple(Image.Transpose)[:7]  # every non-identity element of D4
+
+
+def _encode(image: Image.Image, rng: np.random.Generator, fmt: str = "JPEG", quality: int | None = None) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "PNG":
+        image.save(buf, format="PNG")
+    else:
+        image.save(buf, format="JPEG", quality=quality or int(rng.integers(75, 96)))
+    return buf.getvalue()
+
+
+def _crop(image: Image.Image, rng: np.random.Generator, most: float = 0.1) -> Image.Image:
+    """Up to ``most`` of each side's length cut away, split at random between its two ends."""
+    w, h = image.size
+    (tx, ty), (fx, fy) = rng.uniform(0, most, 2), rng.uniform(0, 1, 2)
+    left, top = round(w * tx * fx), round(h * ty * fy)
+    return image.crop((left, top, w - round(w * tx * (1 - fx)), h - round(h * ty * (1 - fy))))
+
+
+def _resize(image: Image.Image, factor: float) -> Image.Image:
+    w, h = image.size
+    return image.resize((max(8, round(w * factor)), max(8, round(h * factor))), Image.Resampling.BICUBIC)
+
+
+def _cast(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    gains = rng.uniform(0.92, 1.08, 3).astype(np.float32)
+    return Image.fromarray(np.clip(np.asarray(image, np.float32) * gains, 0, 255).round().astype(np.uint8))
+
+
+def edited_copy(image: Image.Image, kind: str, rng: np.random.Generator) -> bytes:
+    """The file bytes of an edited copy of ``image`` (see the module docstring for the edits)."""
+    if kind == "jpeg":
+        return _encode(image, rng, quality=int(rng.integers(50, 101)))
+    if kind == "png":
+        return _encode(image, rng, "PNG")
+    if kind == "resize":
+        return _encode(_resize(image, float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))), rng)
+    if kind == "orientation":
+        return _encode(image.transpose(_TRANSPOSES[int(rng.integers(0, 7))]), rng)
+    if kind == "crop":
+        return _encode(_crop(image, rng), rng)
+    if kind == "brightness":
+        return _encode(ImageEnhance.Brightness(image).enhance(rng.uniform(0.9, 1.1)), rng)
+    if kind == "contrast":
+        return _encode(ImageEnhance.Contrast(image).enhance(rng.uniform(0.9, 1.1)), rng)
+    if kind == "colour_cast":
+        return _encode(_cast(image, rng), rng)
+    if kind == "combined":  # crop, turn, resize, brighten and recompress at once
+        image = _crop(image, rng, 0.06).transpose(_TRANSPOSES[int(rng.integers(0, 7))])
+        image = ImageEnhance.Brightness(_resize(image, rng.uniform(0.6, 1.6))).enhance(rng.uniform(0.92, 1.08))
+        return _encode(image, rng, quality=int(rng.integers(60, 96)))
+    raise ValueError(f"unknown edit {kind!r}; one of {EDITS}")
+
+
+def _real_images(data_root: Path, sources: list[str]) -> list[dict[str, Any]]:
+    """Path, label, name and (HAM) lesion id of every real image of the named sources."""
+    out: list[dict[str, Any]] = []
+    if "derm-sample" in sources:
+        root = data_root / "derm-sample"
+        for path in sorted(root.glob("*/*.jpg")):
+            out.append({"path": path, "label": path.parent.name, "name": path.stem, "lesion": ""})
+    if "ham10000-dev" in sources:
+        root = data_root / "ham10000-dev"
+        with open(root / "HAM10000_metadata.csv", newline="") as f:
+            rows = {r["image_id"]: r for r in csv.DictReader(f)}
+        for path in sorted((root / "images").glob("*.jpg")):
+            row = rows[path.stem]
+            out.append({"path": path, "label": row["dx"], "name": path.stem, "lesion": row["lesion_id"]})
+    if not out:
+        raise FileNotFoundError(f"no images of {sources} under {data_root}; pass --data-root (the shared/data folder)")
+    return out
+
+
+def _decode(data: bytes) -> tuple[str, Any]:
+    decoded = decode_bytes(0, data, DecodeOptions())
+    if decoded.signature is None:
+        raise RuntimeError(f"benchmark image failed to decode: {decoded.reason} {decoded.detail}")
+    return decoded.content_hash, decoded.signature
+
+
+def _truth(pair_a: np.ndarray, pair_b: np.ndarray, meta: dict[str, np.ndarray]) -> np.ndarray:
+    """What each pair truly is: copy (same source image), same_file (one name twice), same_lesion, different."""
+    src = meta["source"]
+    same_src = src[pair_a] == src[pair_b]
+    same_name = meta["name"][pair_a] == meta["name"][pair_b]
+    lesion_a, lesion_b = meta["lesion"][pair_a], meta["lesion"][pair_b]
+    same_lesion = (lesion_a == lesion_b) & (lesion_a != "")
+    return np.select([same_src, same_name, same_lesion], ["copy", "same_file", "same_lesion"], "different")
+
+
+def _false_merges(groups: list[list[int]], meta: dict[str, np.ndarray]) -> tuple[int, int]:
+    """Groups holding two source images that are neither the same file nor the same lesion, and their images."""
+    bad = images = 0
+    for g in groups:
+        sources = {int(meta["source"][i]) for i in g}
+        if len(sources) < 2:
+            continue
+        keys = {meta["lesion"][s] or f"name:{meta['name'][s]}" for s in sources}
+        if len(keys) > 1:
+            bad += 1
+            images += len(g)
+    return bad, images
+
+
+def _pair_names(a: np.ndarray, b: np.ndarray, scores: np.ndarray, index: np.ndarray, meta: dict) -> list[dict]:
+    return [
+        {"images": [str(meta["name"][meta["source"][a[p]]]), str(meta["name"][meta["source"][b[p]]])],
+         "score": round(float(scores[p]), 3)}
+        for p in index
+    ]
+
+
+def _plain_correlation(sig: Signatures, cands: Any) -> np.ndarray:
+    """Correlation of the two thumbnails in the orientation that matched, with no crop alignment: the baseline."""
+    s = sig.thumbnails.shape[1]
+    grid = np.arange(s * s).reshape(s, s)
+    turned = (grid, grid[:, ::-1], grid[::-1, :], np.rot90(grid, 1), np.rot90(grid, 2), np.rot90(grid, 3),
+              grid.T, np.rot90(grid, 2).T)
+    index = np.stack([t.ravel() for t in turned])  # decode.ORIENTATIONS order
+    flat = sig.thumbnails.reshape(len(sig), -1)
+    a = flat[cands.a].astype(np.float64)
+    b = np.take_along_axis(flat[cands.b], index[cands.orientation], axis=1).astype(np.float64)
+    a -= a.mean(axis=1, keepdims=True)
+    b -= b.mean(axis=1, keepdims=True)
+    return (a * b).sum(axis=1) / np.sqrt(np.maximum((a * a).sum(axis=1) * (b * b).sum(axis=1), 1e-9))
+
+
+def bench_quality(data_root: Path, sources: list[str], planted: int, threshold: int, seed: int) -> dict[str, Any]:
+    """Recall, pair precision and rejected pairs on real images with planted copies (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    images = _real_images(data_root, sources)
+    content, signatures, source, kinds = [], [], [], []
+    started = time.perf_counter()
+    for i, image in enumerate(images):
+        c, s = _decode(image["path"].read_bytes())
+        content.append(c), signatures.append(s), source.append(i), kinds.append("original")
+    originals = rng.choice(len(images), size=min(planted, len(images)), replace=False)
+    for n, i in enumerate(originals.tolist()):
+        kind = EDITS[n % len(EDITS)]
+        with Image.open(images[i]["path"]) as im:
+            c, s = _decode(edited_copy(im.convert("RGB"), kind, rng))
+        content.append(c), signatures.append(s), source.append(i), kinds.append(kind)
+    signature_s = time.perf_counter() - started
+    meta = {
+        "source": np.array(source),
+        "name": np.array([im["name"] for im in images]),
+        "lesion": np.array([im["lesion"] for im in images]),
+    }
+    meta["name"] = meta["name"][meta["source"]]
+    meta["lesion"] = meta["lesion"][meta["source"]]
+    meta["source"] = np.arange(len(images))[meta["source"]]
+    sig = Signatures.of(signatures)
+
+    started = time.perf_counter()
+    grouping = group_images(content, sig, threshold)
+    group_s = time.perf_counter() - started
+    group_of = np.empty(len(content), np.int64)
+    for g, members in enumerate(grouping.groups):
+        group_of[members] = g
+    copies = np.arange(len(images), len(content))
+    hit = group_of[copies] == group_of[meta["source"][copies]]
+    kinds_arr = np.array(kinds)
+    recall = {k: round(float(hit[kinds_arr[copies] == k].mean()), 3) for k in EDITS if (kinds_arr[copies] == k).any()}
+
+    # Every candidate with its score and truth (the same search and check group_images ran).
+    unique_rows = np.sort(np.unique(np.asarray(content, dtype=object), return_index=True)[1])
+    cands = candidate_pairs(sig, threshold, unique_rows)
+    pairs = judge(cands, verify(sig, cands), len(content))
+    scores, accepted = pairs.score, pairs.verified
+    truth = _truth(pairs.a, pairs.b, meta)
+    table = {
+        t: {"candidates": int((truth == t).sum()), "verified": int((accepted & (truth == t)).sum())}
+        for t in ("copy", "same_file", "same_lesion", "different")
+    }
+    different = np.flatnonzero(truth == "different")
+    copy_pairs = np.flatnonzero(truth == "copy")
+    # Baseline: plain correlation in the matched orientation, the better of a pair's hypotheses (pairs come
+    # from judge() in the order of their keys).
+    keys = cands.pair_keys(len(content))
+    by_key = np.argsort(keys, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(keys[by_key]) != 0])
+    plain = np.maximum.reduceat(_plain_correlation(sig, cands)[by_key], starts)
+    copy_kind = np.where(kinds_arr[pairs.a] == "original", kinds_arr[pairs.b], kinds_arr[pairs.a])
+    checks = {
+        name: {
+            "different_max": round(float(values[different].max()), 3) if len(different) else None,
+            "different_p99_9": round(float(np.percentile(values[different], 99.9)), 3) if len(different) else None,
+            "copy_min_by_edit": {
+                k: round(float(values[copy_pairs][copy_kind[copy_pairs] == k].min()), 3)
+                for k in EDITS if (copy_kind[copy_pairs] == k).any()
+            },
+        }
+        for name, values in (("plain_correlation", plain), ("verification_score", scores))
+    }
+    checks["profile_rejected"] = {
+        "different": round(float((scores[different] == -1).mean()), 3) if len(different) else None,
+        "copy": int((scores[copy_pairs] == -1).sum()),
+    }
+    closest_rejected = different[~accepted[different]]
+    closest_rejected = closest_rejected[np.argsort(-scores[closest_rejected])[:8]]
+    wrongly_accepted = different[accepted[different]]
+    verified_known = sum(table[t]["verified"] for t in ("copy", "same_file", "different"))
+
+    # The pHash-only grouping this replaces: every full-frame candidate joined, no verification.
+    full = Signatures(sig.variants, sig.windows[:, :0], sig.thumbnails)
+    old = candidate_pairs(full, threshold, unique_rows)
+    exact_first = np.unique(np.asarray(content, dtype=object), return_index=True, return_inverse=True)
+    old_groups = connected_groups(
+        len(content), np.r_[exact_first[1][exact_first[2]], old.a], np.r_[np.arange(len(content)), old.b]
+    )
+    old_of = np.empty(len(content), np.int64)
+    for g, members in enumerate(old_groups):
+        old_of[members] = g
+    old_recall = float((old_of[copies] == old_of[meta["source"][copies]]).mean())
+    new_false = _false_merges(grouping.groups, meta)
+    old_false = _false_merges(old_groups, meta)
+    return {
+        "images": len(images),
+        "planted": len(copies),
+        "signature_s": round(signature_s, 2),
+        "group_s": round(group_s, 2),
+        "recall": round(float(hit.mean()), 4),
+        "recall_by_edit": recall,
+        "pairs": table,
+        "pair_precision": round(
+            (table["copy"]["verified"] + table["same_file"]["verified"]) / max(1, verified_known), 4
+        ),
+        "checks": checks,
+        "closest_rejected_different": _pair_names(pairs.a, pairs.b, scores, closest_rejected, meta),
+        "accepted_different": _pair_names(pairs.a, pairs.b, scores, wrongly_accepted, meta),
+        "largest_group": max(len(g) for g in grouping.groups),
+        "false_merge_groups": new_false[0],
+        "false_merge_images": new_false[1],
+        "phash_only": {
+            "recall": round(old_recall, 4),
+            "largest_group": max(len(g) for g in old_groups),
+            "false_merge_groups": old_false[0],
+            "false_merge_images": old_false[1],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- convert
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+def _run_child(code: str, *args: str) -> tuple[dict[str, Any], float, float]:
+    """Run ``code`` in a fresh Python; its last stdout line (JSON), wall seconds and peak RSS (MB) of its tree."""
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
+    proc, peak, stop = psutil.Process(child.pid), 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _tree_rss(proc))
+            stop.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, _ = child.communicate()
+    wall = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    if child.returncode != 0:
+        raise RuntimeError(f"benchmark child failed with exit code {child.returncode}")
+    return json.loads(stdout.strip().splitlines()[-1]), wall, peak / 2**20
+
+
+_CONVERT_CHILD = """
+import json, sys
+from collections import Counter
+from datasets import load_from_disk
+from derm_accel.data.convert import convert_folders
+from derm_accel.data.metadata import metadata_spec
+src, out, table = sys.argv[1], sys.argv[2], sys.argv[3]
+r = convert_folders(src, out, metadata=metadata_spec([table], preset="ham10000"), num_proc=2, progress=False)
+data = load_from_disk(out)
+splits_of = {}
+for split, ds in data.items():
+    for lesion in ds["lesion_id"]:
+        splits_of.setdefault(lesion, set()).add(split)
+dup = r["duplicates"]
+print(json.dumps({
+    "files": r["files_total"], "rows": r["rows_total"], "skipped_by_reason": r["skipped_by_reason"],
+    "elapsed_s": r["elapsed_s"], "largest_group": dup["largest_group"], "groups_with_copies": dup["groups_with_copies"],
+    "conflict_groups": len(dup["conflict_groups"]), "large_groups": len(dup["large_groups"]),
+    "near": {k: v for k, v in dup["near_copy_search"].items() if k != "closest_rejected"},
+    "largest_unit": (r.get("grouping") or {}).get("largest_unit"),
+    "lesions_in_two_splits": sum(len(s) > 1 for s in splits_of.values()),
+    "stored_images": {k: v for k, v in r["stored_images"].items() if k != "how"},
+}))
+"""
+
+
+def bench_convert_ham(data_root: Path, workdir: Path) -> dict[str, Any]:
+    src = data_root / "ham10000-dev"
+    out = workdir / "ham10000-dev-converted"
+    shutil.rmtree(out, ignore_errors=True)
+    result, wall, peak = _run_child(_CONVERT_CHILD, str(src / "images"), str(out), str(src / "HAM10000_metadata.csv"))
+    shutil.rmtree(out, ignore_errors=True)
+    return {**result, "wall_s": round(wall, 1), "peak_rss_mb": round(peak, 1)}
+
+
+# ------------------------------------------------------------------------------------------------------ scale
+
+_VIEW_SIZE = (200, 150)
+
+
+_SOURCE_CACHE: dict[str, Image.Image] = {}
+
+
+def _source(path: str) -> Image.Image:
+    """The decoded real image (tasks come sorted by source, so a one-image cache serves most of them)."""
+    if path not in _SOURCE_CACHE:
+        _SOURCE_CACHE.clear()
+        with Image.open(path) as im:
+            _SOURCE_CACHE[path] = im.convert("RGB")
+    return _SOURCE_CACHE[path]
+
+
+def _view(args: tuple[str, int, int]) -> tuple[str, Any, int, str, Any]:
+    """A stand-in image: a random view of a real one; sometimes with an edited copy. Returns the view's content
+    hash and signature, whether a copy was planted (-1 none, 0 same label, 1 other label) and the copy's."""
+    path, seed, planted = args
+    rng = np.random.default_rng(seed)
+    image = _source(path)
+    w, h = image.size
+    # One affine map from the output to the source: a window of 1/zoom of the sides, turned by any angle, placed
+    # where it lies wholly inside the source (no fill at the corners).
+    angle = rng.uniform(0, 2 * np.pi)
+    cos, sin = np.cos(angle), np.sin(angle)
+    span_x, span_y = w * abs(cos) + h * abs(sin), w * abs(sin) + h * abs(cos)  # turned window's box at zoom 1
+    zoom = max(rng.uniform(1.25, 1.6), 1.02 * max(span_x / w, span_y / h))
+    cx = rng.uniform(span_x / zoom / 2, w - span_x / zoom / 2)
+    cy = rng.uniform(span_y / zoom / 2, h - span_y / zoom / 2)
+    sx, sy = w / zoom / _VIEW_SIZE[0], h / zoom / _VIEW_SIZE[1]
+    a, b, d, e = cos * sx, -sin * sy, sin * sx, cos * sy
+    c = cx - a * _VIEW_SIZE[0] / 2 - b * _VIEW_SIZE[1] / 2
+    f = cy - d * _VIEW_SIZE[0] / 2 - e * _VIEW_SIZE[1] / 2
+    view = image.transform(_VIEW_SIZE, Image.Transform.AFFINE, (a, b, c, d, e, f), Image.Resampling.BILINEAR)
+    if rng.random() < 0.5:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if planted < 0:
+        return content_hash(view), near_copy_signature(view), -1, "", None
+    copy_content, copy_signature = _decode(edited_copy(view, EDITS[seed % len(EDITS)], rng))
+    return content_hash(view), near_copy_signature(view), planted, copy_content, copy_signature
+
+
+def make_stand_ins(data_root: Path, sources: list[str], n: int, folder: Path, seed: int = 0) -> Path:
+    """``n`` stand-in signatures (views, then 5% planted copies of views) with labels and, per row, the view a
+    copy was made of (-1 for a view), saved under ``folder``; cached."""
+    done = folder / "done.json"
+    if done.is_file() and json.loads(done.read_text()) == {"n": n, "seed": seed}:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    images = _real_images(data_root, sources)
+    rng = np.random.default_rng(seed)
+    copies = int(n * 0.05)
+    n_views = n - copies
+    picks = rng.integers(0, len(images), n_views)
+    planted = np.full(n_views, -1)
+    planted[rng.choice(n_views, copies, replace=False)] = (rng.random(copies) < 0.2).astype(int)  # 1: relabelled
+    source_label = rng.integers(0, 9, len(images))  # 9 classes, as derm-sample; views of one image share its label
+    labels = np.empty(n, np.int64)
+    labels[:n_views] = source_label[picks]
+    source = np.full(n, -1)
+    source[:n_views] = picks
+    copy_of = np.full(n, -1)
+    sig = Signatures.allocate(n, folder)
+    content = np.empty(n, dtype=object)
+    order = np.argsort(picks, kind="stable")  # work by source, so each worker decodes a source once
+    tasks = [(str(images[picks[i]]["path"]), int(seed * 10_000_000 + i), int(planted[i])) for i in order.tolist()]
+    planted_copies = []
+    with multiprocessing.Pool(min(2, os.cpu_count() or 1)) as pool:
+        for i, (c, s, kind, cc, cs) in zip(order.tolist(), pool.imap(_view, tasks, chunksize=64), strict=True):
+            content[i] = c
+            sig.put(i, s)
+            if kind >= 0:
+                planted_copies.append((i, kind, cc, cs))
+    for row, (i, kind, cc, cs) in enumerate(sorted(planted_copies, key=lambda t: t[0]), n_views):
+        content[row], copy_of[row], source[row] = cc, i, picks[i]  # copies follow the order of their views
+        sig.put(row, cs)
+        labels[row] = labels[i] if kind == 0 else (labels[i] + 1) % 9
+    np.save(folder / "variants.npy", sig.variants)
+    np.save(folder / "windows.npy", sig.windows)
+    np.save(folder / "labels.npy", labels)
+    np.save(folder / "copy_of.npy", copy_of)
+    np.save(folder / "source.npy", source)
+    (folder / "content.json").write_text(json.dumps(content.tolist()))
+    sig.thumbnails.flush()
+    done.write_text(json.dumps({"n": n, "seed": seed}))
+    return folder
+
+
+_SCALE_CHILD = """
+import json, sys, time
+from collections import Counter
+import numpy as np
+from derm_accel.data.dedupe import group_images, resolve_groups
+from derm_accel.data.near_copies import Signatures
+folder, n, threshold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+copy_of = np.load(f"{folder}/copy_of.npy")
+views = np.flatnonzero(copy_of < 0)
+copies = np.flatnonzero(copy_of >= 0)
+# The first m views and the copies planted for them: about n rows (copies follow their views' order).
+m = int(np.searchsorted(np.arange(len(views)) + np.searchsorted(copy_of[copies], np.arange(len(views))), n))
+rows = np.r_[views[:m], copies[copy_of[copies] < m]]
+load = lambda name: np.load(f"{folder}/{name}.npy", mmap_mode="r")
+sig = Signatures(load("variants")[rows], load("windows")[rows], load("thumbnails")[rows])
+every_content = json.loads(open(f"{folder}/content.json").read())
+content = [every_content[r] for r in rows.tolist()]
+labels = np.load(f"{folder}/labels.npy")[rows].tolist()
+source = np.load(f"{folder}/source.npy")[rows]
+start = time.perf_counter()
+grouping = group_images(content, sig, threshold)
+resolution = resolve_groups(grouping.groups, labels=labels, class_names=[str(i) for i in range(9)],
+    paths=[str(i) for i in range(len(rows))], content_hashes=content, splits=[None] * len(rows))
+seconds = time.perf_counter() - start
+mixed = [g for g in grouping.groups if len(set(source[g].tolist())) > 1]
+print(json.dumps({"n": len(rows), "planted": int((copy_of[rows] >= 0).sum()), "seconds": seconds,
+    "groups_joining_sources": len(mixed), "images_in_them": sum(len(g) for g in mixed),
+    "groups": len(grouping.groups), "largest_group": max(len(g) for g in grouping.groups),
+    "candidates": grouping.candidates, "verified": grouping.verified,
+    "dropped": dict(Counter(s.reason for s in resolution.skipped.values()))}))
+"""
+
+
+def bench_scale(data_root: Path, sources: list[str], sizes: list[int], threshold: int, workdir: Path) -> dict:
+    rows = []
+    if not sizes:
+        return {"rows": rows, "fit": {}}
+    folder = make_stand_ins(data_root, sources, max(sizes), workdir / f"stand-ins-{max(sizes)}")
+    for n in sizes:
+        result, wall, peak = _run_child(_SCALE_CHILD, str(folder), str(n), str(threshold))
+        rows.append({**result, "seconds": round(result["seconds"], 2), "wall_s": round(wall, 1),
+                     "peak_rss_mb": round(peak, 1)})
+        print(f"{result['n']} signatures: {rows[-1]['seconds']} s, peak RSS {rows[-1]['peak_rss_mb']} MB", flush=True)
+    fit = {}
+    if len(rows) > 1:
+        logn = np.log([r["n"] for r in rows])
+        fit = {
+            "time_exponent": round(float(np.polyfit(logn, np.log([r["seconds"] for r in rows]), 1)[0]), 2),
+            "rss_exponent": round(float(np.polyfit(logn, np.log([r["peak_rss_mb"] for r in rows]), 1)[0]), 2),
+        }
+    return {"rows": rows, "fit": fit}
+
+
+def bench_dedupe(
+    *,
+    data_root: str = "",
+    sources: Any = "derm-sample,ham10000-dev",
+    planted: int = 1000,
+    threshold: int = 4,
+    sizes: Any = "10000,50000,245000",
+    convert_ham: Any = "on",
+    seed: int = 0,
+    workdir: str | None = None,
+) -> dict[str, Any]:
+    """Grouping quality on real images with planted copies, a ham10000-dev convert, and grouping time/memory at
+    ``sizes`` (stand-in signatures cached in ``workdir``)."""
+    root = Path(data_root) if data_root else SHARED_DATA
+    source_list = as_list(sources)
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="derm-dedupe-bench-"))
+    try:
+        quality = bench_quality(root, source_list, planted, threshold, seed)
+        print(f"recall {quality['recall']}, pair precision {quality['pair_precision']}", flush=True)
+        ham = bench_convert_ham(root, work) if parse_bool(convert_ham) else None
+        scale = bench_scale(root, source_list, as_list(sizes, int), threshold, work)
+    finally:
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    settings = {"sources": ",".join(source_list), "planted": planted, "threshold": threshold,
+                "sizes": ",".join(str(s) for s in as_list(sizes, int)), "seed": seed}
+    return {
+        "settings": settings,
+        "results": {"quality": quality, "convert_ham10000_dev": ham, "scale": scale},
+        "summary": {
+            "recall": quality["recall"],
+            "pair_precision": quality["pair_precision"],
+            "false_merge_groups": quality["false_merge_groups"],
+            **({"ham_conflicts": ham["skipped_by_reason"].get("conflict", 0)} if ham else {}),
+            **scale["fit"],
+        },
+    }
+
+
+def dedupe_markdown(results: dict[str, Any]) -> str:
+    q = results["results"]["quality"]
+    old = q["phash_only"]
+    quality = markdown_table(
+        ("grouping", "recall of planted copies", "largest group", "groups joining different images (images)"),
+        [
+            ("pHash only (before)", f"{old['recall']:.1%}", old["largest_group"],
+             f"{old['false_merge_groups']} ({old['false_merge_images']})"),
+            ("pHash candidates + verification", f"{q['recall']:.1%}", q["largest_group"],
+             f"{q['false_merge_groups']} ({q['false_merge_images']})"),
+        ],
+    )
+    by_edit = markdown_table(list(q["recall_by_edit"]), [[f"{v:.1%}" for v in q["recall_by_edit"].values()]])
+    pairs = markdown_table(
+        ("candidate pair is", "candidates", "verified", "rejected"),
+        [(t, v["candidates"], v["verified"], v["candidates"] - v["verified"]) for t, v in q["pairs"].items()],
+    )
+    checks = q["checks"]
+    edits = list(checks["verification_score"]["copy_min_by_edit"])
+    check_table = markdown_table(
+        ("score", "different images: max", "p99.9", *[f"copies, {e}: min" for e in edits]),
+        [
+            (name.replace("_", " "), *[f"{checks[name][k]:.3f}" for k in ("different_max", "different_p99_9")],
+             *[f"{checks[name]['copy_min_by_edit'][e]:.3f}" if e in checks[name]["copy_min_by_edit"] else ""
+               for e in edits])
+            for name in ("plain_correlation", "verification_score")
+        ],
+    )
+    rejected = ", ".join(f"{'/'.join(p['images'])} {p['score']}" for p in q["closest_rejected_different"][:5])
+    accepted = ", ".join(f"{'/'.join(p['images'])} {p['score']}" for p in q["accepted_different"]) or "none"
+    lines = [
+        provenance_lines(results),
+        f"**Quality**: {q['images']} real images + {q['planted']} planted copies (signatures {q['signature_s']} s, "
+        f"grouping {q['group_s']} s).",
+        "",
+        quality,
+        "",
+        "Recall by edit:",
+        "",
+        by_edit,
+        "",
+        f"Pairs (pair precision {q['pair_precision']:.2%}, counting copies and same-file pairs as right and "
+        "other photos of one lesion as neither):",
+        "",
+        pairs,
+        "",
+        f"Closest rejected pairs of different images (score): {rejected}. Accepted pairs of different images: "
+        f"{accepted}.",
+        "",
+        "Scores of the candidate pairs (plain correlation: the thumbnails in the matched orientation, no crop "
+        "alignment; verification score: convert's check, -1 where the profiles already disagree; a copy pair "
+        "counted under the edit of its copy):",
+        "",
+        check_table,
+        "",
+        f"The profile test alone rejected {checks['profile_rejected']['different']:.0%} of the candidates of "
+        f"different images and {checks['profile_rejected']['copy']} copy pairs.",
+        "",
+    ]
+    ham = results["results"]["convert_ham10000_dev"]
+    if ham:
+        near = ham["near"]
+        lines += [
+            f"**ham10000-dev convert** (`--preset ham10000`, 2 workers): {ham['files']} files, {ham['rows']} rows, "
+            f"skipped {ham['skipped_by_reason'] or 'none'}; {ham['groups_with_copies']} groups of copies, largest "
+            f"{ham['largest_group']}, {ham['large_groups']} over 20; {near['near_candidates']} candidate pairs, "
+            f"{near['near_verified']} verified; largest lesion unit {ham['largest_unit']}; lesions in two splits: "
+            f"{ham['lesions_in_two_splits']}; stored as the source JPEG: {ham['stored_images']['source_jpeg']}, "
+            f"re-encoded: {ham['stored_images']['reencoded']}; {ham['elapsed_s']} s, peak RSS "
+            f"{ham['peak_rss_mb']} MB.",
+            "",
+        ]
+    scale = results["results"]["scale"]
+    lines += [
+        "**Scale** (stand-in signatures, grouping + conflict resolution in a fresh process):",
+        "",
+        markdown_table(
+            ("signatures", "planted copies", "seconds", "peak RSS (MB)", "candidates", "verified", "groups",
+             "largest group", "groups joining different images (images)", "dropped by reason"),
+            [(r["n"], r["planted"], r["seconds"], r["peak_rss_mb"], r["candidates"], r["verified"], r["groups"],
+              r["largest_group"], f"{r['groups_joining_sources']} ({r['images_in_them']})",
+              ", ".join(f"{k} {v}" for k, v in sorted(r["dropped"].items())) or "none")
+             for r in scale["rows"]],
+        ),
+        "",
+    ]
+    if scale["fit"]:
+        lines.append(
+            f"Growth exponent fitted over the sizes: time n^{scale['fit']['time_exponent']}, peak RSS "
+            f"n^{scale['fit']['rss_exponent']}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    from benchmarks.harness import main
+
+    sys.exit(main("dedupe"))

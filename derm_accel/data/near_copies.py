@@ -1,0 +1,361 @@
+"""Near-copy search: perceptual-hash candidates, then a check on the pixels that confirms or rejects each.
+
+The perceptual hash only proposes candidates: pairs whose 64-bit pHashes lie within ``threshold`` bits, comparing
+every image's upright pHash and the pHashes of its crop windows (decode.CROP_WINDOWS) with the other image's pHash
+in each of the 8 orientations of the square. Multi-index hashing keeps that far from the O(n^2) all-pairs cost: a
+64-bit hash is cut into ``threshold + 1`` bands; two hashes within ``threshold`` bits agree exactly on at least
+one band (pigeonhole), so only hashes sharing a band value are compared.
+
+On dermoscopy the hash alone is weak (a dark blob on lighter skin gives similar low-frequency DCT signs, so
+different lesions collide), so a candidate is a near copy only when the pictures agree in detail: the two 32x32
+grey thumbnails, aligned in the orientation and crop window that matched (refined per axis on their row and
+column profiles), must correlate in band-pass content (a difference of Gaussians), which different lesions with
+similar outlines do not. The bars (``VERIFY_MIN_SCORE``, ``VERIFY_MIN_SCORE_CROP``) were chosen by measurement on
+real images with planted copies: benchmarks/dedupe.py, docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from derm_accel.data.decode import (
+    CROP_WINDOWS,
+    ORIENTATIONS,
+    THUMBNAIL_SIZE,
+    Signature,
+    resample_matrix,
+)
+
+_BLOCK_ELEMENTS = 1 << 22  # distances per block when comparing a large bucket (32 MB of uint64 XORs)
+# Verification bars measured on derm-sample and ham10000-dev with planted copies
+# (benchmarks/dedupe.py, docs/benchmarks.md): full-frame candidates that are copies score >= 0.97, different lesions
+# with pHashes within 4 bits below 0.94; a match through a crop window has more freedom (window and alignment), so
+# different lesions reach ~0.955 there and the bar is higher.
+VERIFY_MIN_SCORE = 0.95
+VERIFY_MIN_SCORE_CROP = 0.96
+_DOG_SIGMAS = (0.7, 2.0)  # band-pass of the 32x32 thumbnails: blur at 0.7 px minus blur at 2 px
+_PROFILE_MIN = 0.9  # aligned row/column profiles correlating less: not the same picture, no closer look
+_PROFILE_MIN_SPREAD = 4.0  # grey levels (sd of a profile) under which profiles are not trusted to reject
+_MARGIN = 2  # border pixels left out of the correlation (edge repetition after a crop alignment)
+_REFINE = (-0.02, -0.01, 0.0, 0.01, 0.02)  # per-axis nudges of each window edge searched during alignment
+_VERIFY_CHUNK = 4096  # pairs verified at once (~100 MB of float32 work arrays)
+
+
+@dataclass
+class Signatures:
+    """The near-copy signatures of n images as arrays (see ``decode.near_copy_signature``).
+
+    ``variants`` (n, 8) uint64: pHash in each orientation; ``windows`` (n, 15) uint64: pHash of each crop window;
+    ``thumbnails`` (n, 32, 32) uint8. About 1.2 KB an image; :meth:`allocate` with a folder keeps the thumbnails
+    in a file-backed array, so 245k images cost page cache rather than private memory.
+    """
+
+    variants: np.ndarray
+    windows: np.ndarray
+    thumbnails: np.ndarray
+
+    @classmethod
+    def allocate(cls, n: int, folder: Path | None = None) -> Signatures:
+        shape = (n, THUMBNAIL_SIZE, THUMBNAIL_SIZE)
+        if folder is None or n == 0:  # a file cannot map zero bytes
+            thumbnails = np.zeros(shape, dtype=np.uint8)
+        else:
+            thumbnails = np.lib.format.open_memmap(Path(folder) / "thumbnails.npy", "w+", np.uint8, shape)
+        return cls(
+            np.zeros((n, len(ORIENTATIONS)), np.uint64), np.zeros((n, len(CROP_WINDOWS)), np.uint64), thumbnails
+        )
+
+    @classmethod
+    def of(cls, signatures: Sequence[Signature]) -> Signatures:
+        out = cls.allocate(len(signatures))
+        for i, signature in enumerate(signatures):
+            out.put(i, signature)
+        return out
+
+    def put(self, i: int, signature: Signature) -> None:
+        self.variants[i] = signature.variants
+        self.windows[i] = signature.windows
+        self.thumbnails[i] = np.frombuffer(signature.thumbnail, np.uint8).reshape(THUMBNAIL_SIZE, THUMBNAIL_SIZE)
+
+    def head(self, n: int) -> Signatures:
+        """The first ``n`` rows (views, no copy)."""
+        return Signatures(self.variants[:n], self.windows[:n], self.thumbnails[:n])
+
+    def __len__(self) -> int:
+        return len(self.variants)
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    bits = np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1)
+    return bits.sum(axis=-1)
+
+
+def _bands(threshold: int) -> list[tuple[int, np.uint64]]:
+    edges = np.linspace(0, 64, min(threshold + 1, 64) + 1).round().astype(int)
+    return [(int(lo), np.uint64((1 << int(hi - lo)) - 1)) for lo, hi in itertools.pairwise(edges)]
+
+
+def _key_runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sort order of ``keys`` and, per distinct key, the key, its first position in that order and its count."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    return order, ordered[starts], starts, np.diff(np.r_[starts, len(keys)])
+
+
+def hamming_join(
+    queries: np.ndarray, entries: np.ndarray, threshold: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Multi-index search: index arrays (q, e) and distances with ``queries[q]`` within ``threshold`` bits of
+    ``entries[e]`` (64-bit hashes). A pair may repeat across bands."""
+    if not len(queries) or not len(entries) or threshold < 0:
+        return
+    for lo, mask in _bands(threshold):
+        q_order, q_keys, q_starts, q_counts = _key_runs((queries >> np.uint64(lo)) & mask)
+        e_order, e_keys, e_starts, e_counts = _key_runs((entries >> np.uint64(lo)) & mask)
+        _, qi, ei = np.intersect1d(q_keys, e_keys, assume_unique=True, return_indices=True)
+        for q0, qn, e0, en in zip(
+            q_starts[qi].tolist(), q_counts[qi].tolist(), e_starts[ei].tolist(), e_counts[ei].tolist(), strict=True
+        ):
+            members = e_order[e0 : e0 + en]
+            values = entries[members]
+            step = max(1, _BLOCK_ELEMENTS // en)
+            for b in range(q0, q0 + qn, step):
+                block = q_order[b : min(b + step, q0 + qn)]
+                dist = _popcount(queries[block][:, None] ^ values[None, :])
+                rows, cols = np.nonzero(dist <= threshold)
+                if len(rows):
+                    yield block[rows], members[cols], dist[rows, cols]
+
+
+def near_duplicate_pairs(hashes: np.ndarray, threshold: int) -> Iterator[tuple[int, int]]:
+    """Pairs (i, j), i < j, of 64-bit hashes at Hamming distance <= ``threshold`` (a pair may repeat)."""
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    if len(hashes) < 2 or threshold < 1:
+        return
+    for q, t, _ in hamming_join(hashes, hashes, threshold):
+        forward = q < t
+        yield from zip(q[forward].tolist(), t[forward].tolist(), strict=True)
+
+
+@dataclass
+class Candidates:
+    """Candidate near-copy pairs with the hypothesis that proposed each: window ``window[p]`` of image ``a[p]``
+    (-1: the full frame) looks like image ``b[p]`` in orientation ``orientation[p]``, their pHashes ``bits[p]``
+    apart. An unordered pair has at most two rows: its best full-frame and its best crop-window hypothesis."""
+
+    a: np.ndarray
+    b: np.ndarray
+    window: np.ndarray
+    orientation: np.ndarray
+    bits: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def take(self, index: np.ndarray) -> Candidates:
+        return Candidates(self.a[index], self.b[index], self.window[index], self.orientation[index], self.bits[index])
+
+    def pair_keys(self, n: int) -> np.ndarray:
+        """One int64 per row naming its unordered pair of rows (0..n-1)."""
+        return np.minimum(self.a, self.b).astype(np.int64) * n + np.maximum(self.a, self.b)
+
+
+def _best_per_pair(a: np.ndarray, b: np.ndarray, window: np.ndarray, orientation: np.ndarray, bits: np.ndarray,
+                   n: int) -> Candidates:
+    """Per unordered pair, the full-frame hypothesis and the crop-window one with the fewest bits (if any)."""
+    c = Candidates(a, b, window, orientation, bits)
+    key = c.pair_keys(n) * 2 + (window >= 0)
+    order = np.lexsort((window, bits, key))
+    first = order[np.r_[True, key[order][1:] != key[order][:-1]]] if len(order) else order
+    return c.take(first)
+
+
+def candidate_pairs(signatures: Signatures, threshold: int, rows: np.ndarray | None = None) -> Candidates:
+    """Pairs of ``rows`` (default all) proposed by pHash: a query (an image's upright pHash, or a crop window's)
+    within ``threshold`` bits of the other image's pHash in one of the 8 orientations."""
+    rows = np.arange(len(signatures)) if rows is None else np.asarray(rows, dtype=np.int64)
+    n_windows = signatures.windows.shape[1]
+    # Entries: every orientation of every row, equal (hash, row) entries (a symmetric image's flips) once.
+    e_rows = np.repeat(rows, signatures.variants.shape[1])
+    e_orient = np.tile(np.arange(signatures.variants.shape[1]), len(rows))
+    e_values = signatures.variants[rows].ravel()
+    order = np.lexsort((e_orient, e_rows, e_values))
+    fresh = order[np.r_[True, (np.diff(e_values[order]) != 0) | (np.diff(e_rows[order]) != 0)]] if len(order) else order
+    e_rows, e_orient, e_values = e_rows[fresh], e_orient[fresh], e_values[fresh]
+    # Queries: the upright hash (window -1) and each crop window of every row.
+    q_rows = np.repeat(rows, 1 + n_windows)
+    q_window = np.tile(np.arange(-1, n_windows), len(rows))
+    q_values = np.concatenate([signatures.variants[rows, :1], signatures.windows[rows]], axis=1).ravel()
+    found: list[Candidates] = []
+    n = len(signatures)
+    for q, e, bits in hamming_join(q_values, e_values, threshold):
+        a, b = q_rows[q], e_rows[e]
+        keep = a != b
+        if keep.any():
+            found.append(_best_per_pair(a[keep], b[keep], q_window[q][keep], e_orient[e][keep], bits[keep], n))
+        if len(found) > 64:  # bound memory: fold the partial results together
+            found = [_concat_best(found, n)]
+    return _concat_best(found, n)
+
+
+def _concat_best(parts: list[Candidates], n: int) -> Candidates:
+    if not parts:
+        empty = np.zeros(0, np.int64)
+        return Candidates(empty, empty, empty, empty, empty)
+    cat = [np.concatenate([getattr(p, f) for p in parts]) for f in ("a", "b", "window", "orientation", "bits")]
+    return _best_per_pair(*cat, n)
+
+
+def _orientation_index() -> np.ndarray:
+    """(8, S*S) gather indices: ``x.ravel()[index[k]]`` is ``x`` under ORIENTATIONS[k] (as decode orients)."""
+    s = THUMBNAIL_SIZE
+    grid = np.arange(s * s).reshape(s, s)
+    turned = (grid, grid[:, ::-1], grid[::-1, :], np.rot90(grid, 1), np.rot90(grid, 2), np.rot90(grid, 3),
+              grid.T, np.rot90(grid, 2).T)
+    return np.stack([t.ravel() for t in turned])
+
+
+def _blur_matrix(sigma: float, size: int = THUMBNAIL_SIZE) -> np.ndarray:
+    """(size, size) Gaussian blur of a row, edges reflected."""
+    radius = int(np.ceil(3 * sigma))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    m = np.zeros((size, size))
+    for i in range(size):
+        for offset, w in zip(range(-radius, radius + 1), taps, strict=True):
+            j = i + offset
+            j = -j - 1 if j < 0 else (2 * size - j - 1 if j >= size else j)
+            m[i, j] += w
+    return m
+
+
+def _spans() -> tuple[np.ndarray, np.ndarray]:
+    """Per window (full frame last, index -1) and refinement: the (rows, cols) resampling matrices, shapes
+    (windows + 1, R*R, S, S) flattened over the R x R nudges of the span's two edges."""
+    windows = [*CROP_WINDOWS, (0.0, 0.0, 0.0, 0.0)]
+    nudges = list(itertools.product(_REFINE, _REFINE))
+    size = THUMBNAIL_SIZE
+    rows = np.stack([[resample_matrix(t + d0, 1 - b + d1, size) for d0, d1 in nudges] for (_, _, t, b) in windows])
+    cols = np.stack([[resample_matrix(lo + d0, 1 - hi + d1, size) for d0, d1 in nudges] for (lo, hi, _, _) in windows])
+    return rows.astype(np.float32), cols.astype(np.float32)
+
+
+_ORIENT = _orientation_index()
+_SPAN_ROWS, _SPAN_COLS = _spans()
+_BLURS = np.stack([_blur_matrix(s) for s in _DOG_SIGMAS]).astype(np.float32)
+
+
+def _apply(left: np.ndarray, x: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """``left @ x @ right.T`` for a stack of images, with one (S, S) or per-image (P, S, S) matrix on each side
+    (numpy's stacked matmul: measured faster here than one large product over reshaped stacks)."""
+    return np.matmul(np.matmul(left, x), np.swapaxes(right, -1, -2))
+
+
+def _ncc(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Normalised cross-correlation of paired rows of two (P, k) arrays (0 where either is flat)."""
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean(axis=1, keepdims=True)
+    denom = np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
+    return np.where(denom > 1e-6, (x * y).sum(axis=1) / np.maximum(denom, 1e-12), 0.0)
+
+
+def _best_span(profile_a: np.ndarray, profile_b: np.ndarray, spans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair, the span (index into ``spans`` (R, S, S)) whose resampling of ``profile_a`` (P, S) correlates
+    best with ``profile_b``, and that correlation."""
+    r, s, _ = spans.shape
+    resampled = (profile_a @ spans.reshape(r * s, s).T).reshape(-1, r, s)
+    target = profile_b - profile_b.mean(axis=1, keepdims=True)  # centred: the dot product ignores a's mean
+    target /= np.sqrt(np.maximum((target * target).sum(axis=1, keepdims=True), 1e-6))
+    dots = np.einsum("prs,ps->pr", resampled, target)
+    spread = (resampled * resampled).sum(axis=2) - resampled.sum(axis=2) ** 2 / s
+    scores = dots / np.sqrt(np.maximum(spread, 1e-6))
+    best = scores.argmax(axis=1)
+    return best, scores[np.arange(len(best)), best]
+
+
+def _band_pass(x: np.ndarray) -> np.ndarray:
+    fine, coarse = _BLURS
+    return _apply(fine, x, fine) - _apply(coarse, x, coarse)
+
+
+def _verify_window(a: np.ndarray, b: np.ndarray, window: int) -> np.ndarray:
+    """Scores of pairs of thumbnails (P, S, S) float32, b already oriented, for one crop window of a."""
+    rows, cols = _SPAN_ROWS[window], _SPAN_COLS[window]
+    col, col_fit = _best_span(a.mean(axis=1), b.mean(axis=1), cols)
+    row, row_fit = _best_span(a.mean(axis=2), b.mean(axis=2), rows)
+    scores = np.full(len(a), -1.0, np.float32)
+    # Cheap first: copies' row and column profiles agree almost perfectly once aligned, most other pairs' do not
+    # (profiles of a low-contrast image are mostly noise, so those pairs always get the closer look).
+    flat_profiles = np.minimum(b.mean(axis=1).std(axis=1), b.mean(axis=2).std(axis=1)) < _PROFILE_MIN_SPREAD
+    fit = np.flatnonzero((np.minimum(col_fit, row_fit) >= _PROFILE_MIN) | flat_profiles)
+    if len(fit):
+        aligned = _apply(rows[row[fit]], a[fit], cols[col[fit]])
+        s, m = THUMBNAIL_SIZE, _MARGIN
+        pa = _band_pass(aligned)[:, m : s - m, m : s - m].reshape(len(fit), -1)
+        pb = _band_pass(b[fit])[:, m : s - m, m : s - m].reshape(len(fit), -1)
+        scores[fit] = _ncc(pa, pb)
+    return scores
+
+
+def verify(signatures: Signatures, candidates: Candidates) -> np.ndarray:
+    """The agreement score of every candidate (float32, -1..1; a near copy scores at least ``VERIFY_MIN_SCORE``,
+    through a crop window ``VERIFY_MIN_SCORE_CROP``).
+
+    Image b is put in the orientation that matched and image a's crop window resampled onto it; each edge of
+    that window is nudged by up to 2% of the side where the row and column profiles (mean of each column, of
+    each row) agree best. Pairs whose profiles then still disagree (correlation below ``_PROFILE_MIN``) score
+    -1; the others score the correlation of the band-pass of the aligned thumbnails, their borders left out.
+    """
+    scores = np.zeros(len(candidates), np.float32)
+    if not len(candidates):
+        return scores
+    flat = signatures.thumbnails.reshape(len(signatures), -1)
+    s = THUMBNAIL_SIZE
+    windows = np.where(candidates.window < 0, len(CROP_WINDOWS), candidates.window)
+    order = np.argsort(windows, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, np.diff(windows[order]) != 0, True])
+    for lo, hi in itertools.pairwise(bounds.tolist()):
+        for start in range(lo, hi, _VERIFY_CHUNK):
+            chunk = order[start : min(start + _VERIFY_CHUNK, hi)]
+            a = flat[candidates.a[chunk]].astype(np.float32).reshape(-1, s, s)
+            turned = np.take_along_axis(flat[candidates.b[chunk]], _ORIENT[candidates.orientation[chunk]], axis=1)
+            b = turned.astype(np.float32).reshape(-1, s, s)
+            scores[chunk] = _verify_window(a, b, int(windows[chunk[0]]))
+    return scores
+
+
+@dataclass
+class Judged:
+    """One row per candidate pair: its best verification score, the pHash bits of that hypothesis, and whether
+    any hypothesis passed its bar."""
+
+    a: np.ndarray
+    b: np.ndarray
+    score: np.ndarray
+    bits: np.ndarray
+    verified: np.ndarray
+
+
+def judge(candidates: Candidates, scores: np.ndarray, n: int) -> Judged:
+    """Candidate rows (up to two hypotheses a pair) folded into pairs: verified when a full-frame hypothesis
+    reaches ``VERIFY_MIN_SCORE`` or a crop-window one ``VERIFY_MIN_SCORE_CROP``."""
+    passed = scores >= np.where(candidates.window < 0, VERIFY_MIN_SCORE, VERIFY_MIN_SCORE_CROP)
+    keys = candidates.pair_keys(n)
+    order = np.lexsort((-scores, keys))  # per pair, its best score first
+    first = order[np.r_[True, keys[order][1:] != keys[order][:-1]]] if len(order) else order
+    verified_keys = keys[passed]
+    return Judged(
+        candidates.a[first],
+        candidates.b[first],
+        scores[first],
+        candidates.bits[first],
+        np.isin(keys[first], verified_keys),
+    )
