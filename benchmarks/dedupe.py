@@ -17,8 +17,8 @@ Three parts, one run:
   turned, zoomed and mirrored unlike the others so they are different pictures (see ``_view``), drawn at the
   window's own size (no upsampling), 5% of them given an edited copy
   as above, a fifth of those copies under another label, so drops by reason show the conflicts that must appear
-  (views of one real image share its label, as photos of one lesion do). Groups that join views of different
-  real images count the false links at that size.
+  (views of one lesion, or of one derm-sample file name, share its label). Groups that join views of different
+  lesions (file names) count the false links at that size.
   The growth exponent is fitted to the times and peak RSS.
 
     python benchmarks/dedupe.py --update-docs
@@ -436,11 +436,14 @@ def make_stand_ins(data_root: Path, sources: list[str], n: int, folder: Path, se
     picks = rng.integers(0, len(images), n_views)
     planted = np.full(n_views, -1)
     planted[rng.choice(n_views, copies, replace=False)] = (rng.random(copies) < 0.2).astype(int)  # 1: relabelled
-    source_label = rng.integers(0, 9, len(images))  # 9 classes, as derm-sample; views of one image share its label
+    # One picture: a HAM10000 lesion, or a derm-sample file name (30 names are one file in two class folders).
+    # Its views share its label, as photos of one lesion do, and count as one image for "groups joining".
+    _, picture = np.unique([im["lesion"] or f"name:{im['name']}" for im in images], return_inverse=True)
+    picture_label = rng.integers(0, 9, picture.max() + 1)  # 9 classes, as derm-sample
     labels = np.empty(n, np.int64)
-    labels[:n_views] = source_label[picks]
+    labels[:n_views] = picture_label[picture[picks]]
     source = np.full(n, -1)
-    source[:n_views] = picks
+    source[:n_views] = picture[picks]
     copy_of = np.full(n, -1)
     sig = Signatures.allocate(n, folder)
     content = np.empty(n, dtype=object)
@@ -459,7 +462,7 @@ def make_stand_ins(data_root: Path, sources: list[str], n: int, folder: Path, se
             if kind >= 0:
                 planted_copies.append((i, kind, cc, cs))
     for row, (i, kind, cc, cs) in enumerate(sorted(planted_copies, key=lambda t: t[0]), n_views):
-        content[row], copy_of[row], source[row] = cc, i, picks[i]  # copies follow the order of their views
+        content[row], copy_of[row], source[row] = cc, i, picture[picks[i]]  # copies follow their views' order
         sig.put(row, cs)
         labels[row] = labels[i] if kind == 0 else (labels[i] + 1) % 9
     np.save(folder / "variants.npy", sig.variants)
