@@ -13,12 +13,12 @@ Three parts, one run:
 * **convert**: `derm-accel convert` of ham10000-dev with ``--preset ham10000`` in a fresh process (2 workers):
   rows, files dropped by reason, groups, the largest group outside lesion units, lesion units across splits.
 * **scale**: grouping ``sizes`` signatures (default 10k / 50k / 245k), each in a fresh process (wall time and peak
-  RSS of ``group_images`` + ``resolve_groups``). Stand-in images: random views of the real images (rotated by any
-  angle, zoomed 1.25-1.6x or as far as the turned window needs to stay inside the image, at a random place, maybe
-  mirrored, drawn at 200x150), 5% of them given an edited copy
+  RSS of ``group_images`` + ``resolve_groups``). Stand-in images: views of the real images, each view of an image
+  turned, zoomed and mirrored unlike the others so they are different pictures (see ``_view``), drawn at the
+  window's own size (no upsampling), 5% of them given an edited copy
   as above, a fifth of those copies under another label, so drops by reason show the conflicts that must appear
-  (views of one real image share its label, as photos of one lesion do). Groups that join views of different
-  real images count the false links at that size.
+  (views of one lesion, or of one derm-sample file name, share its label). Groups that join views of different
+  lesions (file names) count the false links at that size.
   The growth exponent is fitted to the times and peak RSS.
 
     python benchmarks/dedupe.py --update-docs
@@ -370,7 +370,6 @@ def bench_convert_ham(data_root: Path, workdir: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------------ scale
 
-_VIEW_SIZE = (200, 150)
 
 
 _SOURCE_CACHE: dict[str, Image.Image] = {}
@@ -385,28 +384,38 @@ def _source(path: str) -> Image.Image:
     return _SOURCE_CACHE[path]
 
 
-def _view(args: tuple[str, int, int]) -> tuple[str, Any, int, str, Any]:
-    """A stand-in image: a random view of a real one; sometimes with an edited copy. Returns the view's content
-    hash and signature, whether a copy was planted (-1 none, 0 same label, 1 other label) and the copy's."""
-    path, seed, planted = args
+_R3 = 1 / 1.2207440846057596 ** np.arange(1, 4)  # steps of the R3 low-discrepancy sequence (Roberts 2018)
+
+
+def _view(args: tuple[str, int, int, int]) -> tuple[str, Any, int, str, Any]:
+    """A stand-in image: view ``k`` of a real one; sometimes with an edited copy. Returns the view's content hash
+    and signature, whether a copy was planted (-1 none, 0 same label, 1 other label) and the copy's.
+
+    Views of one image should be different pictures, not near copies of each other. Up to the 8 orientations
+    (which grouping ignores), a view is a turn by 0-90 degrees, a zoom of 1.25-2x and a place of the window;
+    view k takes them from point k of a 3-D low-discrepancy sequence, so any two views of one image differ
+    clearly in one of them, and it is drawn at the window's own size (no upsampling). Then one of the 8
+    orientations, by k."""
+    path, seed, planted, k = args
     rng = np.random.default_rng(seed)
     image = _source(path)
     w, h = image.size
-    # One affine map from the output to the source: a window of 1/zoom of the sides, turned by any angle, placed
-    # where it lies wholly inside the source (no fill at the corners).
-    angle = rng.uniform(0, 2 * np.pi)
+    u_angle, u_zoom, u_place = (0.5 + (k + 1) * _R3) % 1.0
+    angle = np.deg2rad(90 * u_angle)
     cos, sin = np.cos(angle), np.sin(angle)
     span_x, span_y = w * abs(cos) + h * abs(sin), w * abs(sin) + h * abs(cos)  # turned window's box at zoom 1
-    zoom = max(rng.uniform(1.25, 1.6), 1.02 * max(span_x / w, span_y / h))
-    cx = rng.uniform(span_x / zoom / 2, w - span_x / zoom / 2)
-    cy = rng.uniform(span_y / zoom / 2, h - span_y / zoom / 2)
-    sx, sy = w / zoom / _VIEW_SIZE[0], h / zoom / _VIEW_SIZE[1]
+    zoom = max(1.25 + 0.75 * u_zoom, 1.02 * max(span_x / w, span_y / h))
+    cx = span_x / zoom / 2 + u_place * (w - span_x / zoom)
+    cy = span_y / zoom / 2 + ((u_place * 7.31) % 1.0) * (h - span_y / zoom)
+    size = (max(16, round(w / zoom)), max(16, round(h / zoom)))
+    # One affine map from the output to the source: the window turned about its centre, at 1:1 scale.
+    sx, sy = w / zoom / size[0], h / zoom / size[1]
     a, b, d, e = cos * sx, -sin * sy, sin * sx, cos * sy
-    c = cx - a * _VIEW_SIZE[0] / 2 - b * _VIEW_SIZE[1] / 2
-    f = cy - d * _VIEW_SIZE[0] / 2 - e * _VIEW_SIZE[1] / 2
-    view = image.transform(_VIEW_SIZE, Image.Transform.AFFINE, (a, b, c, d, e, f), Image.Resampling.BILINEAR)
-    if rng.random() < 0.5:
-        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    c = cx - a * size[0] / 2 - b * size[1] / 2
+    f = cy - d * size[0] / 2 - e * size[1] / 2
+    view = image.transform(size, Image.Transform.AFFINE, (a, b, c, d, e, f), Image.Resampling.BILINEAR)
+    if k % 8:
+        view = view.transpose(_TRANSPOSES[k % 8 - 1])
     if planted < 0:
         return content_hash(view), near_copy_signature(view), -1, "", None
     copy_content, copy_signature = _decode(edited_copy(view, EDITS[seed % len(EDITS)], rng))
@@ -427,16 +436,24 @@ def make_stand_ins(data_root: Path, sources: list[str], n: int, folder: Path, se
     picks = rng.integers(0, len(images), n_views)
     planted = np.full(n_views, -1)
     planted[rng.choice(n_views, copies, replace=False)] = (rng.random(copies) < 0.2).astype(int)  # 1: relabelled
-    source_label = rng.integers(0, 9, len(images))  # 9 classes, as derm-sample; views of one image share its label
+    # One picture: a HAM10000 lesion, or a derm-sample file name (30 names are one file in two class folders).
+    # Its views share its label, as photos of one lesion do, and count as one image for "groups joining".
+    _, picture = np.unique([im["lesion"] or f"name:{im['name']}" for im in images], return_inverse=True)
+    picture_label = rng.integers(0, 9, picture.max() + 1)  # 9 classes, as derm-sample
     labels = np.empty(n, np.int64)
-    labels[:n_views] = source_label[picks]
+    labels[:n_views] = picture_label[picture[picks]]
     source = np.full(n, -1)
-    source[:n_views] = picks
+    source[:n_views] = picture[picks]
     copy_of = np.full(n, -1)
     sig = Signatures.allocate(n, folder)
     content = np.empty(n, dtype=object)
     order = np.argsort(picks, kind="stable")  # work by source, so each worker decodes a source once
-    tasks = [(str(images[picks[i]]["path"]), int(seed * 10_000_000 + i), int(planted[i])) for i in order.tolist()]
+    view_index = np.empty(n_views, np.int64)  # k: how many views of the same image come before this one
+    view_index[order] = np.arange(n_views) - np.searchsorted(picks[order], picks[order])
+    tasks = [
+        (str(images[picks[i]]["path"]), int(seed * 10_000_000 + i), int(planted[i]), int(view_index[i]))
+        for i in order.tolist()
+    ]
     planted_copies = []
     with multiprocessing.Pool(min(2, os.cpu_count() or 1)) as pool:
         for i, (c, s, kind, cc, cs) in zip(order.tolist(), pool.imap(_view, tasks, chunksize=64), strict=True):
@@ -445,7 +462,7 @@ def make_stand_ins(data_root: Path, sources: list[str], n: int, folder: Path, se
             if kind >= 0:
                 planted_copies.append((i, kind, cc, cs))
     for row, (i, kind, cc, cs) in enumerate(sorted(planted_copies, key=lambda t: t[0]), n_views):
-        content[row], copy_of[row], source[row] = cc, i, picks[i]  # copies follow the order of their views
+        content[row], copy_of[row], source[row] = cc, i, picture[picks[i]]  # copies follow their views' order
         sig.put(row, cs)
         labels[row] = labels[i] if kind == 0 else (labels[i] + 1) % 9
     np.save(folder / "variants.npy", sig.variants)
@@ -579,8 +596,11 @@ def dedupe_markdown(results: dict[str, Any]) -> str:
             for name in ("plain_correlation", "verification_score")
         ],
     )
-    rejected = ", ".join(f"{'/'.join(p['images'])} {p['score']}" for p in q["closest_rejected_different"][:5])
-    accepted = ", ".join(f"{'/'.join(p['images'])} {p['score']}" for p in q["accepted_different"]) or "none"
+    def named(pairs: list[dict]) -> list[str]:  # a copy's pair names its original: list each pair of names once
+        return list(dict.fromkeys(f"{'/'.join(sorted(p['images']))} {p['score']}" for p in pairs))
+
+    rejected = ", ".join(named(q["closest_rejected_different"])[:5])
+    accepted = ", ".join(named(q["accepted_different"])) or "none"
     lines = [
         provenance_lines(results),
         f"**Quality**: {q['images']} real images + {q['planted']} planted copies (signatures {q['signature_s']} s, "

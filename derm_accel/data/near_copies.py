@@ -31,7 +31,8 @@ from derm_accel.data.decode import (
     resample_matrix,
 )
 
-_BLOCK_ELEMENTS = 1 << 22  # distances per block when comparing a large bucket (32 MB of uint64 XORs)
+_BLOCK_ELEMENTS = 1 << 20  # hash pairs compared at once (8 MB of uint64 XORs, a few index arrays beside)
+_LARGE_BUCKET = 1 << 10  # buckets with more query x entry pairs are compared block by block
 # Verification bars measured on derm-sample and ham10000-dev with planted copies
 # (benchmarks/dedupe.py, docs/benchmarks.md): full-frame candidates that are copies score >= 0.97, different lesions
 # with pHashes within 4 bits below 0.94; a match through a crop window has more freedom (window and alignment), so
@@ -110,29 +111,72 @@ def _key_runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     return order, ordered[starts], starts, np.diff(np.r_[starts, len(keys)])
 
 
+def _small_buckets(
+    q_order: np.ndarray, qs: np.ndarray, qn: np.ndarray, e_order: np.ndarray, es: np.ndarray, en: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every (query, entry) index pair of the given buckets, flattened, in batches of about ``_BLOCK_ELEMENTS``
+    pairs: many small buckets compared in one vectorised step instead of one Python step each."""
+    sizes = qn * en
+    ends = np.cumsum(sizes)
+    start = 0
+    while start < len(sizes):
+        stop = max(start + 1, int(np.searchsorted(ends, ends[start] - sizes[start] + _BLOCK_ELEMENTS, "right")))
+        size, width = sizes[start:stop], en[start:stop]
+        owner = np.repeat(np.arange(stop - start), size)
+        offset = np.arange(int(size.sum())) - np.repeat(np.cumsum(size) - size, size)
+        yield (q_order[qs[start:stop][owner] + offset // width[owner]],
+               e_order[es[start:stop][owner] + offset % width[owner]])
+        start = stop
+
+
+def _close_in_bucket(
+    q_members: np.ndarray, e_members: np.ndarray, queries: np.ndarray, entries: np.ndarray, threshold: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The (query, entry) pairs of one large bucket within ``threshold`` bits, blocks of queries broadcast
+    against its entries (no per-pair gather)."""
+    values = entries[e_members]
+    step = max(1, _BLOCK_ELEMENTS // len(e_members))
+    for b in range(0, len(q_members), step):
+        block = q_members[b : b + step]
+        rows, cols = np.nonzero(_popcount(queries[block][:, None] ^ values[None, :]) <= threshold)
+        if len(rows):
+            yield block[rows], e_members[cols]
+
+
+def _band_pairs(
+    queries: np.ndarray, entries: np.ndarray, threshold: int, lo: int, mask: np.uint64
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Index pairs (q, e) sharing the band ``(hash >> lo) & mask``; from large buckets only those within
+    ``threshold`` bits, from small ones every pair (the caller measures them)."""
+    q_order, q_keys, q_starts, q_counts = _key_runs((queries >> np.uint64(lo)) & mask)
+    e_order, e_keys, e_starts, e_counts = _key_runs((entries >> np.uint64(lo)) & mask)
+    _, qi, ei = np.intersect1d(q_keys, e_keys, assume_unique=True, return_indices=True)
+    qs, qn, es, en = q_starts[qi], q_counts[qi], e_starts[ei], e_counts[ei]
+    large = qn * en >= _LARGE_BUCKET
+    small = ~large
+    yield from _small_buckets(q_order, qs[small], qn[small], e_order, es[small], en[small])
+    for b in np.flatnonzero(large).tolist():
+        q_members, e_members = q_order[qs[b] : qs[b] + qn[b]], e_order[es[b] : es[b] + en[b]]
+        yield from _close_in_bucket(q_members, e_members, queries, entries, threshold)
+
+
 def hamming_join(
     queries: np.ndarray, entries: np.ndarray, threshold: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Multi-index search: index arrays (q, e) and distances with ``queries[q]`` within ``threshold`` bits of
-    ``entries[e]`` (64-bit hashes). A pair may repeat across bands."""
+    ``entries[e]`` (64-bit hashes), each (q, e) once: a pair that also agrees on an earlier band was reported
+    there."""
     if not len(queries) or not len(entries) or threshold < 0:
         return
-    for lo, mask in _bands(threshold):
-        q_order, q_keys, q_starts, q_counts = _key_runs((queries >> np.uint64(lo)) & mask)
-        e_order, e_keys, e_starts, e_counts = _key_runs((entries >> np.uint64(lo)) & mask)
-        _, qi, ei = np.intersect1d(q_keys, e_keys, assume_unique=True, return_indices=True)
-        for q0, qn, e0, en in zip(
-            q_starts[qi].tolist(), q_counts[qi].tolist(), e_starts[ei].tolist(), e_counts[ei].tolist(), strict=True
-        ):
-            members = e_order[e0 : e0 + en]
-            values = entries[members]
-            step = max(1, _BLOCK_ELEMENTS // en)
-            for b in range(q0, q0 + qn, step):
-                block = q_order[b : min(b + step, q0 + qn)]
-                dist = _popcount(queries[block][:, None] ^ values[None, :])
-                rows, cols = np.nonzero(dist <= threshold)
-                if len(rows):
-                    yield block[rows], members[cols], dist[rows, cols]
+    bands = _bands(threshold)
+    for k, (lo, mask) in enumerate(bands):
+        for q, e in _band_pairs(queries, entries, threshold, lo, mask):
+            diff = queries[q] ^ entries[e]
+            close = _popcount(diff) <= threshold
+            for earlier_lo, earlier_mask in bands[:k]:
+                close &= ((diff >> np.uint64(earlier_lo)) & earlier_mask) != 0
+            if close.any():
+                yield q[close], e[close], _popcount(diff[close])
 
 
 def near_duplicate_pairs(hashes: np.ndarray, threshold: int) -> Iterator[tuple[int, int]]:
@@ -195,14 +239,15 @@ def candidate_pairs(signatures: Signatures, threshold: int, rows: np.ndarray | N
     q_window = np.tile(np.arange(-1, n_windows), len(rows))
     q_values = np.concatenate([signatures.variants[rows, :1], signatures.windows[rows]], axis=1).ravel()
     found: list[Candidates] = []
-    n = len(signatures)
+    n, pending, folded = len(signatures), 0, 0
     for q, e, bits in hamming_join(q_values, e_values, threshold):
         a, b = q_rows[q], e_rows[e]
         keep = a != b
-        if keep.any():
-            found.append(_best_per_pair(a[keep], b[keep], q_window[q][keep], e_orient[e][keep], bits[keep], n))
-        if len(found) > 64:  # bound memory: fold the partial results together
+        found.append(Candidates(a[keep], b[keep], q_window[q][keep], e_orient[e][keep], bits[keep]))
+        pending += int(keep.sum())
+        if pending > max(_BLOCK_ELEMENTS, 2 * folded):  # fold the hits together now and then: bounded memory
             found = [_concat_best(found, n)]
+            pending = folded = len(found[0])
     return _concat_best(found, n)
 
 
