@@ -194,6 +194,22 @@ def test_metric_module_matches_sklearn():
     _check_against_sklearn(out, y, probs.astype(np.float64), bootstrap=200, seed=7)
 
 
+def test_rank_based_aucs_match_sklearn_on_tied_scores_and_both_entry_points_agree():
+    from derm_accel.evaluation.derm_metrics.derm_metrics import compute_metrics
+
+    rng = np.random.default_rng(11)
+    y = rng.choice([0, 1, 2], size=400)
+    logits = rng.normal(size=(400, 4)) + np.eye(4)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    probs = np.round(probs, 1) + 1e-3  # many ties inside every column and across columns (micro)
+    probs = (probs / probs.sum(1, keepdims=True)).astype(np.float32)
+    assert len(np.unique(probs[:, 0])) < 40  # the ties are real
+    kwargs = dict(predictions=probs.argmax(1), probabilities=probs, references=y, label_names=NAMES, bootstrap=50)
+    direct = compute_metrics(**kwargs)
+    _check_against_sklearn(direct, y, probs.astype(np.float64), bootstrap=50, seed=0)
+    assert load_metric().compute(**kwargs) == direct
+
+
 def test_report_files_and_metrics_recomputed_from_predictions(full_report):
     metrics, out = full_report
     on_disk = json.loads((out / "metrics.json").read_text())

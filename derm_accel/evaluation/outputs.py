@@ -21,6 +21,7 @@ from derm_accel.data.transforms import (
 )
 from derm_accel.evaluation import plots
 from derm_accel.evaluation.calibration import fit_temperature, negative_log_likelihood, tta_probabilities
+from derm_accel.evaluation.derm_metrics.derm_metrics import compute_metrics
 from derm_accel.evaluation.inference import InferenceResult
 from derm_accel.evaluation.label_map import (
     UNSCORED_FILE,
@@ -53,11 +54,8 @@ def _examples(raw_split: Any, labels: np.ndarray, probabilities: np.ndarray, nam
     images, titles = [], []
     for i in wrong.tolist():
         images.append(decode_image(raw[i][IMAGE_COLUMN]))
-        titles.append(
-            f"true: {names[labels[i]]}\npred: {names[predicted[i]]} ({probabilities[i, predicted[i]]:.0%})"
-        )
+        titles.append(f"true: {names[labels[i]]}\npred: {names[predicted[i]]} ({probabilities[i, predicted[i]]:.0%})")
     return images, titles
-
 
 
 def write_outputs(
@@ -80,7 +78,6 @@ def write_outputs(
     ensemble: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    metric = load_metric()
     y = labels.numpy()
 
     # The chain: original view -> (TTA) view average -> (calibration) tempered view average.
@@ -90,11 +87,11 @@ def write_outputs(
     if val is not None:
         temperature = fit_temperature(val.logits, val.labels)
     final = tta_probabilities(logits, temperature).numpy()
-    final_metrics = score(metric, y, final, label_names)
+    final_metrics = score(y, final, label_names)
 
     if tta is not None:
-        single = score(metric, y, tta_probabilities(logits[:, :1]).numpy(), label_names)
-        after = final_metrics if val is None else score(metric, y, uncalibrated, label_names)
+        single = score(y, tta_probabilities(logits[:, :1]).numpy(), label_names)
+        after = final_metrics if val is None else score(y, uncalibrated, label_names)
         stages["tta"] = {
             "method": tta,
             "views": list(views),
@@ -102,11 +99,7 @@ def write_outputs(
             "after": summary(after),
         }
     if val is not None:
-        before = (
-            stages["tta"]["after"]
-            if "tta" in stages
-            else summary(score(metric, y, uncalibrated, label_names))
-        )
+        before = stages["tta"]["after"] if "tta" in stages else summary(score(y, uncalibrated, label_names))
         stages["calibration"] = {
             "method": "temperature_scaling",
             "fitted_on": "validation",
@@ -157,21 +150,14 @@ def write_outputs(
     plots.plot_confusion_matrix(metrics["confusion_matrix"], label_names, out_dir / FILES["confusion_matrix"])
     plots.plot_roc_curves(y, final, label_names, out_dir / FILES["roc_curves"])
     plots.plot_precision_recall(y, final, label_names, out_dir / FILES["precision_recall"])
-    curves = (
-        {"uncalibrated": (y, uncalibrated), "calibrated": (y, final)}
-        if val is not None
-        else {"model": (y, final)}
-    )
+    curves = {"uncalibrated": (y, uncalibrated), "calibrated": (y, final)} if val is not None else {"model": (y, final)}
     plots.plot_reliability(curves, out_dir / FILES["reliability"], ECE_BINS)
     images, titles = _examples(raw_split, y, final, label_names, max_thumbnails)
     plots.plot_examples(images, titles, out_dir / FILES["examples"])
-    write_misclassifications_md(
-        metrics, out_dir / FILES["misclassifications"], examples_png=FILES["examples"]
-    )
+    write_misclassifications_md(metrics, out_dir / FILES["misclassifications"], examples_png=FILES["examples"])
     (out_dir / FILES["report"]).write_text(render_report(metrics, FILES))
     logger.info("wrote the evaluation report to %s", out_dir)
     return metrics
-
 
 
 def ensemble_block(sources: list[str], member_rows: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -181,7 +167,6 @@ def ensemble_block(sources: list[str], member_rows: list[dict[str, Any]] | None)
         "members": member_rows or [{"model": display_name(s)} for s in sources],
         "guard": "the first member's domain guard",
     }
-
 
 
 def out_of_domain_block(
@@ -249,11 +234,11 @@ def load_metric() -> Any:
     return evaluate.load(str(METRIC_MODULE_DIR), keep_in_memory=True)
 
 
-def score(
-    metric: Any, labels: np.ndarray, probabilities: np.ndarray, label_names: list[str]
-) -> dict[str, Any]:
+def score(labels: np.ndarray, probabilities: np.ndarray, label_names: list[str]) -> dict[str, Any]:
+    """The shipped module's numbers (``compute_metrics``, what ``load_metric().compute`` returns) straight from
+    the arrays: ``evaluate``'s Arrow round trip would turn an (N, C) split into N * C Python floats."""
     probabilities = probabilities.astype(np.float32)
-    return metric.compute(
+    return compute_metrics(
         predictions=probabilities.argmax(axis=1),
         probabilities=probabilities,
         references=labels,

@@ -399,7 +399,7 @@ def _appendix_lines(metrics: dict[str, Any], files: dict[str, str], options: lis
         "## Method notes",
         "",
         "- Metrics come from the `derm_metrics` module of the `evaluate` library shipped with derm-accel "
-        "(scikit-learn underneath).",
+        "(scikit-learn and SciPy underneath; ROC-AUC from tie-averaged ranks, PR-AUC as average precision).",
         "- 95% intervals: percentile bootstrap over images, 1000 resamples, seed 0.",
         "- Expected calibration error: 15 equal-width bins of the top-class confidence.",
         "- Top-3 accuracy ties are broken as scikit-learn's `top_k_accuracy_score` does.",

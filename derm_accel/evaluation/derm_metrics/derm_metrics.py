@@ -12,13 +12,8 @@ import warnings
 import datasets
 import evaluate
 import numpy as np
-from sklearn.metrics import (
-    average_precision_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
-)
+from scipy.stats import rankdata
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 _CITATION = """\
 @article{guo2017calibration,
@@ -137,6 +132,133 @@ def _none_if_nan(value: float) -> float | None:
     return None if value is None or np.isnan(value) else float(value)
 
 
+def _checked_inputs(predictions, probabilities, references, label_names):
+    y = np.asarray(references, dtype=np.int64)
+    y_pred = np.asarray(predictions, dtype=np.int64)
+    probs = np.asarray(probabilities, dtype=np.float64)
+    if probs.ndim != 2 or len(probs) != len(y) or len(y_pred) != len(y):
+        raise ValueError("probabilities must be an (N, C) array with one row per reference and prediction")
+    num_classes = probs.shape[1]
+    names = [str(n) for n in label_names] if label_names is not None else [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} label_names for probabilities with {num_classes} columns")
+    if len(y) == 0:
+        raise ValueError("no samples to evaluate")
+    for arr, what in ((y, "references"), (y_pred, "predictions")):
+        if arr.min() < 0 or arr.max() >= num_classes:
+            raise ValueError(f"{what} must be class indices in [0, {num_classes})")
+    return y, y_pred, probs, names
+
+
+def _rank_auc(ranks: np.ndarray, positives: np.ndarray) -> float:
+    """ROC-AUC from tie-averaged ranks (Mann-Whitney U): the area under the trapezoidal ROC curve."""
+    n_pos = int(positives.sum())
+    n_neg = len(positives) - n_pos
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(positives: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision as scikit-learn's ``average_precision_score``: the precision at each distinct score,
+    weighted by the recall it adds (one sort, no interpolation)."""
+    order = np.argsort(-scores, kind="stable")
+    ordered = scores[order]
+    tps = np.cumsum(positives[order])
+    ends = np.r_[np.flatnonzero(ordered[1:] != ordered[:-1]), len(ordered) - 1]  # last row of each tie
+    tp = tps[ends]
+    return float(np.sum(np.diff(tp, prepend=0) / tp[-1] * tp / (ends + 1)))
+
+
+def micro_roc_auc(references: np.ndarray, probabilities: np.ndarray) -> float:
+    """ROC-AUC of all (sample, class) scores at once, each true class a positive: per class, the negatives'
+    scores sorted once and every positive placed among them (ties count one half). O(C N log N) time, O(N)
+    memory, where ranking the N C scores together would hold several (N, C) arrays."""
+    positives = probabilities[np.arange(len(references)), references]
+    below = 0.0
+    for c in range(probabilities.shape[1]):
+        negatives = np.sort(probabilities[references != c, c])
+        lower = np.searchsorted(negatives, positives, side="left")
+        upper = np.searchsorted(negatives, positives, side="right")
+        below += float(lower.sum()) + 0.5 * float((upper - lower).sum())
+    return below / (len(positives) * (probabilities.size - len(positives)))
+
+
+def ranking_scores(references: np.ndarray, probabilities: np.ndarray, present: np.ndarray):
+    """One-vs-rest ROC-AUC and PR-AUC per class (NaN where undefined) and the micro ROC-AUC: sorts of one
+    column at a time, so time O(C N log N) and memory O(N) beyond the inputs."""
+    num_classes = probabilities.shape[1]
+    roc_auc = np.full(num_classes, np.nan)
+    pr_auc = np.full(num_classes, np.nan)
+    for c in present:
+        positives = references == c
+        pr_auc[c] = average_precision(positives, probabilities[:, c])
+        if not positives.all():
+            roc_auc[c] = _rank_auc(rankdata(probabilities[:, c]), positives)
+    micro = micro_roc_auc(references, probabilities) if len(present) > 1 else None
+    return roc_auc, pr_auc, micro
+
+
+def _per_class(names, support, predicted_count, prec, rec, f1, roc_auc, pr_auc):
+    per_class = {}
+    for c, name in enumerate(names):
+        has_samples = support[c] > 0
+        per_class[name] = {
+            "precision": float(prec[c]) if predicted_count[c] > 0 or has_samples else None,
+            "recall": float(rec[c]) if has_samples else None,
+            "f1": float(f1[c]) if has_samples else None,
+            "support": int(support[c]),
+            "roc_auc": _none_if_nan(roc_auc[c]),
+            "pr_auc": _none_if_nan(pr_auc[c]),
+        }
+    return per_class
+
+
+def compute_metrics(
+    predictions, probabilities, references, label_names=None, ece_bins: int = 15, bootstrap: int = 1000, seed: int = 0
+) -> dict:
+    """Every number of the module from arrays (what ``DermMetrics.compute`` returns, without its Arrow round
+    trip): time O(N C log(N C) + N * bootstrap), memory a few (N, C) arrays."""
+    y, y_pred, probs, names = _checked_inputs(predictions, probabilities, references, label_names)
+    num_classes = probs.shape[1]
+    all_labels = np.arange(num_classes)
+    support = np.bincount(y, minlength=num_classes)
+    present = all_labels[support > 0]
+
+    # Macro averages over the classes present in the references: an absent class has no recall to average.
+    macro = precision_recall_fscore_support(y, y_pred, labels=present, average="macro", zero_division=0)
+    weighted = precision_recall_fscore_support(y, y_pred, labels=present, average="weighted", zero_division=0)
+    prec, rec, f1, _ = precision_recall_fscore_support(y, y_pred, labels=all_labels, average=None, zero_division=0)
+    # One-vs-rest AUCs need positives and negatives; classes without them get None and are skipped.
+    roc_auc, pr_auc, roc_auc_micro = ranking_scores(y, probs, present)
+    valid_auc = roc_auc[~np.isnan(roc_auc)]
+    true_prob = np.clip(probs[np.arange(len(y)), y] / probs.sum(axis=1), np.finfo(np.float64).eps, 1.0)
+    with warnings.catch_warnings():
+        # Predictions of an absent class are ignored by design (they still count as errors in accuracy).
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        balanced_accuracy = float(balanced_accuracy_score(y, y_pred))
+    return {
+        "num_samples": len(y),
+        "accuracy": float((y == y_pred).mean()),
+        "balanced_accuracy": balanced_accuracy,
+        "top3_accuracy": top_k_accuracy(y, probs, 3),
+        "macro_precision": float(macro[0]),
+        "macro_recall": float(macro[1]),
+        "macro_f1": float(macro[2]),
+        "weighted_precision": float(weighted[0]),
+        "weighted_recall": float(weighted[1]),
+        "weighted_f1": float(weighted[2]),
+        "roc_auc_macro": float(valid_auc.mean()) if len(valid_auc) else None,
+        "roc_auc_micro": roc_auc_micro,
+        "nll": float(-np.log(true_prob).mean()),
+        "ece": expected_calibration_error(y, probs, ece_bins)[0],
+        "ci95": bootstrap_intervals(y, y_pred, num_classes, bootstrap, seed) if bootstrap > 0 else None,
+        "per_class": _per_class(
+            names, support, np.bincount(y_pred, minlength=num_classes), prec, rec, f1, roc_auc, pr_auc
+        ),
+        "confusion_matrix": confusion_matrix(y, y_pred, labels=all_labels).tolist(),
+        "classes_without_samples": [names[c] for c in all_labels[support == 0]],
+    }
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class DermMetrics(evaluate.Metric):
     """Classification, ranking and calibration metrics in one module; absent classes handled explicitly."""
@@ -169,91 +291,4 @@ class DermMetrics(evaluate.Metric):
         bootstrap: int = 1000,
         seed: int = 0,
     ):
-        y = np.asarray(references, dtype=np.int64)
-        y_pred = np.asarray(predictions, dtype=np.int64)
-        probs = np.asarray(probabilities, dtype=np.float64)
-        if probs.ndim != 2 or len(probs) != len(y) or len(y_pred) != len(y):
-            raise ValueError(
-                "probabilities must be an (N, C) array with one row per reference and prediction"
-            )
-        num_classes = probs.shape[1]
-        names = (
-            [str(n) for n in label_names] if label_names is not None else [str(i) for i in range(num_classes)]
-        )
-        if len(names) != num_classes:
-            raise ValueError(f"{len(names)} label_names for probabilities with {num_classes} columns")
-        if len(y) == 0:
-            raise ValueError("no samples to evaluate")
-        for arr, what in ((y, "references"), (y_pred, "predictions")):
-            if arr.min() < 0 or arr.max() >= num_classes:
-                raise ValueError(f"{what} must be class indices in [0, {num_classes})")
-
-        all_labels = np.arange(num_classes)
-        support = np.bincount(y, minlength=num_classes)
-        present = all_labels[support > 0]
-        absent = all_labels[support == 0]
-
-        # Macro averages over the classes present in the references: an absent class has no recall to average.
-        macro = precision_recall_fscore_support(y, y_pred, labels=present, average="macro", zero_division=0)
-        weighted = precision_recall_fscore_support(
-            y, y_pred, labels=present, average="weighted", zero_division=0
-        )
-        prec, rec, f1, _ = precision_recall_fscore_support(
-            y, y_pred, labels=all_labels, average=None, zero_division=0
-        )
-        predicted_count = np.bincount(y_pred, minlength=num_classes)
-
-        # One-vs-rest AUCs need positives and negatives; classes without them get None and are skipped.
-        roc_auc = np.full(num_classes, np.nan)
-        pr_auc = np.full(num_classes, np.nan)
-        for c in present:
-            positives = y == c
-            pr_auc[c] = average_precision_score(positives, probs[:, c])
-            if not positives.all():
-                roc_auc[c] = roc_auc_score(positives, probs[:, c])
-        valid_auc = roc_auc[~np.isnan(roc_auc)]
-        roc_auc_macro = float(valid_auc.mean()) if len(valid_auc) else None
-        onehot = (y[:, None] == all_labels[None, :]).astype(np.int64)
-        roc_auc_micro = float(roc_auc_score(onehot.ravel(), probs.ravel())) if len(present) > 1 else None
-
-        true_prob = np.clip(probs[np.arange(len(y)), y] / probs.sum(axis=1), np.finfo(np.float64).eps, 1.0)
-        ece, _ = expected_calibration_error(y, probs, ece_bins)
-
-        per_class = {}
-        for c, name in enumerate(names):
-            has_samples = support[c] > 0
-            per_class[name] = {
-                "precision": float(prec[c]) if predicted_count[c] > 0 or has_samples else None,
-                "recall": float(rec[c]) if has_samples else None,
-                "f1": float(f1[c]) if has_samples else None,
-                "support": int(support[c]),
-                "roc_auc": _none_if_nan(roc_auc[c]),
-                "pr_auc": _none_if_nan(pr_auc[c]),
-            }
-
-        with warnings.catch_warnings():
-            # Predictions of an absent class are ignored by design (they still count as errors in accuracy).
-            warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-            balanced_accuracy = float(balanced_accuracy_score(y, y_pred))
-
-        result = {
-            "num_samples": len(y),
-            "accuracy": float((y == y_pred).mean()),
-            "balanced_accuracy": balanced_accuracy,
-            "top3_accuracy": top_k_accuracy(y, probs, 3),
-            "macro_precision": float(macro[0]),
-            "macro_recall": float(macro[1]),
-            "macro_f1": float(macro[2]),
-            "weighted_precision": float(weighted[0]),
-            "weighted_recall": float(weighted[1]),
-            "weighted_f1": float(weighted[2]),
-            "roc_auc_macro": roc_auc_macro,
-            "roc_auc_micro": roc_auc_micro,
-            "nll": float(-np.log(true_prob).mean()),
-            "ece": ece,
-            "ci95": bootstrap_intervals(y, y_pred, num_classes, bootstrap, seed) if bootstrap > 0 else None,
-            "per_class": per_class,
-            "confusion_matrix": confusion_matrix(y, y_pred, labels=all_labels).tolist(),
-            "classes_without_samples": [names[c] for c in absent],
-        }
-        return result
+        return compute_metrics(predictions, probabilities, references, label_names, ece_bins, bootstrap, seed)
