@@ -330,15 +330,27 @@ def test_near_duplicate_index_matches_brute_force() -> None:
     near = base ^ flips[:, 0] ^ flips[:, 1] ^ flips[:, 2]  # at most 3 bits away
     hashes = np.unique(np.concatenate([base, near]))
     for threshold in (0, 3, 5):
-        found = set(near_duplicate_pairs(hashes, threshold))
         brute = {
             (i, j)
             for i in range(len(hashes))
             for j in range(i + 1, len(hashes))
             if bin(int(hashes[i] ^ hashes[j])).count("1") <= threshold
         }
-        assert found == brute
         assert threshold == 0 or len(brute) >= 50
+        # the plan band_plan picks for this size, and the probed plans it picks for large collections
+        plans = [None] + [(b, threshold // b) for b in (2, 3) if threshold]
+        for plan in plans:
+            pairs = list(near_duplicate_pairs(hashes, threshold, plan))
+            assert set(pairs) == brute, plan
+            assert len(pairs) == len(brute)  # each pair once: none repeats across bands or probes
+
+
+def test_band_plan_keeps_buckets_small_as_the_collection_grows() -> None:
+    from derm_accel.data.near_copies import band_plan
+
+    assert band_plan(4, 40_000) == (5, 0)  # 5k images x 8 orientations: exact 13-bit bands
+    assert band_plan(4, 2_000_000) == (3, 1)  # 245k images: 21-bit bands probed within one bit
+    assert band_plan(0, 10**6) == (1, 0)
 
 
 def test_card_keeps_hub_metadata() -> None:

@@ -79,14 +79,13 @@ def load_derm():
 
 
 def derm_folds():
-    from datasets import load_from_disk
-
     from derm_accel.data.folds import make_fold_datasets
+    from derm_accel.data.selection import load_converted
 
     dirs = make_fold_datasets(WORK / "derm160", WORK / "dfolds", 5, seed=0)
     out = []
     for d in dirs:
-        ds = load_from_disk(str(d))
+        ds = load_converted(d)
         out.append({s: list(ds[s]["source_path"]) for s in ("train", "validation", "test")})
     return out
 

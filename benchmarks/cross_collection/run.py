@@ -19,6 +19,7 @@ CANDS = {
     "sog": {"sog": 6},
     "jitter": {"jitter": (0.4, 0.4, 0.4, 0.1)},
     "sog_jitter": {"sog": 6, "jitter": (0.4, 0.4, 0.4, 0.1)},
+    "sog_mild_jitter": {"sog": 6, "jitter": (0.2, 0.2, 0.1, 0.02)},  # casts SoG leaves, not a new device
     "squash": {"train_aspect": "squash", "eval_aspect": "squash"},
     "gray": {"gray": True},  # diagnostic: no colour at all, train and test  # h2d only: HAM squashed to square
 }
