@@ -205,9 +205,8 @@ def _kfold_dataset(root: Path, n: int) -> Path:
     table = pa.table({k: v for k, v in columns.items() if k in features})  # (a schema without group_id: older code)
     full = Dataset(table.cast(features.arrow_schema), info=DatasetInfo(features=features))
     a, b = int(0.8 * n), int(0.9 * n)
-    DatasetDict(
-        {"train": full.select(range(a)), "validation": full.select(range(a, b)), "test": full.select(range(b, n))}
-    ).save_to_disk(str(out))
+    DatasetDict({"train": full.select(range(a)), "validation": full.select(range(a, b)),
+                 "test": full.select(range(b, n))}).save_to_disk(str(out))
     return out
 
 
@@ -328,13 +327,11 @@ def _prepare_subgroups(n: int) -> tuple[Callable[[], dict[str, Any]], Callable[[
 
     y, probs = _predictions(n)
     rng = np.random.default_rng(n + 1)
-    split = Dataset.from_dict(
-        {
-            "age": rng.integers(5, 90, n).tolist(),
-            "sex": rng.choice(["male", "female"], n).tolist(),
-            "site": rng.choice(["head/neck", "trunk", "upper extremity", "lower extremity", "palms/soles"], n).tolist(),
-        }
-    )
+    split = Dataset.from_dict({
+        "age": rng.integers(5, 90, n).tolist(),
+        "sex": rng.choice(["male", "female"], n).tolist(),
+        "site": rng.choice(["head/neck", "trunk", "upper extremity", "lower extremity", "palms/soles"], n).tolist(),
+    })
     spec = parse_subgroups("age,sex,site")
     return (lambda: {"subgroups": len(evaluate_subgroups(split, spec, y, probs)[0]["rows"])}), lambda: None
 
@@ -371,23 +368,16 @@ def _prepare_inference(n: int, work: Path) -> tuple[Callable[[], dict[str, Any]]
     from derm_accel.evaluation.inference import predict_logits
 
     torch.set_num_threads(1)
-    cfg = {
-        "input_size": (3, 32, 32),
-        "crop_pct": 0.875,
-        "crop_mode": "center",
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-    }
+    cfg = {"input_size": (3, 32, 32), "crop_pct": 0.875, "crop_mode": "center", "interpolation": "bicubic",
+           "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
     transform, decode = eval_input(cfg)
     split = load_from_disk(str(_image_dataset(work, n)))["test"]
     rows = with_transform(split, transform, min_size=decode_size(32, 0.875), decode=decode)
     net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, NUM_CLASSES))
 
     def run() -> dict[str, Any]:
-        result = predict_logits(
-            net, rows, Accelerator(cpu=True), batch_size=64, num_workers=0, normalize=BatchNormalize(cfg)
-        )
+        result = predict_logits(net, rows, Accelerator(cpu=True), batch_size=64, num_workers=0,
+                                normalize=BatchNormalize(cfg))
         return {"scored": int(result.logits.shape[0])}
 
     return run, lambda: None
@@ -420,9 +410,8 @@ def _measure(stage: str, n: int, work: Path, timeout_s: int) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("OMP_NUM_THREADS", "2")
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout_s, cwd=REPO_ROOT
-        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                              timeout=timeout_s, cwd=REPO_ROOT)
     except subprocess.TimeoutExpired:
         return {"stage": stage, "rows": n, "error": f"over {timeout_s} s"}
     if done.returncode != 0:
@@ -477,16 +466,9 @@ def bench_scale(
     unknown = sorted(set(chosen) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
-    given = {
-        "convert": convert_sizes,
-        "grouping": grouping_sizes,
-        "grouping_near": grouping_near_sizes,
-        "kfold": kfold_sizes,
-        "metrics": metrics_sizes,
-        "subgroups": subgroups_sizes,
-        "guard": guard_sizes,
-        "inference": inference_sizes,
-    }
+    given = {"convert": convert_sizes, "grouping": grouping_sizes, "grouping_near": grouping_near_sizes,
+             "kfold": kfold_sizes, "metrics": metrics_sizes, "subgroups": subgroups_sizes, "guard": guard_sizes,
+             "inference": inference_sizes}
     defaults = QUICK_SIZES if quick else SIZES
     sizes = {s: as_list(given[s], int) if given[s] else list(defaults[s]) for s in STAGES}
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="derm-scale-bench-"))
@@ -501,13 +483,8 @@ def bench_scale(
         done = [r for r in rows if r["stage"] == stage and "error" not in r]
         ns = [r["rows"] for r in done]
         summary[stage] = growth(ns, [r["seconds"] for r in done], [r["rise_mb"] for r in done])
-    settings = {
-        "quick": quick,
-        "stages": ",".join(chosen),
-        "sizes": {s: sizes[s] for s in chosen},
-        "near_threshold": 4,
-        "classes": NUM_CLASSES,
-    }
+    settings = {"quick": quick, "stages": ",".join(chosen), "sizes": {s: sizes[s] for s in chosen},
+                "near_threshold": 4, "classes": NUM_CLASSES}
     return {"settings": settings, "results": rows, "summary": summary}
 
 
@@ -528,26 +505,17 @@ def scale_markdown(results: dict[str, Any]) -> str:
         if any(w is not None for w in worker):
             memory += " (workers " + _cell(worker, lambda v: f"{v:.0f}") + ")"
         failed = "; ".join(f"{r['rows']:,}: {r['error']}" for r in rows if "error" in r)
-        table.append(
-            [
-                WHAT[stage],
-                _cell([r["rows"] for r in done], lambda v: f"{v:,}"),
-                _cell([r["seconds"] for r in done], secs),
-                _cell([fitted["time_exponent"], fitted.get("time_exponent_largest_step")], lambda v: f"{v:.2f}"),
-                memory,
-                "-" if fitted["memory_exponent"] is None else f"{fitted['memory_exponent']:.2f}",
-                failed,
-            ]
-        )
-    headers = [
-        "stage",
-        "rows",
-        "seconds",
-        "time exponent (all / largest step)",
-        "peak private MB",
-        "memory exponent",
-        "not measured",
-    ]
+        table.append([
+            WHAT[stage],
+            _cell([r["rows"] for r in done], lambda v: f"{v:,}"),
+            _cell([r["seconds"] for r in done], secs),
+            _cell([fitted["time_exponent"], fitted.get("time_exponent_largest_step")], lambda v: f"{v:.2f}"),
+            memory,
+            "-" if fitted["memory_exponent"] is None else f"{fitted['memory_exponent']:.2f}",
+            failed,
+        ])
+    headers = ["stage", "rows", "seconds", "time exponent (all / largest step)", "peak private MB", "memory exponent",
+               "not measured"]
     kfold = [r for r in results["results"] if r["stage"] == "kfold" and "error" not in r]
     extra = ""
     if kfold:

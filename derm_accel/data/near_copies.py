@@ -37,7 +37,7 @@ from derm_accel.data.decode import (
 _BLOCK_ELEMENTS = 1 << 20  # hash pairs compared at once (8 MB of uint64 XORs, a few index arrays beside)
 _LARGE_BUCKET = 1 << 10  # buckets with more query x entry pairs are compared block by block
 _TABLE_BITS = 24  # band keys up to this long are looked up in a direct table (64 MB at most)
-_LOOKUP_COST = 8.0  # one probe's sorted lookup, in hash comparisons (band_plan's cost model; measured order)
+_LOOKUP_COST = 8.0  # one probe's lookup, in hash comparisons (band_plan's cost model; an assumed order)
 # Verification bars measured on derm-sample and ham10000-dev with planted copies
 # (benchmarks/dedupe.py, docs/benchmarks.md): full-frame candidates that are copies score >= 0.97, different lesions
 # with pHashes within 4 bits below 0.94; a match through a crop window has more freedom (window and alignment), so
@@ -72,7 +72,9 @@ class Signatures:
             thumbnails = np.zeros(shape, dtype=np.uint8)
         else:
             thumbnails = np.lib.format.open_memmap(Path(folder) / "thumbnails.npy", "w+", np.uint8, shape)
-        return cls(np.zeros((n, len(ORIENTATIONS)), np.uint64), np.zeros((n, len(CROP_WINDOWS)), np.uint64), thumbnails)
+        return cls(
+            np.zeros((n, len(ORIENTATIONS)), np.uint64), np.zeros((n, len(CROP_WINDOWS)), np.uint64), thumbnails
+        )
 
     @classmethod
     def of(cls, signatures: Sequence[Signature]) -> Signatures:
@@ -104,7 +106,7 @@ def _popcount(x: np.ndarray) -> np.ndarray:
 def _bands(count: int) -> list[np.ndarray]:
     """The bits of each band: j, j + count, j + 2 count, ... A pHash's bits run from low to high frequencies and
     the lowest barely vary on dermoscopy, so contiguous bands would crowd a few buckets; interleaved ones are
-    about evenly informative (measured: 5x fewer pairs to compare on 245k stand-in images)."""
+    about evenly informative."""
     return [np.arange(j, 64, count, dtype=np.uint64) for j in range(count)]
 
 
@@ -168,10 +170,8 @@ def _small_buckets(
         size, width = sizes[start:stop], en[start:stop]
         owner = np.repeat(np.arange(stop - start), size)
         offset = np.arange(int(size.sum())) - np.repeat(np.cumsum(size) - size, size)
-        yield (
-            q_order[qs[start:stop][owner] + offset // width[owner]],
-            e_order[es[start:stop][owner] + offset % width[owner]],
-        )
+        yield (q_order[qs[start:stop][owner] + offset // width[owner]],
+               e_order[es[start:stop][owner] + offset % width[owner]])
         start = stop
 
 
@@ -294,9 +294,8 @@ class Candidates:
         return np.minimum(self.a, self.b).astype(np.int64) * n + np.maximum(self.a, self.b)
 
 
-def _best_per_pair(
-    a: np.ndarray, b: np.ndarray, window: np.ndarray, orientation: np.ndarray, bits: np.ndarray, n: int
-) -> Candidates:
+def _best_per_pair(a: np.ndarray, b: np.ndarray, window: np.ndarray, orientation: np.ndarray, bits: np.ndarray,
+                   n: int) -> Candidates:
     """Per unordered pair, the full-frame hypothesis and the crop-window one with the fewest bits (if any)."""
     c = Candidates(a, b, window, orientation, bits)
     key = c.pair_keys(n) * 2 + (window >= 0)
@@ -354,16 +353,8 @@ def _orientation_index() -> np.ndarray:
     """(8, S*S) gather indices: ``x.ravel()[index[k]]`` is ``x`` under ORIENTATIONS[k] (as decode orients)."""
     s = THUMBNAIL_SIZE
     grid = np.arange(s * s).reshape(s, s)
-    turned = (
-        grid,
-        grid[:, ::-1],
-        grid[::-1, :],
-        np.rot90(grid, 1),
-        np.rot90(grid, 2),
-        np.rot90(grid, 3),
-        grid.T,
-        np.rot90(grid, 2).T,
-    )
+    turned = (grid, grid[:, ::-1], grid[::-1, :], np.rot90(grid, 1), np.rot90(grid, 2), np.rot90(grid, 3),
+              grid.T, np.rot90(grid, 2).T)
     return np.stack([t.ravel() for t in turned])
 
 

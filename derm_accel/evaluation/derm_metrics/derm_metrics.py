@@ -216,7 +216,7 @@ def compute_metrics(
     predictions, probabilities, references, label_names=None, ece_bins: int = 15, bootstrap: int = 1000, seed: int = 0
 ) -> dict:
     """Every number of the module from arrays (what ``DermMetrics.compute`` returns, without its Arrow round
-    trip): time O(N C log(N C) + N * bootstrap), memory a few (N, C) arrays."""
+    trip): time O(C N log N + N * bootstrap), memory a few (N, C) arrays."""
     y, y_pred, probs, names = _checked_inputs(predictions, probabilities, references, label_names)
     num_classes = probs.shape[1]
     all_labels = np.arange(num_classes)
