@@ -145,7 +145,8 @@ def _flip_bits(values: np.ndarray, rng: np.random.Generator, max_bits: int) -> n
 def _grouping_input(n: int, near: bool, folder: Path) -> tuple[list[str], Any]:
     """Content hashes and near-copy signatures (file-backed under ``folder``) of ``n`` made-up images: spread
     hashes and unrelated noise thumbnails, or (``near``) n/8 images each with 7 near copies, every orientation's
-    and crop window's hash flipped by up to 2 bits and the thumbnail by a little noise, so the copies verify."""
+    and crop window's hash (pHash, and each word of the detail hash) flipped by up to 2 bits and the thumbnail by
+    a little noise, so the copies verify."""
     from derm_accel.data.near_copies import Signatures
 
     rng = np.random.default_rng(n)
@@ -155,6 +156,9 @@ def _grouping_input(n: int, near: bool, folder: Path) -> tuple[list[str], Any]:
     for columns, target in ((sig.variants.shape[1], sig.variants), (sig.windows.shape[1], sig.windows)):
         base = np.repeat(np.stack([_hashes(originals, rng) for _ in range(columns)], axis=1), copies, axis=0)[:n]
         target[:] = np.stack([_flip_bits(base[:, k], rng, 2 if near else 0) for k in range(columns)], axis=1)
+    detail = sig.detail.reshape(n, -1)  # the detail hashes alike, word by word (a copy stays within a few bits)
+    for k in range(detail.shape[1]):
+        detail[:, k] = _flip_bits(np.repeat(_hashes(originals, rng), copies)[:n], rng, 2 if near else 0)
     block = 8192 - 8192 % copies  # thumbnails in blocks of whole copy groups: a few MB of noise at once
     for start in range(0, n, block):
         rows = np.arange(start, min(start + block, n))

@@ -16,9 +16,21 @@ from datasets import load_from_disk
 from PIL import Image, ImageEnhance
 
 from derm_accel.data.convert import convert_folders
-from derm_accel.data.decode import DecodeOptions, content_hash, decode_bytes, near_copy_signature, strip_jpeg_metadata
+from derm_accel.data.decode import (
+    _WINDOW_COLS,
+    _WINDOW_ROWS,
+    DETAIL_BITS,
+    DETAIL_WORDS,
+    DecodeOptions,
+    _orientations,
+    content_hash,
+    decode_bytes,
+    detail_hashes,
+    near_copy_signature,
+    strip_jpeg_metadata,
+)
 from derm_accel.data.dedupe import LARGE_GROUP, group_images, resolve_groups
-from derm_accel.data.near_copies import Signatures, candidate_pairs
+from derm_accel.data.near_copies import Signatures, candidate_pairs, judge, verify
 from tests.conftest import DERM_SAMPLE, SHARED
 
 HAM_DEV = SHARED / "data" / "ham10000-dev"
@@ -102,12 +114,15 @@ def test_planted_copies_of_real_images_are_grouped_and_originals_are_not() -> No
 def test_a_chain_of_look_alike_lesions_does_not_become_one_group() -> None:
     content, signatures = zip(*[_signature(_jpeg(_ham(name), 95)) for name in CHAIN], strict=True)
     sig = Signatures.of(list(signatures))
-    candidates = candidate_pairs(sig, 4)
-    linked = {tuple(sorted(pair)) for pair in zip(candidates.a.tolist(), candidates.b.tolist(), strict=True)}
-    assert {(0, 1), (1, 2)} <= linked  # the hashes do chain A~B~C: pHash alone would make one group of three
+    phash_only = candidate_pairs(sig, 4, detail_bits=None)
+    linked = {tuple(sorted(pair)) for pair in zip(phash_only.a.tolist(), phash_only.b.tolist(), strict=True)}
+    assert {(0, 1), (1, 2)} <= linked  # the pHashes do chain A~B~C: pHash alone would make one group of three
+    # Either stage refuses the chain on its own: the detail hashes differ in more than a third of their bits, and
+    # the thumbnails do not verify.
+    assert len(candidate_pairs(sig, 4)) == 0
+    assert not judge(phash_only, verify(sig, phash_only), len(sig)).verified.any()
     grouping = group_images(list(content), sig, 4)
-    assert grouping.groups == [[0], [1], [2]] and grouping.verified == 0
-    assert grouping.candidates >= 2 and len(grouping.closest_rejected) == grouping.candidates
+    assert grouping.groups == [[0], [1], [2]] and grouping.verified == grouping.candidates == 0
 
 
 @needs_ham
@@ -266,7 +281,28 @@ def test_signature_is_small_and_from_the_phash_square() -> None:
     signature = near_copy_signature(image)
     assert f"{signature.variants[0]:016x}" == str(imagehash.phash(image))
     assert len(signature.windows) == 15 and len(signature.thumbnail) == 32 * 32
-    assert 64 + 15 * 8 + 32 * 32 < 1300  # bytes a row of Signatures holds
+    row = Signatures.of([signature])
+    assert sum(a.nbytes for a in (row.variants, row.windows, row.detail, row.thumbnails)) == 1760  # bytes an image
+
+
+def test_detail_hashes_follow_the_orientation_and_window_of_the_square() -> None:
+    from derm_accel.data.synthetic import render
+
+    image = render(2, 9, 96)
+    square = np.frombuffer(near_copy_signature(image).thumbnail, np.uint8).reshape(32, 32)
+    detail = detail_hashes(square[None])[0]
+    assert detail.shape == (8 + 15, DETAIL_WORDS) and detail.dtype == np.uint64
+    # The 8 orientations come from the upright DCT terms by sign and transpose; the same as hashing each turned
+    # square, bit for bit.
+    assert np.array_equal(detail[:8], detail_hashes(np.stack(_orientations(square)))[:, 0])
+    window = np.round(_WINDOW_ROWS[4] @ square.astype(np.float64) @ _WINDOW_COLS[4].T)
+    assert np.unpackbits((detail[8 + 4] ^ detail_hashes(window[None])[0, 0]).view(np.uint8)).sum() <= 8
+    # A real flip of the image lands on the matching orientation's hash; a different picture about half away.
+    flipped = near_copy_signature(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    bits = np.frombuffer(flipped.detail, np.uint64).reshape(detail.shape)
+    assert np.unpackbits((bits[0] ^ detail[1]).view(np.uint8)).sum() <= 4
+    other = np.frombuffer(near_copy_signature(render(3, 4, 96)).detail, np.uint64).reshape(detail.shape)
+    assert np.unpackbits((other[0] ^ detail[0]).view(np.uint8)).sum() > DETAIL_BITS // 4
 
 
 @needs_ham

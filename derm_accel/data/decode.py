@@ -6,7 +6,7 @@ failure becomes a reason string instead of an exception: one bad file must never
 The stored image is the source JPEG itself (its metadata segments removed, its compressed pixels untouched) when
 it is an RGB JPEG that needs no resize, no EXIF rotation and no colour conversion; anything else is re-encoded.
 Beside the hashes, each file gets its near-copy signature (:func:`near_copy_signature`): what duplicate grouping
-needs, about 1.2 KB.
+needs, about 1.8 KB.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class Signature:
 
     variants: tuple[int, ...]  # pHash under each of ORIENTATIONS; index 0 is the published ``phash``
     windows: tuple[int, ...]  # pHash of each of CROP_WINDOWS, upright
+    detail: bytes  # detail hashes (see :func:`detail_hashes`): DETAIL_WORDS uint64 per orientation, then per window
     thumbnail: bytes  # THUMBNAIL_SIZE x THUMBNAIL_SIZE grey pixels (uint8, row-major): the image pHash is taken of
 
 
@@ -206,10 +207,57 @@ def window_hashes(pixels: np.ndarray) -> tuple[int, ...]:
     return tuple(int(h) for h in _low_dct_bits(squares))
 
 
+# Detail hash: the signs of the DCT terms just above pHash's 8x8 (row or column index 8-15 of the 32x32 square,
+# 192 terms). pHash's low terms of two different dark lesions on light skin often agree; these finer terms of
+# different pictures agree only by chance (about half the bits), those of a copy mostly (docs/benchmarks.md).
+_DETAIL_SPAN = 16
+_DETAIL_TERMS = np.maximum.outer(np.arange(_DETAIL_SPAN), np.arange(_DETAIL_SPAN)) >= _HASH_SIZE
+DETAIL_BITS = int(_DETAIL_TERMS.sum())
+DETAIL_WORDS = DETAIL_BITS // 64
+
+
+def _detail_matrices() -> tuple[np.ndarray, np.ndarray]:
+    """(1 + windows, 16, 32) left and right factors: ``left[w] @ x @ right[w].T`` is the first 16x16 DCT terms
+    (scipy's DCT-II, as pHash) of crop window w of x, w = 0 the full frame."""
+    dct = scipy.fftpack.dct(np.eye(_PHASH_SIZE), axis=0)[:_DETAIL_SPAN]
+    full = np.eye(_PHASH_SIZE)[None]
+    return dct @ np.concatenate([full, _WINDOW_ROWS]), dct @ np.concatenate([full, _WINDOW_COLS])
+
+
+_DETAIL_LEFT, _DETAIL_RIGHT = _detail_matrices()
+_SIGN = (-1.0) ** np.arange(_DETAIL_SPAN)
+
+
+def _oriented_terms(terms: np.ndarray) -> list[np.ndarray]:
+    """DCT terms (..., 16, 16) of the square under each of ORIENTATIONS, from the upright square's: a flip negates
+    the odd terms along its axis, a transpose transposes them (exact for the DCT-II)."""
+    rows, cols = _SIGN[:, None], _SIGN[None, :]
+    t = np.swapaxes
+    return [terms, terms * cols, terms * rows, t(terms * cols, -1, -2), terms * rows * cols,
+            t(terms * rows, -1, -2), t(terms, -1, -2), t(terms * rows * cols, -1, -2)]
+
+
+def _pack_signs(terms: np.ndarray) -> np.ndarray:
+    """Signs (> 0) of the detail terms of (..., 16, 16) as (..., DETAIL_WORDS) uint64."""
+    bits = np.packbits(terms[..., _DETAIL_TERMS] > 0, axis=-1)
+    return np.ascontiguousarray(bits).view(">u8").astype(np.uint64)
+
+
+def detail_hashes(squares: np.ndarray) -> np.ndarray:
+    """Detail hashes of a stack of 32x32 grey squares (k, 32, 32): (k, 8 + 15, DETAIL_WORDS) uint64, the full
+    frame under each of ORIENTATIONS, then each of CROP_WINDOWS upright (pHash's hypotheses, one for one)."""
+    x = np.asarray(squares, dtype=np.float64)[:, None]
+    terms = np.matmul(np.matmul(_DETAIL_LEFT, x), np.swapaxes(_DETAIL_RIGHT, -1, -2))  # (k, 16, 16, 16)
+    oriented = np.stack([_pack_signs(t) for t in _oriented_terms(terms[:, 0])], axis=1)
+    return np.concatenate([oriented, _pack_signs(terms[:, 1:])], axis=1)
+
+
 def near_copy_signature(rgb: Image.Image) -> Signature:
-    """pHash in the 8 orientations, pHash of the crop windows and the grey thumbnail, all from one 32x32 square."""
+    """pHash and detail hash in the 8 orientations and of the crop windows, and the grey thumbnail, all from one
+    32x32 square."""
     pixels = _grey_square(rgb)
-    return Signature(_variants_of(pixels), window_hashes(pixels), pixels.tobytes())
+    detail = detail_hashes(pixels[None])[0]
+    return Signature(_variants_of(pixels), window_hashes(pixels), detail.tobytes(), pixels.tobytes())
 
 
 def target_size(width: int, height: int, max_size: int) -> tuple[int, int]:

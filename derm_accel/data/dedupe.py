@@ -18,7 +18,9 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from derm_accel.data.decode import DETAIL_BITS
 from derm_accel.data.near_copies import (
+    DETAIL_MAX_BITS,
     VERIFY_MIN_SCORE,
     VERIFY_MIN_SCORE_CROP,
     Signatures,
@@ -33,14 +35,15 @@ DUPLICATES_HOW = (
     "Exact copies (same content_hash) are grouped. Near copies are found in two stages: pairs whose pHashes lie "
     "within near_threshold bits (an image's upright pHash, or the pHash of one of 15 crop windows of it trimmed by "
     "up to 5% per side, against the other image's pHash in all 8 orientations: flips, 90/180/270-degree "
-    "rotations, transposes) are only candidates; a candidate is a near copy when the two images' 32x32 grey "
-    "thumbnails, aligned in that orientation and crop, agree in detail (band-pass correlation at least "
-    "verify_min_score). Groups are the connected components of exact copies and verified near copies, so no "
-    "group grows through an unverified link, and a group never spans two splits. Exact copies within a class "
-    "are kept once (later paths are reported as 'duplicate'); near copies stay together in one split. Groups "
-    "with different labels are conflicts, resolved by the conflict policy. In pre-split sources, content found "
-    "in several splits is kept in the earliest split (train, validation, test) and reported as "
-    "'cross_split_duplicate' in the later ones."
+    "rotations, transposes) and whose detail hashes (the signs of the 192 DCT terms above pHash's) under the "
+    "same orientation and crop differ in at most a third of their bits are only candidates; a candidate is a "
+    "near copy when the two images' 32x32 grey thumbnails, aligned in that orientation and crop, agree in "
+    "detail (band-pass correlation at least verify_min_score). Groups are the connected components of exact "
+    "copies and verified near copies, so no group grows through an unverified link, and a group never spans "
+    "two splits. Exact copies within a class are kept once (later paths are reported as 'duplicate'); near "
+    "copies stay together in one split. Groups with different labels are conflicts, resolved by the conflict "
+    "policy. In pre-split sources, content found in several splits is kept in the earliest split (train, "
+    "validation, test) and reported as 'cross_split_duplicate' in the later ones."
 )
 LARGE_GROUP = 20  # more members than copies of one photo plausibly reach: reported and warned about
 _MAX_LISTED = 20  # paths listed per group in the report; the count is always complete
@@ -95,6 +98,7 @@ class Grouping:
             "near_candidates": self.candidates,
             "near_verified": self.verified,
             "near_rejected": self.candidates - self.verified,
+            "detail_max_bits": {"of": DETAIL_BITS, "max": DETAIL_MAX_BITS},
             "verify_min_score": {"full_frame": VERIFY_MIN_SCORE, "crop_window": VERIFY_MIN_SCORE_CROP},
             "closest_rejected": [
                 {"paths": [name(i), name(j)], "score": round(score, 3), "phash_bits": bits}

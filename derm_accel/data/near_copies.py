@@ -2,7 +2,10 @@
 
 The perceptual hash only proposes candidates: pairs whose 64-bit pHashes lie within ``threshold`` bits, comparing
 every image's upright pHash and the pHashes of its crop windows (decode.CROP_WINDOWS) with the other image's pHash
-in each of the 8 orientations of the square. Multi-index hashing keeps that far from the O(n^2) all-pairs cost: a
+in each of the 8 orientations of the square, and whose detail hashes (decode.detail_hashes: the signs of the next
+192 DCT terms) under the same hypothesis differ in at most ``DETAIL_MAX_BITS``. Different pictures collide in
+pHash at a fixed rate per pair, so without the second hash the candidates, and verification's work, would grow
+with the square of the collection. Multi-index hashing keeps that far from the O(n^2) all-pairs cost: a
 64-bit hash is cut into bands; two hashes within ``threshold`` bits differ by at most ``threshold // bands`` bits
 in at least one band (pigeonhole), so only hashes whose band values are that close are compared. The number of
 bands follows the collection's size (``band_plan``): short bands with exact matches for small collections, longer
@@ -28,6 +31,8 @@ import numpy as np
 
 from derm_accel.data.decode import (
     CROP_WINDOWS,
+    DETAIL_BITS,
+    DETAIL_WORDS,
     ORIENTATIONS,
     THUMBNAIL_SIZE,
     Signature,
@@ -42,6 +47,9 @@ _LOOKUP_COST = 8.0  # one probe's lookup, in hash comparisons (band_plan's cost 
 # (benchmarks/dedupe.py, docs/benchmarks.md): full-frame candidates that are copies score >= 0.97, different lesions
 # with pHashes within 4 bits below 0.94; a match through a crop window has more freedom (window and alignment), so
 # different lesions reach ~0.955 there and the bar is higher.
+# Detail hashes of copies that verify differ in at most ~0.30 of their bits, different pictures whose pHashes
+# collide in about half (a third or fewer: ~5% of them), measured the same way.
+DETAIL_MAX_BITS = DETAIL_BITS // 3
 VERIFY_MIN_SCORE = 0.95
 VERIFY_MIN_SCORE_CROP = 0.96
 _DOG_SIGMAS = (0.7, 2.0)  # band-pass of the 32x32 thumbnails: blur at 0.7 px minus blur at 2 px
@@ -57,23 +65,28 @@ class Signatures:
     """The near-copy signatures of n images as arrays (see ``decode.near_copy_signature``).
 
     ``variants`` (n, 8) uint64: pHash in each orientation; ``windows`` (n, 15) uint64: pHash of each crop window;
-    ``thumbnails`` (n, 32, 32) uint8. About 1.2 KB an image; :meth:`allocate` with a folder keeps the thumbnails
-    in a file-backed array, so 245k images cost page cache rather than private memory.
+    ``detail`` (n, 8 + 15, 3) uint64: detail hashes, orientations then windows (``decode.detail_hashes``);
+    ``thumbnails`` (n, 32, 32) uint8. About 1.8 KB an image; :meth:`allocate` with a folder keeps the thumbnails
+    and detail hashes in file-backed arrays, so 245k images cost page cache rather than private memory.
     """
 
     variants: np.ndarray
     windows: np.ndarray
+    detail: np.ndarray
     thumbnails: np.ndarray
 
     @classmethod
     def allocate(cls, n: int, folder: Path | None = None) -> Signatures:
-        shape = (n, THUMBNAIL_SIZE, THUMBNAIL_SIZE)
-        if folder is None or n == 0:  # a file cannot map zero bytes
-            thumbnails = np.zeros(shape, dtype=np.uint8)
-        else:
-            thumbnails = np.lib.format.open_memmap(Path(folder) / "thumbnails.npy", "w+", np.uint8, shape)
+        def array(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+            if folder is None or n == 0:  # a file cannot map zero bytes
+                return np.zeros(shape, dtype)
+            return np.lib.format.open_memmap(Path(folder) / f"{name}.npy", "w+", dtype, shape)
+
         return cls(
-            np.zeros((n, len(ORIENTATIONS)), np.uint64), np.zeros((n, len(CROP_WINDOWS)), np.uint64), thumbnails
+            np.zeros((n, len(ORIENTATIONS)), np.uint64),
+            np.zeros((n, len(CROP_WINDOWS)), np.uint64),
+            array("detail", (n, len(ORIENTATIONS) + len(CROP_WINDOWS), DETAIL_WORDS), np.uint64),
+            array("thumbnails", (n, THUMBNAIL_SIZE, THUMBNAIL_SIZE), np.uint8),
         )
 
     @classmethod
@@ -86,11 +99,16 @@ class Signatures:
     def put(self, i: int, signature: Signature) -> None:
         self.variants[i] = signature.variants
         self.windows[i] = signature.windows
+        self.detail[i] = np.frombuffer(signature.detail, np.uint64).reshape(self.detail.shape[1:])
         self.thumbnails[i] = np.frombuffer(signature.thumbnail, np.uint8).reshape(THUMBNAIL_SIZE, THUMBNAIL_SIZE)
 
     def head(self, n: int) -> Signatures:
         """The first ``n`` rows (views, no copy)."""
-        return Signatures(self.variants[:n], self.windows[:n], self.thumbnails[:n])
+        return Signatures(self.variants[:n], self.windows[:n], self.detail[:n], self.thumbnails[:n])
+
+    def full_frame(self) -> Signatures:
+        """The same images with no crop windows (views, no copy): candidates on the full frame only."""
+        return Signatures(self.variants, self.windows[:, :0], self.detail[:, : self.variants.shape[1]], self.thumbnails)
 
     def __len__(self) -> int:
         return len(self.variants)
@@ -229,9 +247,19 @@ def _probe_pairs(
         else:
             at = np.minimum(np.searchsorted(e_keys, probed), len(e_keys) - 1)
             hit = np.flatnonzero(e_keys[at] == probed)
-        owner, bucket = np.repeat(block, len(flips))[hit], at[hit]
-        ones = np.ones(len(hit), np.int64)
-        yield from _small_buckets(owner, np.arange(len(hit)), ones, e_order, e_starts[bucket], e_counts[bucket])
+        owner, bucket = hit // len(flips) + start, at[hit]
+        yield _bucket_members(owner, e_order, e_starts[bucket], e_counts[bucket])
+
+
+def _bucket_members(owner: np.ndarray, order: np.ndarray, starts: np.ndarray,
+                    counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(owner, member) for every member of each hit bucket (``order[starts[h]:starts[h] + counts[h]]``): buckets
+    of one entry, most of them once keys are about as long as log2 of the entries, by one gather."""
+    if len(counts) and counts.max() == 1:
+        return owner, order[starts]
+    hit = np.repeat(np.arange(len(counts)), counts)
+    offset = np.arange(len(hit)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return owner[hit], order[starts[hit] + offset]
 
 
 def hamming_join(
@@ -304,9 +332,21 @@ def _best_per_pair(a: np.ndarray, b: np.ndarray, window: np.ndarray, orientation
     return c.take(first)
 
 
-def candidate_pairs(signatures: Signatures, threshold: int, rows: np.ndarray | None = None) -> Candidates:
+def _detail_distance(signatures: Signatures, a: np.ndarray, window: np.ndarray, b: np.ndarray,
+                     orientation: np.ndarray) -> np.ndarray:
+    """Bits in which the detail hash of image a's query (window, -1 the upright frame) and image b's in
+    ``orientation`` differ."""
+    n_orient = signatures.variants.shape[1]
+    query = signatures.detail[a, np.where(window < 0, 0, n_orient + window)]
+    entry = signatures.detail[b, orientation]
+    return _popcount(query ^ entry).sum(axis=-1, dtype=np.int64)
+
+
+def candidate_pairs(signatures: Signatures, threshold: int, rows: np.ndarray | None = None,
+                    detail_bits: int | None = DETAIL_MAX_BITS) -> Candidates:
     """Pairs of ``rows`` (default all) proposed by pHash: a query (an image's upright pHash, or a crop window's)
-    within ``threshold`` bits of the other image's pHash in one of the 8 orientations."""
+    within ``threshold`` bits of the other image's pHash in one of the 8 orientations, and their detail hashes
+    under that hypothesis within ``detail_bits`` (None: pHash alone, for comparison)."""
     rows = np.arange(len(signatures)) if rows is None else np.asarray(rows, dtype=np.int64)
     n_windows = signatures.windows.shape[1]
     # Entries: every orientation of every row, equal (hash, row) entries (a symmetric image's flips) once.
@@ -323,14 +363,16 @@ def candidate_pairs(signatures: Signatures, threshold: int, rows: np.ndarray | N
     found: list[Candidates] = []
     n, pending, folded = len(signatures), 0, 0
     for q, e, bits in hamming_join(q_values, e_values, threshold):
-        a, b = q_rows[q], e_rows[e]
+        a, b, window, orientation = q_rows[q], e_rows[e], q_window[q], e_orient[e]
         keep = a != b
-        found.append(  # compact: a dermoscopy collection of 245k images has on the order of 10^7 candidates
+        if detail_bits is not None:
+            keep[keep] = _detail_distance(signatures, a[keep], window[keep], b[keep], orientation[keep]) <= detail_bits
+        found.append(  # compact rows: int32 images, int8 hypotheses
             Candidates(
                 a[keep].astype(np.int32),
                 b[keep].astype(np.int32),
-                q_window[q][keep].astype(np.int8),
-                e_orient[e][keep].astype(np.int8),
+                window[keep].astype(np.int8),
+                orientation[keep].astype(np.int8),
                 bits[keep].astype(np.int8),
             )
         )
