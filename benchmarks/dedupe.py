@@ -51,9 +51,25 @@ if not __package__:  # run as `python benchmarks/dedupe.py`: import benchmarks.*
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO_ROOT, as_list, markdown_table, parse_bool, provenance_lines
-from derm_accel.data.decode import DecodeOptions, content_hash, decode_bytes, detail_hashes, near_copy_signature
+from derm_accel.data.decode import (
+    DETAIL_BITS,
+    DecodeOptions,
+    content_hash,
+    decode_bytes,
+    detail_hashes,
+    near_copy_signature,
+)
 from derm_accel.data.dedupe import connected_groups, group_images
-from derm_accel.data.near_copies import DETAIL_MAX_BITS, Signatures, candidate_pairs, judge, verify
+from derm_accel.data.near_copies import (
+    DETAIL_MAX_BITS,
+    VERIFY_MIN_SCORE,
+    VERIFY_MIN_SCORE_CROP,
+    Signatures,
+    candidate_pairs,
+    detail_distance,
+    judge,
+    verify,
+)
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 EDITS = ("jpeg", "png", "resize", "orientation", "crop", "brightness", "contrast", "colour_cast", "combined")
@@ -207,6 +223,70 @@ def real_candidate_rate(sig: Signatures, meta: dict[str, np.ndarray], originals:
     return rows
 
 
+def _unordered(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    return np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b)
+
+
+def _copy_kind(a: np.ndarray, b: np.ndarray, kinds: np.ndarray) -> np.ndarray:
+    """The edit of a pair's copy (a copy pair is an original and its copy)."""
+    return np.where(kinds[a] == "original", kinds[b], kinds[a])
+
+
+def _score_checks(sig: Signatures, cands: Any, pairs: Any, truth: np.ndarray, kinds: np.ndarray) -> dict[str, Any]:
+    """The plain correlation (baseline) and the verification score of candidate pairs of different images and of
+    copies by edit, the better of a pair's hypotheses (``pairs`` from judge(), in the order of their keys)."""
+    keys = cands.pair_keys(len(sig))
+    by_key = np.argsort(keys, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(keys[by_key]) != 0])
+    plain = np.maximum.reduceat(_plain_correlation(sig, cands)[by_key], starts)
+    different, copies = np.flatnonzero(truth == "different"), np.flatnonzero(truth == "copy")
+    kind = _copy_kind(pairs.a, pairs.b, kinds)
+    checks: dict[str, Any] = {
+        name: {
+            "different_max": round(float(values[different].max()), 3) if len(different) else None,
+            "different_p99_9": round(float(np.percentile(values[different], 99.9)), 3) if len(different) else None,
+            "copy_min_by_edit": {
+                k: round(float(values[copies][kind[copies] == k].min()), 3) for k in EDITS if (kind[copies] == k).any()
+            },
+        }
+        for name, values in (("plain_correlation", plain), ("verification_score", pairs.score))
+    }
+    checks["profile_rejected"] = {
+        "different": round(float((pairs.score[different] == -1).mean()), 3) if len(different) else None,
+        "copy": int((pairs.score[copies] == -1).sum()),
+    }
+    return checks
+
+
+def _detail_distances(sig: Signatures, cands: Any, scores: np.ndarray, meta: dict[str, np.ndarray],
+                      kinds: np.ndarray) -> dict[str, Any]:
+    """Detail-hash bits apart, per pair of pHash candidates (the closest hypothesis): copies whose hypothesis
+    verifies (the closest verifying one), by edit, and different images; against the bar."""
+    bits = detail_distance(sig, cands.a, cands.window, cands.b, cands.orientation)
+    passed = scores >= np.where(cands.window < 0, VERIFY_MIN_SCORE, VERIFY_MIN_SCORE_CROP)
+    keys = cands.pair_keys(len(sig))
+    truth = _truth(cands.a, cands.b, meta)
+
+    def closest(rows: np.ndarray) -> np.ndarray:  # per pair among ``rows``, the row with the fewest bits
+        order = rows[np.lexsort((bits[rows], keys[rows]))]
+        return order[np.r_[True, keys[order][1:] != keys[order][:-1]]] if len(order) else order
+
+    copies = closest(np.flatnonzero((truth == "copy") & passed))
+    different = closest(np.flatnonzero(truth == "different"))
+    kind = _copy_kind(cands.a[copies], cands.b[copies], kinds)
+    return {
+        "bits": DETAIL_BITS,
+        "bar": DETAIL_MAX_BITS,
+        "verified_copy_max_by_edit": {k: int(bits[copies][kind == k].max()) for k in EDITS if (kind == k).any()},
+        "different_quantiles": {q: int(np.percentile(bits[different], float(q))) for q in ("1", "5", "50")}
+        if len(different)
+        else {},
+        "different_within_bar": round(float((bits[different] <= DETAIL_MAX_BITS).mean()), 4)
+        if len(different)
+        else None,
+    }
+
+
 def bench_quality(data_root: Path, sources: list[str], planted: int, threshold: int, seed: int) -> dict[str, Any]:
     """Recall, pair precision and rejected pairs on real images with planted copies (see the module docstring)."""
     rng = np.random.default_rng(seed)
@@ -255,39 +335,19 @@ def bench_quality(data_root: Path, sources: list[str], planted: int, threshold: 
         for t in ("copy", "same_file", "same_lesion", "different")
     }
     # The same search without the detail check: what it removes, and the verified pairs it costs.
+    n = len(content)
     loose = candidate_pairs(sig, threshold, unique_rows, detail_bits=None)
-    loose_pairs = judge(loose, verify(sig, loose), len(content))
+    loose_scores = verify(sig, loose)
+    loose_pairs = judge(loose, loose_scores, n)
     loose_truth = _truth(loose_pairs.a, loose_pairs.b, meta)
-    kept = np.isin(loose_pairs.a.astype(np.int64) * len(content) + loose_pairs.b,
-                   pairs.a.astype(np.int64) * len(content) + pairs.b)
+    kept = np.isin(_unordered(loose_pairs.a, loose_pairs.b, n), _unordered(pairs.a, pairs.b, n))
     for t in table:
         table[t]["phash_candidates"] = int((loose_truth == t).sum())
         table[t]["verified_without_detail_check"] = int((loose_pairs.verified & (loose_truth == t)).sum())
         table[t]["verified_pairs_detail_check_removed"] = int((loose_pairs.verified & ~kept & (loose_truth == t)).sum())
     different = np.flatnonzero(truth == "different")
-    copy_pairs = np.flatnonzero(truth == "copy")
-    # Baseline: plain correlation in the matched orientation, the better of a pair's hypotheses (pairs come
-    # from judge() in the order of their keys).
-    keys = cands.pair_keys(len(content))
-    by_key = np.argsort(keys, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(keys[by_key]) != 0])
-    plain = np.maximum.reduceat(_plain_correlation(sig, cands)[by_key], starts)
-    copy_kind = np.where(kinds_arr[pairs.a] == "original", kinds_arr[pairs.b], kinds_arr[pairs.a])
-    checks = {
-        name: {
-            "different_max": round(float(values[different].max()), 3) if len(different) else None,
-            "different_p99_9": round(float(np.percentile(values[different], 99.9)), 3) if len(different) else None,
-            "copy_min_by_edit": {
-                k: round(float(values[copy_pairs][copy_kind[copy_pairs] == k].min()), 3)
-                for k in EDITS if (copy_kind[copy_pairs] == k).any()
-            },
-        }
-        for name, values in (("plain_correlation", plain), ("verification_score", scores))
-    }
-    checks["profile_rejected"] = {
-        "different": round(float((scores[different] == -1).mean()), 3) if len(different) else None,
-        "copy": int((scores[copy_pairs] == -1).sum()),
-    }
+    checks = _score_checks(sig, loose, loose_pairs, loose_truth, kinds_arr)  # over every pHash candidate
+    detail = _detail_distances(sig, loose, loose_scores, meta, kinds_arr)
     closest_rejected = different[~accepted[different]]
     closest_rejected = closest_rejected[np.argsort(-scores[closest_rejected])[:8]]
     wrongly_accepted = different[accepted[different]]
@@ -317,6 +377,7 @@ def bench_quality(data_root: Path, sources: list[str], planted: int, threshold: 
             (table["copy"]["verified"] + table["same_file"]["verified"]) / max(1, verified_known), 4
         ),
         "checks": checks,
+        "detail": detail,
         "closest_rejected_different": _pair_names(pairs.a, pairs.b, scores, closest_rejected, meta),
         "accepted_different": _pair_names(pairs.a, pairs.b, scores, wrongly_accepted, meta),
         "largest_group": max(len(g) for g in grouping.groups),
@@ -520,6 +581,7 @@ def make_stand_ins(data_root: Path, sources: list[str], n: int, folder: Path, se
     np.save(folder / "source.npy", source)
     (folder / "content.json").write_text(json.dumps(content.tolist()))
     sig.thumbnails.flush()
+    sig.detail.flush()
     done.write_text(json.dumps({"n": n, "seed": seed}))
     return folder
 
@@ -556,7 +618,7 @@ search_s = time.perf_counter() - start
 start = time.perf_counter()
 verify(sig, candidates)
 verify_s = time.perf_counter() - start
-phash_candidates = len(candidate_pairs(sig, threshold, first, detail_bits=None))
+phash_candidates = len(np.unique(candidate_pairs(sig, threshold, first, detail_bits=None).pair_keys(len(sig))))
 mixed = [g for g in grouping.groups if len(set(source[g].tolist())) > 1]
 print(json.dumps({"n": len(rows), "planted": int((copy_of[rows] >= 0).sum()), "seconds": seconds,
     "groups_joining_sources": len(mixed), "images_in_them": sum(len(g) for g in mixed),
@@ -660,6 +722,8 @@ def dedupe_markdown(results: dict[str, Any]) -> str:
     def named(pairs: list[dict]) -> list[str]:  # a copy's pair names its original: list each pair of names once
         return list(dict.fromkeys(f"{'/'.join(sorted(p['images']))} {p['score']}" for p in pairs))
 
+    d = q["detail"]
+    most = ", ".join(f"{k} {v}" for k, v in d["verified_copy_max_by_edit"].items())
     rejected = ", ".join(named(q["closest_rejected_different"])[:5])
     accepted = ", ".join(named(q["accepted_different"])) or "none"
     lines = [
@@ -678,12 +742,17 @@ def dedupe_markdown(results: dict[str, Any]) -> str:
         "",
         pairs,
         "",
+        f"Detail hash, bits apart of {d['bits']} under a pair's closest hypothesis (bar: {d['bar']}): copies whose "
+        f"pair verifies without the check, most by edit: {most}; different images' pHash candidates: 1st / 5th / "
+        f"50th percentile {' / '.join(str(v) for v in d['different_quantiles'].values())}, "
+        f"{d['different_within_bar']:.1%} within the bar.",
+        "",
         f"Closest rejected pairs of different images (score): {rejected}. Accepted pairs of different images: "
         f"{accepted}.",
         "",
-        "Scores of the candidate pairs (plain correlation: the thumbnails in the matched orientation, no crop "
-        "alignment; verification score: convert's check, -1 where the profiles already disagree; a copy pair "
-        "counted under the edit of its copy):",
+        "Scores of the pHash candidate pairs, before the detail check (plain correlation: the thumbnails in the "
+        "matched orientation, no crop alignment; verification score: convert's check, -1 where the profiles "
+        "already disagree; a copy pair counted under the edit of its copy):",
         "",
         check_table,
         "",

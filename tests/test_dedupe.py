@@ -30,7 +30,7 @@ from derm_accel.data.decode import (
     strip_jpeg_metadata,
 )
 from derm_accel.data.dedupe import LARGE_GROUP, group_images, resolve_groups
-from derm_accel.data.near_copies import Signatures, candidate_pairs, judge, verify
+from derm_accel.data.near_copies import DETAIL_MAX_BITS, Signatures, candidate_pairs, detail_distance, judge, verify
 from tests.conftest import DERM_SAMPLE, SHARED
 
 HAM_DEV = SHARED / "data" / "ham10000-dev"
@@ -323,3 +323,30 @@ def test_fold_groups_use_the_same_verified_grouping(tmp_path: Path) -> None:
     assert len(set(chain)) == 3  # recomputed from the stored images: the look-alikes stay apart
     assert group["nv/copy_rot90.jpg"] == chain[0]
     assert len(set(group.values())) == len(group) - 1
+
+
+def test_turned_and_cropped_copies_pass_the_detail_check_under_the_hypothesis_that_matched() -> None:
+    """No shared data needed: copies of a generated image (turned, cropped, both) are found through the detail
+    check, which compares the hypothesis pHash matched (crop window of one image, orientation of the other)."""
+    from derm_accel.data.synthetic import render
+
+    originals = [render(c, s, 160) for c, s in ((0, 1), (1, 2), (2, 3), (3, 4))]
+    image = originals[0]
+    w, h = image.size
+    copies = [
+        image.transpose(Image.Transpose.ROTATE_90),
+        image.crop((8, 4, w, h)),
+        image.transpose(Image.Transpose.FLIP_TOP_BOTTOM).crop((0, 0, w - 6, h - 8)),
+        image.transpose(Image.Transpose.TRANSVERSE),
+    ]
+    decoded = [decode_bytes(i, _jpeg(im, 90), DecodeOptions()) for i, im in enumerate(originals + copies)]
+    sig = Signatures.of([d.signature for d in decoded])
+    candidates = candidate_pairs(sig, 4)
+    assert (candidates.window >= 0).any() and (candidates.orientation > 0).any()  # crops and turns both matched
+    matched = detail_distance(sig, candidates.a, candidates.window, candidates.b, candidates.orientation)
+    assert matched.max() <= DETAIL_MAX_BITS
+    # Under another orientation of the same pair the detail hashes are far apart: the check reads the hypothesis.
+    wrong = detail_distance(sig, candidates.a, candidates.window, candidates.b, (candidates.orientation + 1) % 8)
+    assert wrong.min() > DETAIL_MAX_BITS
+    grouping = group_images([d.content_hash for d in decoded], sig, 4)
+    assert grouping.groups == [[0, 4, 5, 6, 7], [1], [2], [3]]

@@ -108,9 +108,9 @@ def joined_groups(groups: np.ndarray, keys: Sequence[Any] | None = None) -> np.n
 def recomputed_groups(rows: Any, threshold: int = DEFAULT_NEAR_THRESHOLD) -> np.ndarray:
     """Convert's duplicate grouping redone from the stored images (for datasets without ``group_id``): the same
     function convert groups with (``dedupe.group_images``: exact copies share ``content_hash``, near copies are
-    pHash candidates verified on their thumbnails), the signatures computed from the stored images as convert
-    computes them from the originals and kept in a temporary file-backed array. Decodes every image (about 1 ms
-    each)."""
+    pHash candidates whose detail hashes agree, verified on their thumbnails), the signatures computed from the
+    stored images as convert computes them from the originals and kept in a temporary file-backed array. Decodes
+    every image (about 1 ms each)."""
     from datasets import Image as ImageFeature
 
     images = rows.cast_column("image", ImageFeature(decode=False))["image"]

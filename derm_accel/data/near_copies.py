@@ -4,12 +4,13 @@ The perceptual hash only proposes candidates: pairs whose 64-bit pHashes lie wit
 every image's upright pHash and the pHashes of its crop windows (decode.CROP_WINDOWS) with the other image's pHash
 in each of the 8 orientations of the square, and whose detail hashes (decode.detail_hashes: the signs of the next
 192 DCT terms) under the same hypothesis differ in at most ``DETAIL_MAX_BITS``. Different pictures collide in
-pHash at a fixed rate per pair, so without the second hash the candidates, and verification's work, would grow
-with the square of the collection. Multi-index hashing keeps that far from the O(n^2) all-pairs cost: a
-64-bit hash is cut into bands; two hashes within ``threshold`` bits differ by at most ``threshold // bands`` bits
-in at least one band (pigeonhole), so only hashes whose band values are that close are compared. The number of
-bands follows the collection's size (``band_plan``): short bands with exact matches for small collections, longer
-ones probed at every value within one or two bits for large ones, so that buckets stay small.
+pHash at a fixed rate per pair, so candidates, and verification's work, grow with the square of the collection;
+the second hash cuts that rate by about nine tenths on dermoscopy (docs/benchmarks.md). Multi-index hashing
+keeps the search far from the O(n^2) all-pairs cost: a 64-bit hash is cut into bands; two hashes within
+``threshold`` bits differ by at most ``threshold // bands`` bits in at least one band (pigeonhole), so only hashes
+whose band values are that close are compared. The number of bands follows the collection's size
+(``band_plan``): short bands with exact matches for small collections, longer ones probed at every value within
+one or two bits for large ones, so that buckets stay small.
 
 On dermoscopy the hash alone is weak (a dark blob on lighter skin gives similar low-frequency DCT signs, so
 different lesions collide), so a candidate is a near copy only when the pictures agree in detail: the two 32x32
@@ -47,8 +48,9 @@ _LOOKUP_COST = 8.0  # one probe's lookup, in hash comparisons (band_plan's cost 
 # (benchmarks/dedupe.py, docs/benchmarks.md): full-frame candidates that are copies score >= 0.97, different lesions
 # with pHashes within 4 bits below 0.94; a match through a crop window has more freedom (window and alignment), so
 # different lesions reach ~0.955 there and the bar is higher.
-# Detail hashes of copies that verify differ in at most ~0.30 of their bits, different pictures whose pHashes
-# collide in about half (a third or fewer: ~5% of them), measured the same way.
+# Detail-hash bar: measured on derm-sample and ham10000-dev with planted copies (benchmarks/dedupe.py, "detail
+# hash" in docs/benchmarks.md): no copy whose pair verifies is farther, most different pictures whose pHashes
+# collide are.
 DETAIL_MAX_BITS = DETAIL_BITS // 3
 VERIFY_MIN_SCORE = 0.95
 VERIFY_MIN_SCORE_CROP = 0.96
@@ -248,18 +250,29 @@ def _probe_pairs(
             at = np.minimum(np.searchsorted(e_keys, probed), len(e_keys) - 1)
             hit = np.flatnonzero(e_keys[at] == probed)
         owner, bucket = hit // len(flips) + start, at[hit]
-        yield _bucket_members(owner, e_order, e_starts[bucket], e_counts[bucket])
+        yield from _bucket_members(owner, e_order, e_starts[bucket], e_counts[bucket])
 
 
-def _bucket_members(owner: np.ndarray, order: np.ndarray, starts: np.ndarray,
-                    counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(owner, member) for every member of each hit bucket (``order[starts[h]:starts[h] + counts[h]]``): buckets
-    of one entry, most of them once keys are about as long as log2 of the entries, by one gather."""
-    if len(counts) and counts.max() == 1:
-        return owner, order[starts]
-    hit = np.repeat(np.arange(len(counts)), counts)
-    offset = np.arange(len(hit)) - np.repeat(np.cumsum(counts) - counts, counts)
-    return owner[hit], order[starts[hit] + offset]
+def _bucket_members(
+    owner: np.ndarray, order: np.ndarray, starts: np.ndarray, counts: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(owner, member) for every member of each hit bucket (``order[starts[h]:starts[h] + counts[h]]``), in
+    batches of about ``_BLOCK_ELEMENTS`` pairs (a crowded bucket, e.g. thousands of blank frames, stays bounded);
+    a batch of one-entry buckets, the common case once keys are about as long as log2 of the entries, by one
+    gather."""
+    ends = np.cumsum(counts)
+    lo = 0
+    while lo < len(counts):
+        base = int(ends[lo] - counts[lo])
+        hi = max(lo + 1, int(np.searchsorted(ends, base + _BLOCK_ELEMENTS, "right")))
+        size = counts[lo:hi]
+        if size.max() == 1:
+            yield owner[lo:hi], order[starts[lo:hi]]
+        else:
+            hit = np.repeat(np.arange(lo, hi), size)
+            offset = np.arange(len(hit)) - np.repeat(ends[lo:hi] - size - base, size)
+            yield owner[hit], order[starts[hit] + offset]
+        lo = hi
 
 
 def hamming_join(
@@ -332,7 +345,7 @@ def _best_per_pair(a: np.ndarray, b: np.ndarray, window: np.ndarray, orientation
     return c.take(first)
 
 
-def _detail_distance(signatures: Signatures, a: np.ndarray, window: np.ndarray, b: np.ndarray,
+def detail_distance(signatures: Signatures, a: np.ndarray, window: np.ndarray, b: np.ndarray,
                      orientation: np.ndarray) -> np.ndarray:
     """Bits in which the detail hash of image a's query (window, -1 the upright frame) and image b's in
     ``orientation`` differ."""
@@ -366,7 +379,7 @@ def candidate_pairs(signatures: Signatures, threshold: int, rows: np.ndarray | N
         a, b, window, orientation = q_rows[q], e_rows[e], q_window[q], e_orient[e]
         keep = a != b
         if detail_bits is not None:
-            keep[keep] = _detail_distance(signatures, a[keep], window[keep], b[keep], orientation[keep]) <= detail_bits
+            keep[keep] = detail_distance(signatures, a[keep], window[keep], b[keep], orientation[keep]) <= detail_bits
         found.append(  # compact rows: int32 images, int8 hypotheses
             Candidates(
                 a[keep].astype(np.int32),
