@@ -350,3 +350,19 @@ def test_turned_and_cropped_copies_pass_the_detail_check_under_the_hypothesis_th
     assert wrong.min() > DETAIL_MAX_BITS
     grouping = group_images([d.content_hash for d in decoded], sig, 4)
     assert grouping.groups == [[0, 4, 5, 6, 7], [1], [2], [3]]
+
+
+def test_a_mirrored_copy_is_found_when_two_orientations_share_a_phash() -> None:
+    """An image whose pHash is the same in two orientations (its pixels are not): the mirrored copy is matched,
+    checked and verified in the orientation it really has, not in the first with that pHash."""
+    from derm_accel.data.synthetic import render
+
+    image = render(1, 7, 160)
+    decoded = [decode_bytes(i, _jpeg(im, 90), DecodeOptions())
+               for i, im in enumerate((image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))]
+    sig = Signatures.of([d.signature for d in decoded])
+    sig.variants[0, 0] = sig.variants[0, 1]  # the original's upright pHash made equal to its mirrored one
+    candidates = candidate_pairs(sig, 4)
+    mirrored = (candidates.a == 1) & (candidates.b == 0) & (candidates.window == -1)
+    assert candidates.orientation[mirrored].tolist() == [1]
+    assert group_images([d.content_hash for d in decoded], sig, 4).groups == [[0, 1]]

@@ -355,6 +355,22 @@ def detail_distance(signatures: Signatures, a: np.ndarray, window: np.ndarray, b
     return _popcount(query ^ entry).sum(axis=-1, dtype=np.int64)
 
 
+def _distinct_entries(signatures: Signatures, values: np.ndarray, rows: np.ndarray,
+                      orientation: np.ndarray) -> np.ndarray:
+    """Indices of the entries to search: an orientation whose pHash equals another's of the same image (a
+    symmetric picture's flips) once, unless its detail hash differs (pHash agrees, the picture does not: the
+    orientation a copy matches must be the one the check and verification then turn it by)."""
+    order = np.lexsort((orientation, rows, values))
+    if not len(order):
+        return order
+    dup = np.flatnonzero((np.diff(values[order]) == 0) & (np.diff(rows[order]) == 0)) + 1
+    now, before = order[dup], order[dup - 1]
+    same = (signatures.detail[rows[now], orientation[now]] == signatures.detail[rows[before], orientation[before]])
+    keep = np.ones(len(order), bool)
+    keep[dup[same.all(axis=-1)]] = False
+    return order[keep]
+
+
 def candidate_pairs(signatures: Signatures, threshold: int, rows: np.ndarray | None = None,
                     detail_bits: int | None = DETAIL_MAX_BITS) -> Candidates:
     """Pairs of ``rows`` (default all) proposed by pHash: a query (an image's upright pHash, or a crop window's)
@@ -366,8 +382,7 @@ def candidate_pairs(signatures: Signatures, threshold: int, rows: np.ndarray | N
     e_rows = np.repeat(rows, signatures.variants.shape[1])
     e_orient = np.tile(np.arange(signatures.variants.shape[1]), len(rows))
     e_values = signatures.variants[rows].ravel()
-    order = np.lexsort((e_orient, e_rows, e_values))
-    fresh = order[np.r_[True, (np.diff(e_values[order]) != 0) | (np.diff(e_rows[order]) != 0)]] if len(order) else order
+    fresh = _distinct_entries(signatures, e_values, e_rows, e_orient)
     e_rows, e_orient, e_values = e_rows[fresh], e_orient[fresh], e_values[fresh]
     # Queries: the upright hash (window -1) and each crop window of every row.
     q_rows = np.repeat(rows, 1 + n_windows)
