@@ -68,6 +68,7 @@ from derm_accel.data.near_copies import (
     candidate_pairs,
     detail_distance,
     judge,
+    pair_keys,
     verify,
 )
 
@@ -223,10 +224,6 @@ def real_candidate_rate(sig: Signatures, meta: dict[str, np.ndarray], originals:
     return rows
 
 
-def _unordered(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
-    return np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b)
-
-
 def _copy_kind(a: np.ndarray, b: np.ndarray, kinds: np.ndarray) -> np.ndarray:
     """The edit of a pair's copy (a copy pair is an original and its copy)."""
     return np.where(kinds[a] == "original", kinds[b], kinds[a])
@@ -340,7 +337,7 @@ def bench_quality(data_root: Path, sources: list[str], planted: int, threshold: 
     loose_scores = verify(sig, loose)
     loose_pairs = judge(loose, loose_scores, n)
     loose_truth = _truth(loose_pairs.a, loose_pairs.b, meta)
-    kept = np.isin(_unordered(loose_pairs.a, loose_pairs.b, n), _unordered(pairs.a, pairs.b, n))
+    kept = np.isin(pair_keys(loose_pairs.a, loose_pairs.b, n), pair_keys(pairs.a, pairs.b, n))
     for t in table:
         table[t]["phash_candidates"] = int((loose_truth == t).sum())
         table[t]["verified_without_detail_check"] = int((loose_pairs.verified & (loose_truth == t)).sum())

@@ -332,7 +332,12 @@ class Candidates:
 
     def pair_keys(self, n: int) -> np.ndarray:
         """One int64 per row naming its unordered pair of rows (0..n-1)."""
-        return np.minimum(self.a, self.b).astype(np.int64) * n + np.maximum(self.a, self.b)
+        return pair_keys(self.a, self.b, n)
+
+
+def pair_keys(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """One int64 per (a[k], b[k]) naming the unordered pair of rows (0..n-1)."""
+    return np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b)
 
 
 def _best_per_pair(a: np.ndarray, b: np.ndarray, window: np.ndarray, orientation: np.ndarray, bits: np.ndarray,
@@ -378,7 +383,7 @@ def candidate_pairs(signatures: Signatures, threshold: int, rows: np.ndarray | N
     under that hypothesis within ``detail_bits`` (None: pHash alone, for comparison)."""
     rows = np.arange(len(signatures)) if rows is None else np.asarray(rows, dtype=np.int64)
     n_windows = signatures.windows.shape[1]
-    # Entries: every orientation of every row, equal (hash, row) entries (a symmetric image's flips) once.
+    # Entries: every orientation of every row; equal (hash, row) entries (a symmetric image's flips) once.
     e_rows = np.repeat(rows, signatures.variants.shape[1])
     e_orient = np.tile(np.arange(signatures.variants.shape[1]), len(rows))
     e_values = signatures.variants[rows].ravel()
